@@ -1,0 +1,126 @@
+"""Self-describing analysis checkpoints: one safetensors file per token milestone.
+
+File name: ``checkpoints/tokens_<12-digit token count>.safetensors``. The tensors are the model's
+``state_dict`` in float32 (a tied LM head is stored once, as ``embed.weight``). The safetensors
+header metadata (string to string) holds:
+
+=====================  ==========================================================================
+key                    value
+=====================  ==========================================================================
+``format``             ``collapse-checkpoint``
+``format_version``     ``1``
+``model_config``       JSON of :class:`trainer.config.ModelConfig` (enough to rebuild the model)
+``run_config``         JSON of the full :class:`trainer.config.RunConfig`
+``run_name``           the run's name
+``step``               optimizer steps taken
+``tokens``             training tokens consumed (all processes together)
+``eval_batch_sha256``  sha256 of the dataset's ``eval_batch.safetensors`` ``input_ids``
+``dataset``            JSON: dataset directory name, its sources and tokenizer (from ``meta.json``)
+``train_loss``         mean training loss over the last log window (``nan`` at step 0)
+``val_loss``           loss on the fixed validation slice at this checkpoint
+``versions``           JSON: torch, python, package versions
+=====================  ==========================================================================
+
+Files are written to a temporary name in the same directory, flushed, then renamed, so a crash
+never leaves a half-written file under a final name. This module is the writer; ``spectra`` reads
+the same format on its own (through safetensors alone), as the contract in docs/checkpoints.md says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+FORMAT = "collapse-checkpoint"
+FORMAT_VERSION = "1"
+CHECKPOINT_RE = re.compile(r"^tokens_(\d{12})\.safetensors$")
+
+
+def checkpoint_name(tokens: int) -> str:
+    """``tokens_000000500000.safetensors`` for 500,000 tokens."""
+    return f"tokens_{tokens:012d}.safetensors"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(tokens, path) of every final-named checkpoint in ``directory``, sorted by tokens."""
+    directory = Path(directory)
+    found = []
+    for p in directory.iterdir() if directory.is_dir() else ():
+        m = CHECKPOINT_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]
+) -> Path:
+    """Write the model's weights (float32, contiguous, CPU) and the metadata, atomically.
+
+    ``metadata`` must provide the keys of the table above except ``format``/``format_version``;
+    non-string values are JSON-encoded.
+    """
+    required = {"model_config", "run_config", "run_name", "step", "tokens", "eval_batch_sha256"}
+    missing = required - set(metadata)
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {sorted(missing)}")
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    for k, v in metadata.items():
+        header[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in unwrap_model(model).state_dict().items()
+    }
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))

@@ -1,0 +1,397 @@
+"""Typed run configuration: nested dataclasses, named presets, TOML files and checked overrides.
+
+A run is fully described by one :class:`RunConfig`. Presets are TOML files shipped in
+``trainer/presets/``; a user's TOML file has the same shape. Command-line overrides such as
+``--set optim.lr=3e-3`` are parsed against the field types, and an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the key. Configs are frozen after construction:
+overrides build a new object, nothing is mutated field by field.
+
+Only this module and :mod:`trainer.model` may be imported by ``spectra`` (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.errors import TrainerError
+
+QKNorm = Literal["none", "learned", "frozen"]
+MLPKind = Literal["relu2", "swiglu"]
+OptimName = Literal["muon", "adamw"]
+Schedule = Literal["constant", "cosine", "wsd"]
+Milestones = Literal["plan", "log", "list"]
+
+
+class ConfigError(TrainerError, ValueError):
+    """A configuration value, key or file is invalid; the message names it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of the Llama-style decoder (everything needed to rebuild the weights)."""
+
+    vocab_size: int = 4096
+    """Vocabulary size; must match the dataset's tokenizer."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads per layer."""
+    n_kv_heads: int = 2
+    """Key/value heads per layer (grouped-query attention); must divide ``n_heads``."""
+    head_dim: int = 0
+    """Width of one head; 0 means ``d_model // n_heads``."""
+    d_ff: int = 512
+    """Hidden width of the MLP."""
+    mlp: MLPKind = "relu2"
+    """MLP kind: ``relu2`` (squared ReLU, two matrices) or ``swiglu`` (three matrices)."""
+    context_length: int = 256
+    """Maximum sequence length (RoPE tables are built for it)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    qk_norm: QKNorm = "learned"
+    """RMSNorm over head_dim on q and k: ``none``, ``learned`` gain, or ``frozen`` gain fixed at 1."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every matrix."""
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"head dim {self.resolved_head_dim} must be even for RoPE")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "context_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Optimizers, learning-rate schedule and clipping."""
+
+    name: OptimName = "muon"
+    """``muon``: torch.optim.Muon on 2-D hidden matrices + AdamW on the rest; ``adamw``: AdamW on all."""
+    lr: float = 3e-3
+    """AdamW learning rate (embeddings, norms and gains under ``muon``; everything under ``adamw``)."""
+    muon_lr: float = 0.02
+    """Muon learning rate for the 2-D hidden matrices (ignored by ``adamw``)."""
+    muon_momentum: float = 0.95
+    """Muon momentum."""
+    muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz orthogonalisation steps in Muon."""
+    muon_weight_decay: float = 0.0
+    """Decoupled weight decay of the Muon group."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices and embeddings."""
+    norm_weight_decay: float = 0.0
+    """AdamW weight decay on norm gains (including QK-norm gamma)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    schedule: Schedule = "constant"
+    """Learning-rate schedule: ``constant``, ``cosine`` (warmup then cosine) or ``wsd`` (warmup-stable-decay)."""
+    warmup_frac: float = 0.0
+    """Fraction of the steps spent in linear warmup."""
+    decay_frac: float = 0.2
+    """Fraction of the steps spent decaying at the end of ``wsd``."""
+    min_lr_frac: float = 0.0
+    """Final learning rate as a fraction of the peak (``cosine`` and ``wsd``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Token budget, batch shape, precision and checkpoint schedule."""
+
+    tokens: int = 1_000_000
+    """Total training tokens (rounded down to whole optimizer steps)."""
+    batch_size: int = 16
+    """Sequences per micro-batch per process."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most ``model.context_length``)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 0
+    """Seed for initialisation and for the data order."""
+    device: str = "auto"
+    """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Autocast dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    milestones: Milestones = "plan"
+    """Checkpoint schedule: the plan's (0, 0.5M, 1M, 2M, 4M, 8M, 12M, 16M, 20M, 25M scaled to ``tokens``),
+    ``log`` (``n_log_milestones`` log-spaced points), or ``list`` (``milestone_tokens``)."""
+    milestone_tokens: tuple[int, ...] = ()
+    """Explicit token counts for ``milestones = "list"``."""
+    n_log_milestones: int = 10
+    """Number of log-spaced checkpoints for ``milestones = "log"`` (plus the one at 0)."""
+    val_tokens: int = 65_536
+    """Tokens of the fixed validation slice evaluated at every checkpoint."""
+    log_every: int = 10
+    """Write a metrics line every this many optimizer steps."""
+    resume_every: int = 50
+    """Write resume state every this many optimizer steps (and at every checkpoint)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one training run needs."""
+
+    name: str = "run"
+    """Run name, recorded in every checkpoint."""
+    preset: str = ""
+    """Preset the config started from (informational)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        t = self.train
+        if t.seq_len > self.model.context_length:
+            raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.context_length={self.model.context_length}")
+        for name in ("tokens", "batch_size", "seq_len", "grad_accum", "log_every", "resume_every"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.milestones == "list" and not t.milestone_tokens:
+            raise ConfigError("train.milestones='list' needs train.milestone_tokens")
+        if any(m < 0 for m in t.milestone_tokens):
+            raise ConfigError("train.milestone_tokens must be non-negative")
+        if not 0 <= self.optim.warmup_frac < 1 or not 0 <= self.optim.decay_frac <= 1:
+            raise ConfigError("optim.warmup_frac must be in [0, 1) and optim.decay_frac in [0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building configs from plain data (TOML, JSON, overrides), with type checks that name the key.
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (e.g. list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - a bug in this module
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(f"unknown config key(s): {names}; valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, tp, value)
+    return cls(**kwargs)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Rebuild a :class:`ModelConfig` from plain data (e.g. a checkpoint's metadata); keys are checked."""
+    cfg = _build(ModelConfig, data, "model.")
+    cfg.validate()
+    return cfg
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from plain nested data."""
+    return _build(RunConfig, data, "").validate()
+
+
+def _parse_override_value(raw: str) -> Any:
+    """Parse the right-hand side of ``key=value`` as a TOML value; bare words become strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Merge ``key.sub=value`` strings into plain config data (types are checked when the config is built).
+
+    >>> apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=3e-3", "model.qk_norm=none"])
+    {'optim': {'lr': 0.003}, 'model': {'qk_norm': 'none'}}
+    """
+    out = data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {key!r} is malformed")
+        _check_key_path(parts, key)
+        nested: Any = _parse_override_value(raw.strip())
+        for part in reversed(parts):
+            nested = {part: nested}
+        out = _deep_merge(out, nested)
+    return out
+
+
+def _check_key_path(parts: list[str], key: str) -> None:
+    cls: Any = RunConfig
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key: {key} ({'.'.join(parts[:i])} is not a table)")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            valid = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            raise ConfigError(f"unknown config key: {key} (valid keys here: {valid})")
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"config key {key} is a table; set one of its fields instead")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets and files
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``trainer/presets/``."""
+    files = resources.files("trainer").joinpath("presets")
+    return sorted(p.name.removesuffix(".toml") for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a preset file (its one-line description)."""
+    text = resources.files("trainer").joinpath("presets", f"{name}.toml").read_text()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def load_config(preset_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a preset by name or a TOML file by path, apply ``key=value`` overrides and validate.
+
+    A TOML file may start from a preset with a top-level ``preset = "tiny"`` key; its own tables
+    then override the preset's.
+    """
+    if preset_or_path in preset_names():
+        text = resources.files("trainer").joinpath("presets", f"{preset_or_path}.toml").read_text()
+        data = tomllib.loads(text)
+        data.setdefault("preset", preset_or_path)
+    else:
+        path = Path(preset_or_path)
+        if path.suffix != ".toml" and not path.exists():
+            raise ConfigError(
+                f"{preset_or_path!r} is neither a preset ({', '.join(preset_names())}) nor an existing TOML file"
+            )
+        data = _read_toml(path)
+        base = data.get("preset")
+        if base:
+            if base not in preset_names():
+                raise ConfigError(f"{path}: preset {base!r} is unknown ({', '.join(preset_names())})")
+            text = resources.files("trainer").joinpath("presets", f"{base}.toml").read_text()
+            data = _deep_merge(tomllib.loads(text), data)
+    data = apply_overrides(data, list(overrides))
+    return run_config_from_dict(data)
