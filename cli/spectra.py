@@ -19,3 +19,7 @@ main.add_command(metrics)
 main.add_command(surgery)
 main.add_command(plot)
 main.add_command(report)
+
+
+if __name__ == "__main__":
+    main()

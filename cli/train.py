@@ -16,3 +16,7 @@ def main() -> None:
 main.add_command(prepare_data)
 main.add_command(run)
 main.add_command(presets)
+
+
+if __name__ == "__main__":
+    main()

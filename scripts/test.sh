@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: lint, import contracts, docs build, pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup.sh dev
+echo "== ruff"; ruff check trainer spectra cli tests benchmarks
+echo "== import contracts"; lint-imports
+echo "== docs"; mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+echo "== pytest"; OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} pytest -q "$@"
