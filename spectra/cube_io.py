@@ -1,0 +1,230 @@
+"""Read spectra cubes (``spectra.nc``, see docs/cube.md) into xarray, one run or many along ``run``.
+
+Reading needs only xarray and netCDF4, never torch, so a notebook opens cubes on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from spectra.errors import SpectraError
+
+__all__ = ["CUBE_FILENAME", "CUBE_FORMAT", "CUBE_FORMAT_VERSION", "RUN_COORDS", "open_cube", "open_cubes"]
+
+CUBE_FORMAT = "collapse-spectra-cube"
+"""Value of the cube's global attribute ``format``."""
+CUBE_FORMAT_VERSION = 1
+"""Newest ``format_version`` this reader understands."""
+CUBE_FILENAME = "spectra.nc"
+"""A run directory's cube."""
+RUN_COORDS = ("qk_norm", "optimizer", "seed", "data")
+"""Global attributes that [`open_cubes`][spectra.cube_io.open_cubes] turns into ``run`` coordinates."""
+
+_RUN_COORD_ATTRS = {
+    "run": {"long_name": "run (the cube's run_name, made unique among the cubes opened)"},
+    "qk_norm": {"long_name": "QK-norm variant (none, learned, frozen)"},
+    "optimizer": {"long_name": "optimizer of the 2-D hidden matrices (muon, adamw)"},
+    "seed": {"long_name": "training seed", "units": "1"},
+    "data": {"long_name": "training dataset"},
+    "eval_batch_sha256": {"long_name": "sha256 of the fixed batch the spectra were computed on"},
+    "path": {"long_name": "cube file the run was read from"},
+}
+
+PathLike = str | os.PathLike[str]
+
+
+def _cube_file(path: PathLike) -> Path:
+    """The cube file of ``path``: the file itself, or ``<dir>/spectra.nc`` for a run directory."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / CUBE_FILENAME).is_file():
+            raise SpectraError(
+                f"{p}: no {CUBE_FILENAME} in this directory (run `collapse-spectra extract {p}`)"
+            )
+        return p / CUBE_FILENAME
+    if not p.exists():
+        raise SpectraError(f"{p}: no such cube file or run directory")
+    return p
+
+
+def open_cube(path: PathLike) -> xr.Dataset:
+    """Open one spectra cube and load it into memory.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``spectra.nc`` file, or a run directory holding one.
+
+    Returns
+    -------
+    xarray.Dataset
+        The cube as written (schema in docs/cube.md); ``tokens`` is a coordinate on ``step``. The file is
+        closed on return, so it can be rewritten by a running extraction.
+
+    Raises
+    ------
+    SpectraError
+        If the file does not exist, is not a readable NetCDF file, or is not a cube of a format version this
+        reader understands; the message names the file.
+
+    Examples
+    --------
+    >>> ds = open_cube("runs/A1-s0")  # doctest: +SKIP
+    >>> ds.k_sv.sel(site="normed", centering="uncentered").dims  # doctest: +SKIP
+    ('step', 'layer', 'kv_head', 'sv')
+    """
+    file = _cube_file(path)
+    try:
+        ds = xr.load_dataset(file, engine="netcdf4")
+    except (OSError, ValueError) as e:  # netCDF4 raises OSError for a non-NetCDF file, xarray ValueError
+        raise SpectraError(f"{file}: not a readable NetCDF file ({e})") from e
+    fmt = ds.attrs.get("format")
+    if fmt != CUBE_FORMAT:
+        raise SpectraError(
+            f"{file}: not a spectra cube (global attribute format = {fmt!r}, expected {CUBE_FORMAT!r})"
+        )
+    version = ds.attrs.get("format_version")
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise SpectraError(f"{file}: cube format_version {version!r} is not an integer") from None
+    if not 1 <= version <= CUBE_FORMAT_VERSION:
+        raise SpectraError(
+            f"{file}: cube format_version {version} is not readable by this version of spectra "
+            f"(it reads 1 to {CUBE_FORMAT_VERSION})"
+        )
+    if "step" not in ds.dims or "tokens" not in ds.coords:
+        raise SpectraError(f"{file}: a cube needs a 'step' dimension and a 'tokens' coordinate")
+    return ds
+
+
+def _expand(path: PathLike) -> list[Path]:
+    """Cube files of one argument: a cube, a run directory, or a directory of run directories."""
+    p = Path(path)
+    if p.is_dir() and not (p / CUBE_FILENAME).is_file():
+        found = sorted(child / CUBE_FILENAME for child in p.iterdir() if (child / CUBE_FILENAME).is_file())
+        if found:
+            return found
+    return [_cube_file(p)]
+
+
+def _unique_labels(names: list[str], seeds: list[int], files: list[Path]) -> list[str]:
+    """Run labels: the cubes' run names, disambiguated by seed, then by parent directory, then by position."""
+    schemes = (
+        lambda i: names[i],
+        lambda i: f"{names[i]}-seed{seeds[i]}",
+        lambda i: f"{files[i].parent.name}/{names[i]}-seed{seeds[i]}",
+    )
+    for scheme in schemes:
+        labels = [scheme(i) for i in range(len(names))]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{names[i]}#{i}" for i in range(len(names))]
+
+
+def _run_attr(ds: xr.Dataset, file: Path, name: str) -> str | int:
+    if name not in ds.attrs:
+        raise SpectraError(
+            f"{file}: global attribute {name!r} is missing; a cube records {', '.join(RUN_COORDS)}"
+        )
+    value = ds.attrs[name]
+    if name == "seed":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise SpectraError(f"{file}: global attribute seed = {value!r} is not an integer") from None
+    return str(value)
+
+
+def _along_run(ds: xr.Dataset, label: str, file: Path) -> xr.Dataset:
+    """Give every variable of one cube a leading ``run`` dimension and its metadata as ``run`` coordinates."""
+    tokens_attrs = dict(ds["tokens"].attrs)
+    meta = {name: _run_attr(ds, file, name) for name in RUN_COORDS}
+    meta["eval_batch_sha256"] = str(ds.attrs.get("eval_batch_sha256", ""))
+    meta["path"] = str(file)
+    # tokens differ between runs at the same step (different batch sizes), so it becomes a (run, step)
+    # variable; float64 so that an outer join can mark missing steps with NaN (exact below 2**53 tokens)
+    ds = ds.reset_coords("tokens")
+    ds["tokens"] = ds["tokens"].astype(np.float64)
+    ds = ds.expand_dims(run=[label])
+    ds = ds.set_coords("tokens")
+    ds["tokens"].attrs = tokens_attrs
+    ds = ds.assign_coords({name: ("run", [value]) for name, value in meta.items()})
+    for name, attrs in _RUN_COORD_ATTRS.items():
+        ds[name].attrs = attrs
+    return ds
+
+
+def open_cubes(paths: PathLike | Iterable[PathLike]) -> xr.Dataset:
+    """Open several cubes as one Dataset along a new ``run`` dimension.
+
+    Parameters
+    ----------
+    paths : path-like or iterable of path-like
+        Cube files, run directories (their ``spectra.nc``), or directories of run directories (every
+        ``*/spectra.nc`` in them, sorted by name).
+
+    Returns
+    -------
+    xarray.Dataset
+        Every variable gains a leading ``run`` dimension, in the order given. Coordinates along ``run``:
+        ``run`` (the cube's ``run_name``; if two cubes share one, the seed is appended, then the parent
+        directory), ``qk_norm``, ``optimizer``, ``seed``, ``data`` (from each cube's global attributes, so
+        that ``ds.groupby("optimizer")`` works), ``eval_batch_sha256`` and ``path``. Cubes are aligned by an
+        outer join: where a run has no checkpoint at a step, its variables are NaN. ``tokens`` becomes a
+        float64 coordinate over ``(run, step)``, NaN where the run lacks the step, because runs with different
+        batch sizes reach a step at different token counts. Global attributes shared by all cubes are kept;
+        the others are dropped (read them per run with [`open_cube`][spectra.cube_io.open_cube]).
+
+    Raises
+    ------
+    SpectraError
+        For any unreadable cube (naming it), a cube given twice, a cube without the run attributes, or cubes
+        of different head dimensions (their spectra cannot share an ``sv`` axis).
+
+    Examples
+    --------
+    >>> ds = open_cubes(["runs/A1-s0", "runs/B1-s0"])  # doctest: +SKIP
+    >>> keys = ds.k_sv.sel(site="normed", centering="uncentered")  # doctest: +SKIP
+    >>> pr = keys.spectra.participation_ratio()  # doctest: +SKIP
+    >>> pr.mean(["layer", "kv_head"]).groupby("optimizer").mean()  # doctest: +SKIP
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = [file for p in paths for file in _expand(p)]
+    if not files:
+        raise SpectraError("no cubes given")
+    repeated = [str(f) for f, n in Counter(f.resolve() for f in files).items() if n > 1]
+    if repeated:
+        raise SpectraError(f"the same cube is given more than once: {', '.join(repeated)}")
+    cubes = [open_cube(f) for f in files]
+    for dim in ("sv", "dim"):
+        sizes = {str(f): ds.sizes[dim] for f, ds in zip(files, cubes) if dim in ds.dims}
+        if len(set(sizes.values())) > 1:
+            raise SpectraError(
+                f"cubes of different head dimensions cannot share the {dim!r} axis: "
+                + ", ".join(f"{f}: {n}" for f, n in sizes.items())
+            )
+    names = [str(ds.attrs.get("run_name", f.parent.name)) for f, ds in zip(files, cubes)]
+    seeds = [_run_attr(ds, f, "seed") for f, ds in zip(files, cubes)]
+    labels = _unique_labels(names, seeds, files)
+    parts = [_along_run(ds, label, f) for ds, label, f in zip(cubes, labels, files)]
+    combined = xr.concat(
+        parts,
+        dim="run",
+        data_vars="all",
+        coords="minimal",
+        join="outer",
+        fill_value=np.nan,
+        combine_attrs="drop_conflicts",
+    )
+    for variable in combined.variables.values():
+        # the first file's on-disk encoding (int64 tokens, chunk sizes) no longer fits the combined arrays
+        variable.encoding = {}
+    return combined
