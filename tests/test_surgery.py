@@ -1,0 +1,452 @@
+"""Pruning surgery on tiny CPU models: exactness at fraction 0, the SVD rank property, the masks, the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from scipy import stats
+
+import cli.surgery
+from spectra.errors import SpectraError
+from spectra.load import eval_batch_sha256, load_checkpoint
+from spectra.surgery import (
+    DEFAULT_FRACTIONS,
+    evaluate_loss,
+    gamma_removal_orders,
+    gamma_status,
+    keep_masks,
+    key_singular_vectors,
+    loss_windows,
+    parse_layers,
+    pruned_keys,
+    random_removal_order,
+    removal_order,
+    removed_count,
+    run_surgery,
+    surgery,
+)
+from trainer.checkpoint import checkpoint_name, save_checkpoint
+from trainer.config import ModelConfig, RunConfig, TrainConfig
+from trainer.model import LLM
+
+VOCAB, SEQ, D = 64, 32, 8
+STEPS = 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These matmuls are tiny; on a shared machine extra threads only contend with each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_config(qk_norm: str = "learned") -> ModelConfig:
+    return ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=D,
+        d_ff=64,
+        context_length=SEQ,
+        qk_norm=qk_norm,
+        init_std=0.1,
+    )
+
+
+def period3_stream(rng: np.random.Generator, n_segments: int) -> np.ndarray:
+    """Random triples each repeated 11 times: the next token is the one 3 back, so keys carry the task."""
+    triples = rng.integers(0, VOCAB, size=(n_segments, 3))
+    return np.tile(triples, (1, 11)).ravel()
+
+
+def write_dataset(root: Path, seed: int = 1) -> Path:
+    """A dataset directory as the data contract describes it: meta.json, test.bin, eval_batch.safetensors."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    test = period3_stream(rng, 40).astype(np.uint16)  # 1320 tokens
+    test.tofile(root / "test.bin")
+    eval_ids = torch.from_numpy(period3_stream(rng, 12)[: 12 * SEQ].reshape(12, SEQ).astype(np.int64))
+    save_file({"input_ids": eval_ids}, str(root / "eval_batch.safetensors"))
+    meta = {
+        "dtype": "uint16",
+        "splits": {"test": {"file": "test.bin", "tokens": int(test.size)}},
+        "eval_batch": {
+            "file": "eval_batch.safetensors",
+            "shape": list(eval_ids.shape),
+            "sha256": eval_batch_sha256(eval_ids),
+        },
+        "tokenizer": {"vocab_size": VOCAB, "eot_id": 0},
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def write_checkpoint(run_dir: Path, model: LLM, data_dir: Path, optimizer: str = "adamw") -> Path:
+    cfg = model.cfg
+    run = RunConfig(name=run_dir.name, model=cfg, train=TrainConfig(seq_len=SEQ, seed=7))
+    run = dataclasses.replace(run, optim=dataclasses.replace(run.optim, name=optimizer))
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return save_checkpoint(
+        run_dir / "checkpoints" / checkpoint_name(STEPS * 16 * SEQ),
+        model,
+        {
+            "model_config": dataclasses.asdict(cfg),
+            "run_config": run.to_dict(),
+            "run_name": run_dir.name,
+            "step": STEPS,
+            "tokens": STEPS * 16 * SEQ,
+            "eval_batch_sha256": meta["eval_batch"]["sha256"],
+            "data_dir": str(data_dir),
+        },
+    )
+
+
+def train(cfg: ModelConfig, steps: int = STEPS) -> LLM:
+    torch.manual_seed(0)
+    model = LLM(cfg)
+    rng = np.random.default_rng(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
+    for _ in range(steps):
+        stream = period3_stream(rng, 17)
+        starts = rng.integers(0, stream.size - SEQ - 1, 16)
+        x = torch.from_numpy(np.stack([stream[a : a + SEQ + 1] for a in starts]).astype(np.int64))  # (B, T+1)
+        loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "period3")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> Path:
+    """A learned-QK-norm model that solves the task with attention (its gamma is no longer flat)."""
+    return write_checkpoint(tmp_path_factory.mktemp("runs") / "learned", train(model_config()), data_dir)
+
+
+def fresh_checkpoint(tmp_path: Path, data_dir: Path, qk_norm: str) -> Path:
+    torch.manual_seed(0)
+    return write_checkpoint(tmp_path / f"run-{qk_norm}", LLM(model_config(qk_norm)), data_dir)
+
+
+QUICK = {"test_tokens": 512, "batch_size": 4, "progress": False}
+
+
+# ---------------------------------------------------------------------------------------------------- counting
+
+
+def test_removed_count_rounds_to_pairs():
+    assert [removed_count(f, 64) for f in DEFAULT_FRACTIONS] == [0, 8, 16, 24, 32, 40, 48, 56]
+    assert removed_count(1.0, 8) == 8
+    assert removed_count(0.125, 8) == 2  # one coordinate rounds half up to one pair
+    assert removed_count(0.1, 8) == 0
+    assert removed_count(0.125, 8, pair_rope=False) == 1
+    with pytest.raises(SpectraError, match="outside"):
+        removed_count(1.5, 8)
+
+
+def test_parse_layers():
+    assert parse_layers("0,2-4", 6) == (0, 2, 3, 4)
+    assert parse_layers("all", 3) == (0, 1, 2)
+    assert parse_layers([1, 1, 0], 3) == (0, 1)
+    for bad in ("5", "a", "3-1", "0,-1"):
+        with pytest.raises(SpectraError, match="layers"):
+            parse_layers(bad, 4)
+
+
+def test_removal_order_keeps_rotary_pairs_together():
+    scores = np.array([5.0, 0.1, 3.0, 0.2, 1.0, 0.1, 0.1, 9.0])  # pairs (j, j+4): 6.0, 0.2, 3.1, 9.2
+    order = removal_order(scores)
+    assert order.tolist() == [1, 5, 2, 6, 0, 4, 3, 7]
+    assert removal_order(scores, pair_rope=False).tolist() == [1, 5, 6, 3, 4, 2, 0, 7]
+    for seed in range(5):
+        for head_order in random_removal_order(seed, 0, 3, D):
+            for n in range(0, D + 1, 2):
+                removed = set(head_order[:n].tolist())
+                assert removed == removed | {(j + D // 2) % D for j in removed}  # closed under j <-> j + D/2
+    draws = [random_removal_order(seed, 0, 3, D).tolist() for seed in range(3)]
+    assert draws[0] != draws[1] != draws[2] and draws[0][0] != draws[0][1]  # differ by seed and by head
+    assert random_removal_order(1, 0, 3, D).tolist() == draws[1]  # and are reproducible
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+
+def test_gamma_masks_remove_smallest_gamma_and_are_applied(trained):
+    model = load_checkpoint(trained).model
+    assert gamma_status(model, [0, 1]) == "ok"
+    orders = gamma_removal_orders(model, [0, 1])
+    masks = keep_masks(orders, 4)  # two rotary pairs per head
+    for layer in (0, 1):
+        gamma = model.blocks[layer].attn.k_norm.weight.detach().abs().double().numpy()
+        pair_score = gamma[: D // 2] + gamma[D // 2 :]
+        smallest = np.sort(np.argsort(pair_score)[:2])
+        expected = sorted([*smallest, *(smallest + D // 2)])
+        for head in range(model.cfg.n_kv_heads):
+            assert np.flatnonzero(masks[layer][head].numpy() == 0).tolist() == expected
+        single = keep_masks(gamma_removal_orders(model, [layer], pair_rope=False), 3)[layer]
+        assert np.flatnonzero(single[0].numpy() == 0).tolist() == sorted(np.argsort(gamma)[:3])
+    # the hook zeroes exactly those coordinates of the normalised keys and leaves the rest bit-identical
+    # (layer 1 alone, so that its input is the same with and without the mask)
+    seen = {}
+    idx = torch.randint(0, VOCAB, (2, SEQ))
+    norm = model.blocks[1].attn.k_norm
+    with torch.no_grad():
+        plain = norm.register_forward_hook(lambda m, i, o: seen.__setitem__("plain", o.clone()))
+        model(idx)
+        plain.remove()
+        with pruned_keys(model, masks={1: masks[1]}):
+            after = norm.register_forward_hook(lambda m, i, o: seen.__setitem__("pruned", o.clone()))
+            model(idx)
+            after.remove()
+    keep = masks[1].bool()  # (Hkv, D)
+    assert torch.all(seen["pruned"][..., ~keep] == 0)
+    assert torch.equal(seen["pruned"][..., keep], seen["plain"][..., keep])
+    assert not model.blocks[1].attn.k_norm._forward_hooks  # removed on exit
+
+
+def test_gamma_status_without_qk_norm_and_frozen(tmp_path, data_dir):
+    none = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "none")).model
+    assert "no QK-norm" in gamma_status(none, [0, 1])
+    frozen = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "frozen")).model
+    assert "frozen" in gamma_status(frozen, [0, 1])
+    untrained = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "learned")).model
+    assert "equal in layer(s) 0, 1" in gamma_status(untrained, [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------- svd
+
+
+def test_streamed_svd_matches_direct_svd(trained, data_dir):
+    model = load_checkpoint(trained).model
+    ids = torch.from_numpy(
+        period3_stream(np.random.default_rng(3), 6)[: 6 * SEQ].reshape(6, SEQ).astype(np.int64)
+    )
+    keys = {}
+    hook = model.blocks[1].attn.k_proj.register_forward_hook(
+        lambda m, i, o: keys.__setitem__("k", o.double())
+    )
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    K = keys["k"].reshape(-1, 2, D).transpose(0, 1)  # (Hkv, N, D), float32 keys in float64
+    V, S = key_singular_vectors(model, ids, [1], batch_size=2)[1]  # three streamed batches
+    torch.testing.assert_close(S, torch.linalg.svdvals(K), rtol=1e-5, atol=0)
+    # V diagonalises K^T K: V^T K^T K V = diag(S^2)
+    gram = V.mT @ K.mT @ K @ V
+    torch.testing.assert_close(gram, torch.diag_embed(S**2), rtol=1e-5, atol=1e-6 * float(S.max() ** 2))
+
+
+def test_svd_pruning_of_rank_deficient_heads_loses_nothing_until_the_rank(tmp_path, trained, data_dir):
+    ckpt = load_checkpoint(trained)
+    rank = 4
+    with torch.no_grad():
+        for block in ckpt.model.blocks:
+            W = block.attn.k_proj.weight.view(2, D, -1)  # (Hkv, D, C)
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            W.copy_(U[..., :rank] @ torch.diag_embed(S[..., :rank]) @ Vh[..., :rank, :])  # rank-4 blocks
+    path = write_checkpoint(tmp_path / "rank4", ckpt.model, data_dir)
+    model = load_checkpoint(path).model
+    _, S = key_singular_vectors(model, torch.randint(0, VOCAB, (4, SEQ)), [0, 1])[0]
+    assert torch.all(S[:, rank:] < 1e-6 * S[:, :1])  # the keys have rank 4
+    fractions = [n / D for n in range(D)]  # remove 0 .. 7 single directions
+    ds = run_surgery(
+        path, data_dir, strategies=["svd"], fractions=fractions, pair_rope=False, seeds=1, **QUICK
+    )
+    delta = np.abs(ds.loss.sel(strategy="svd", seed=0).values - float(ds.baseline_loss))
+    assert ds.removed_dims.values.tolist() == list(range(D))
+    # up to D - rank directions only null directions go: float rounding (about 1e-8 here) and nothing else
+    assert np.all(delta[: D - rank + 1] < 1e-6), delta
+    # beyond, real directions go (about 1e-3 here: RoPE still gives a rank-1 key its position, which this
+    # look-back task mostly needs, so the change is small but far above the rounding)
+    assert np.all(delta[D - rank + 1 :] > 1e-4), delta
+
+
+# ---------------------------------------------------------------------------------------------------- the experiment
+
+
+def test_fraction_zero_is_exactly_the_baseline_and_pruning_everything_hurts(trained, data_dir):
+    ds = run_surgery(trained, data_dir, fractions=(0.0, 0.5, 1.0), seeds=3, **QUICK)
+    baseline = float(ds.baseline_loss)
+    assert ds.attrs["gamma_status"] == "ok"
+    for strategy, seeds in (("gamma", [0]), ("svd", [0]), ("random", [0, 1, 2])):
+        for seed in seeds:
+            assert float(ds.loss.sel(strategy=strategy, fraction=0.0, seed=seed)) == baseline
+        # every key zero: attention is uniform and the look-back-3 task fails
+        assert float(ds.loss.sel(strategy=strategy, fraction=1.0, seed=0)) > baseline + 0.5
+    # deterministic strategies fill only seed 0
+    assert np.isnan(ds.loss.sel(strategy=["gamma", "svd"], seed=[1, 2])).all()
+    assert not np.isnan(ds.loss.sel(strategy="random")).any()
+
+
+def test_random_seeds_differ_and_the_interval_is_a_t_interval(trained, data_dir):
+    ds = run_surgery(trained, data_dir, strategies=["random", "svd"], fractions=(0.0, 0.5), seeds=4, **QUICK)
+    values = ds.loss.sel(strategy="random", fraction=0.5).values
+    assert len(set(values.tolist())) == 4
+    half = stats.t.ppf(0.975, 3) * values.std(ddof=1) / 2.0
+    r = ds.sel(strategy="random", fraction=0.5)
+    assert float(r.loss_mean) == pytest.approx(values.mean(), rel=1e-12)
+    assert float(r.loss_ci_low) == pytest.approx(values.mean() - half, rel=1e-12)
+    assert float(r.loss_ci_high) == pytest.approx(values.mean() + half, rel=1e-12)
+    s = ds.sel(strategy="svd", fraction=0.5)
+    assert float(s.loss_mean) == float(s.loss.sel(seed=0))
+    assert np.isnan(float(s.loss_ci_low)) and np.isnan(float(s.loss_ci_high))
+    # the same seed draws the same coordinates
+    again = run_surgery(trained, data_dir, strategies=["random"], fractions=(0.5,), seeds=4, **QUICK)
+    np.testing.assert_array_equal(again.loss.sel(strategy="random", fraction=0.5).values, values)
+
+
+def test_layers_select_what_is_pruned(trained, data_dir):
+    ds = run_surgery(trained, data_dir, strategies=["gamma"], fractions=(0.5,), layers="1", **QUICK)
+    both = run_surgery(trained, data_dir, strategies=["gamma"], fractions=(0.5,), layers="0-1", **QUICK)
+    assert ds.attrs["layers"] == "1" and both.attrs["layers"] == "0,1"
+    # layer 1 alone is exactly the loss with layer 1's mask and nothing else
+    model = load_checkpoint(trained).model
+    windows = loss_windows(np.fromfile(data_dir / "test.bin", dtype=np.uint16), SEQ, 512, VOCAB)
+    with pruned_keys(model, masks=keep_masks(gamma_removal_orders(model, [1]), 4)):
+        expected = evaluate_loss(model, windows, batch_size=4)
+    where = {"strategy": "gamma", "fraction": 0.5, "seed": 0}
+    assert float(ds.loss.sel(where)) == expected
+    assert float(both.loss.sel(where)) != expected
+
+
+def test_gamma_without_qk_norm_is_a_status_not_a_crash(tmp_path, data_dir):
+    path = fresh_checkpoint(tmp_path, data_dir, "none")
+    notes = []
+    ds = run_surgery(path, data_dir, fractions=(0.0, 0.5), seeds=2, echo=notes.append, **QUICK)
+    assert np.isnan(ds.loss.sel(strategy="gamma")).all()
+    assert "no QK-norm" in ds.attrs["gamma_status"] and "no QK-norm" in notes[0]
+    assert float(ds.loss.sel(strategy="svd", fraction=0.0, seed=0)) == float(ds.baseline_loss)
+    assert np.isfinite(ds.loss.sel(strategy="random")).all()
+
+
+def test_surgery_file_schema(trained, data_dir):
+    path = surgery(trained, data_dir, fractions=(0.0, 0.25), seeds=2, **QUICK)
+    assert path == trained.parent.parent / "surgery.nc"
+    with xr.open_dataset(path) as ds:
+        assert list(ds.strategy.values) == ["gamma", "svd", "random"]
+        assert ds.loss.dims == ("strategy", "fraction", "seed")
+        assert ds.fraction.values.tolist() == [0.0, 0.25] and ds.seed.values.tolist() == [0, 1]
+        assert ds.removed_dims.values.tolist() == [0, 2]
+        for name in ("loss", "loss_mean", "loss_ci_low", "loss_ci_high", "baseline_loss"):
+            assert ds[name].attrs["units"] == "nats/token" and ds[name].attrs["long_name"]
+        attrs = ds.attrs
+        assert attrs["Conventions"] == "CF-1.10" and attrs["format"] == "collapse-surgery"
+        assert (attrs["run_name"], attrs["qk_norm"], attrs["optimizer"], attrs["seed"]) == (
+            "learned",
+            "learned",
+            "adamw",
+            7,
+        )
+        assert attrs["step"] == STEPS and attrs["tokens"] == STEPS * 16 * SEQ
+        assert attrs["checkpoint"] == str(trained.resolve())
+        assert attrs["layers"] == "0,1" and attrs["pair_rope"] == 1
+        assert attrs["test_tokens"] == 512 and attrs["seq_len"] == SEQ
+        assert (
+            attrs["eval_batch_sha256"]
+            == json.loads((data_dir / "meta.json").read_text())["eval_batch"]["sha256"]
+        )
+        assert "run_surgery" in attrs["history"] and "torch" in json.loads(attrs["versions"])
+        assert float(ds.loss.sel(strategy="gamma", fraction=0.0, seed=0)) == float(ds.baseline_loss)
+    with netCDF4.Dataset(path) as nc:
+        assert nc["loss"].filters()["zlib"] and nc["loss_mean"].filters()["zlib"]
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_dataset_errors_name_the_file(tmp_path, trained, data_dir):
+    with pytest.raises(SpectraError, match="dataset directory not found"):
+        run_surgery(trained, tmp_path / "missing", **QUICK)
+    broken = write_dataset(tmp_path / "short")
+    (broken / "test.bin").write_bytes((broken / "test.bin").read_bytes()[:-2])
+    with pytest.raises(SpectraError, match=r"test\.bin: 2638 bytes"):
+        run_surgery(trained, broken, **QUICK)
+    big_vocab = write_dataset(tmp_path / "vocab")
+    meta = json.loads((big_vocab / "meta.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 2 * VOCAB
+    (big_vocab / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SpectraError, match="exceeds the model's vocab_size"):
+        run_surgery(trained, big_vocab, **QUICK)
+    from_test = write_dataset(tmp_path / "from-test")
+    meta = json.loads((from_test / "meta.json").read_text())
+    meta["eval_batch"]["split"] = "test"
+    (from_test / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SpectraError, match="cut from the test split"):
+        run_surgery(trained, from_test, **QUICK)
+    with pytest.raises(SpectraError, match="strategies"):
+        run_surgery(trained, data_dir, strategies=["gamma", "l1"], **QUICK)
+
+
+def test_cli_writes_the_file_and_reports_gamma_status(tmp_path, data_dir):
+    path = fresh_checkpoint(tmp_path, data_dir, "none")
+    out = tmp_path / "s.nc"
+    args = [
+        str(path),
+        "--data",
+        str(data_dir),
+        "--fractions",
+        "0,0.5",
+        "--seeds",
+        "2",
+        "--test-tokens",
+        "256",
+    ]
+    result = CliRunner().invoke(cli.surgery.surgery, [*args, "--no-progress", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no QK-norm" in result.output and f"wrote {out}" in result.output
+    with xr.open_dataset(out) as ds:
+        assert ds.attrs["test_tokens"] == 256 and ds.attrs["qk_norm"] == "none"
+    # without --data the checkpoint's recorded dataset is used; default output in the run directory
+    result = CliRunner().invoke(
+        cli.surgery.surgery, [str(path), "--strategies", "svd", "--fractions", "0", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (path.parent.parent / "surgery.nc").is_file()
+
+
+def test_cli_bad_inputs_exit_nonzero(tmp_path, data_dir):
+    path = fresh_checkpoint(tmp_path, data_dir, "learned")
+    runner = CliRunner()
+    result = runner.invoke(
+        cli.surgery.surgery, [str(path), "--data", str(tmp_path / "nope"), "--no-progress"]
+    )
+    assert result.exit_code == 1 and "dataset directory not found" in result.output
+    other = write_dataset(tmp_path / "other", seed=5)  # a different dataset: different eval-batch hash
+    args = [str(path), "--data", str(other), "--fractions", "0", "--strategies", "svd", "--no-progress"]
+    result = runner.invoke(cli.surgery.surgery, args)
+    assert result.exit_code == 1 and "differs from the checkpoint's" in result.output
+    result = runner.invoke(cli.surgery.surgery, [*args, "--force", "--out", str(tmp_path / "forced.nc")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli.surgery.surgery, [str(tmp_path / "missing.safetensors"), "--no-progress"])
+    assert result.exit_code == 1 and "no such checkpoint file" in result.output
+    result = runner.invoke(cli.surgery.surgery, [str(path), "--fractions", "0,x", "--no-progress"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_surgery_on_cuda_matches_cpu(trained, data_dir):
+    cpu = run_surgery(trained, data_dir, fractions=(0.0, 0.5), seeds=2, **QUICK)
+    gpu = run_surgery(trained, data_dir, fractions=(0.0, 0.5), seeds=2, device="cuda", **QUICK)
+    for strategy in ("gamma", "svd", "random"):
+        assert float(gpu.loss.sel(strategy=strategy, fraction=0.0, seed=0)) == float(gpu.baseline_loss)
+    np.testing.assert_allclose(gpu.loss.values, cpu.loss.values, rtol=1e-4)
