@@ -12,7 +12,14 @@ from trainer.errors import TrainerError
 
 # Bad input is reported as one line naming the problem and exit status 1; anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (TrainerError, SpectraError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+EXPECTED_ERRORS = (
+    TrainerError,
+    SpectraError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+)
 
 
 def reports_errors(func):

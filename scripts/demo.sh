@@ -14,7 +14,8 @@ if [ -n "${DEMO_TOKENS:-}" ]; then TOKENS_OPT=(--tokens "$DEMO_TOKENS"); fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 if [ ! -f "$DATA/meta.json" ]; then
-    collapse-train prepare-data --out "$DATA"
+    # the eval batch matches the tiny preset's context (256): spectra are read where the model was trained
+    collapse-train prepare-data --out "$DATA" --eval-seqs 8 --eval-seq-len 256
 fi
 
 runs=()
@@ -35,7 +36,7 @@ collapse-spectra metrics "${runs[@]/%//spectra.nc}" --metric pr_sv
 for run in "${runs[@]}"; do
     final=$(ls "$run"/checkpoints/tokens_*.safetensors | sort | tail -n 1)
     if [ ! -f "$run/surgery.nc" ]; then
-        collapse-spectra surgery "$final" --data "$DATA" --seeds 3
+        collapse-spectra surgery "$final" --data "$DATA" --seeds 3 --fractions 0,0.25,0.5,0.75 --test-tokens 16384
     fi
 done
 

@@ -104,9 +104,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]
-) -> Path:
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]) -> Path:
     """Write the model's weights (float32, contiguous, CPU) and the metadata, atomically.
 
     ``metadata`` must provide the keys of the table above except ``format``/``format_version``;

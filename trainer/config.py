@@ -73,15 +73,27 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def validate(self) -> None:
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
-        if not self.head_dim and self.d_model % self.n_heads:
-            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
-        if self.resolved_head_dim % 2:
-            raise ConfigError(f"head dim {self.resolved_head_dim} must be even for RoPE")
+        # sizes first: the divisibility checks below would divide by a zero head count
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "context_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim < 0:
+            raise ConfigError(f"model.head_dim must be positive (0: d_model // n_heads), got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}"
+            )
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"head dim {self.resolved_head_dim} must be even for RoPE")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta}")
+        for name in ("norm_eps", "init_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be non-negative, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +132,26 @@ class OptimConfig:
     """Fraction of the steps spent decaying at the end of ``wsd``."""
     min_lr_frac: float = 0.0
     """Final learning rate as a fraction of the peak (``cosine`` and ``wsd``)."""
+
+    def validate(self) -> None:
+        # checked here so that bad values name their key instead of failing inside torch.optim
+        for name in ("lr", "muon_lr", "muon_weight_decay", "weight_decay", "norm_weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be non-negative, got {getattr(self, name)}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0 <= self.muon_ns_steps < 100:  # torch.optim.Muon refuses 100 or more
+            raise ConfigError(f"optim.muon_ns_steps must be in [0, 100), got {self.muon_ns_steps}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be positive, got {self.eps}")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ConfigError(f"optim.min_lr_frac must be in [0, 1], got {self.min_lr_frac}")
+        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1:
+            raise ConfigError(
+                f"optim.warmup_frac={self.warmup_frac} + optim.decay_frac={self.decay_frac} exceed the whole run"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,9 +203,12 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         self.model.validate()
+        self.optim.validate()
         t = self.train
         if t.seq_len > self.model.context_length:
-            raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.context_length={self.model.context_length}")
+            raise ConfigError(
+                f"train.seq_len={t.seq_len} exceeds model.context_length={self.model.context_length}"
+            )
         for name in ("tokens", "batch_size", "seq_len", "grad_accum", "log_every", "resume_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -260,7 +295,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a table, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

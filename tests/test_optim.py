@@ -1,0 +1,393 @@
+"""Optimizer grouping, schedules, clipping, and the resume round trip of the optimizer state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from trainer.config import ConfigError, ModelConfig, OptimConfig, load_config
+from trainer.errors import TrainerError
+from trainer.model import LLM
+from trainer.optim import MUON_ADJUST_LR_FN, Optimizers, clip_grad_norm, lr_multiplier, param_groups
+
+SMALL = ModelConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, context_length=16
+)
+
+
+def build(cfg: ModelConfig = SMALL, seed: int = 0) -> LLM:
+    torch.manual_seed(seed)
+    return LLM(cfg)
+
+
+def batch(step: int, cfg: ModelConfig = SMALL) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, cfg.vocab_size, (2, 13), generator=g)
+    return x[:, :-1], x[:, 1:]  # (B, T) inputs and next-token targets
+
+
+def train_step(model: LLM, opt: Optimizers, step: int, max_norm: float = 1.0) -> float:
+    opt.set_lr(step)
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in batch(step, model.cfg))
+    model(x, y).backward()
+    norm = clip_grad_norm(model, max_norm)
+    opt.step()
+    opt.zero_grad()
+    return norm
+
+
+def names(groups: dict[str, list[tuple[str, Any]]], key: str) -> list[str]:
+    return [n for n, _ in groups[key]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# grouping
+
+
+def test_muon_grouping_on_tiny():
+    model = LLM(load_config("tiny").model)
+    groups = param_groups(model, OptimConfig(name="muon"))
+    assert set(groups) == {"muon", "adamw_decay", "adamw_no_decay"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    grouped = [n for key in groups for n in names(groups, key)]
+    assert sorted(grouped) == sorted(trainable)  # every trainable parameter exactly once
+    muon = set(names(groups, "muon"))
+    per_layer = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.up", "mlp.down"]
+    assert muon == {f"blocks.{i}.{m}.weight" for i in range(4) for m in per_layer}
+    assert all(p.ndim == 2 for _, p in groups["muon"])
+    assert names(groups, "adamw_decay") == ["embed.weight"]
+    no_decay = set(names(groups, "adamw_no_decay"))
+    norms = ["attn_norm", "mlp_norm", "attn.q_norm", "attn.k_norm"]
+    assert no_decay == {f"blocks.{i}.{m}.weight" for i in range(4) for m in norms} | {"norm.weight"}
+    assert all(p.ndim == 1 for _, p in groups["adamw_no_decay"])
+
+
+def test_adamw_grouping_on_tiny():
+    model = LLM(load_config("tiny").model)
+    groups = param_groups(model, OptimConfig(name="adamw"))
+    assert set(groups) == {"adamw_decay", "adamw_no_decay"}
+    muon = param_groups(model, OptimConfig(name="muon"))
+    assert names(groups, "adamw_decay") == ["embed.weight"] + names(muon, "muon")
+    assert names(groups, "adamw_no_decay") == names(muon, "adamw_no_decay")
+
+
+def test_swiglu_gate_untied_head_and_frozen_gamma():
+    cfg = dataclasses.replace(SMALL, mlp="swiglu", tie_embeddings=False, qk_norm="frozen")
+    model = build(cfg)
+    groups = param_groups(model, OptimConfig(name="muon"))
+    assert "blocks.1.mlp.gate.weight" in names(groups, "muon")
+    assert names(groups, "adamw_decay") == [
+        "embed.weight",
+        "lm_head.weight",
+    ]  # the head is not a hidden matrix
+    grouped = {n for key in groups for n in names(groups, key)}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"blocks.{i}.attn.{m}.weight" for i in range(2) for m in ("q_norm", "k_norm")}
+    assert not grouped & frozen
+    assert grouped | frozen == {n for n, _ in model.named_parameters()}
+
+
+def test_grouping_sees_through_compile_wrapper():
+    model = build()
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # what torch.compile's OptimizedModule holds
+    assert param_groups(wrapped, OptimConfig()) == param_groups(model, OptimConfig())
+
+
+def test_unknown_parameter_kind_is_an_error():
+    model = build()
+    model.blocks[0].extra = torch.nn.Conv1d(2, 2, 3, bias=False)
+    with pytest.raises(TrainerError, match=r"blocks\.0\.extra\.weight"):
+        param_groups(model, OptimConfig())
+
+
+def test_optimizers_hyperparameters():
+    cfg = OptimConfig(
+        name="muon",
+        lr=1e-3,
+        muon_lr=0.05,
+        muon_momentum=0.9,
+        muon_nesterov=False,
+        muon_ns_steps=3,
+        muon_weight_decay=0.01,
+        weight_decay=0.2,
+        norm_weight_decay=0.05,
+        betas=(0.8, 0.9),
+        eps=1e-10,
+    )
+    opt = Optimizers(build(), cfg, total_steps=10, device_type="cpu")
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    (g,) = muon.param_groups
+    assert (g["name"], g["lr"], g["momentum"], g["nesterov"], g["ns_steps"], g["weight_decay"]) == (
+        "muon",
+        0.05,
+        0.9,
+        False,
+        3,
+        0.01,
+    )
+    assert g["adjust_lr_fn"] == MUON_ADJUST_LR_FN == "original"
+    decay, no_decay = adamw.param_groups
+    assert (decay["name"], decay["lr"], decay["weight_decay"]) == ("adamw_decay", 1e-3, 0.2)
+    assert (no_decay["name"], no_decay["lr"], no_decay["weight_decay"]) == ("adamw_no_decay", 1e-3, 0.05)
+    assert decay["betas"] == (0.8, 0.9) and decay["eps"] == 1e-10
+    assert decay["foreach"] is True and not decay["fused"]  # CPU: multi-tensor kernels
+
+    (adamw_only,) = Optimizers(build(), dataclasses.replace(cfg, name="adamw"), 10, "cpu").optimizers
+    assert isinstance(adamw_only, torch.optim.AdamW)
+    assert [g["lr"] for g in adamw_only.param_groups] == [1e-3, 1e-3]  # adamw_lr for everything
+
+
+def test_muon_steps_the_matrices_and_adamw_the_rest():
+    model = build()
+    opt = Optimizers(model, OptimConfig(name="muon"), total_steps=5, device_type="cpu")
+    groups = param_groups(model, OptimConfig(name="muon"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = batch(0)
+    model(x, y).backward()
+    muon, adamw = opt.optimizers
+
+    muon.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(names(groups, "muon"))
+
+    adamw.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in model.named_parameters()}  # the learned QK gains moved too
+
+
+def test_one_muon_step_is_an_orthogonalised_update():
+    """One step from zero momentum moves W by lr * sqrt(max(1, A/B)) * NS5(G): the same singular vectors as
+    the gradient G, each singular value s mapped by the quintic iteration applied to s / ||G||_F."""
+    model = build()
+    cfg = OptimConfig(name="muon", muon_lr=0.02, muon_weight_decay=0.0)
+    opt = Optimizers(model, cfg, total_steps=5, device_type="cpu")
+    w = model.blocks[
+        0
+    ].mlp.up.weight  # (d_ff, d_model) = (64, 32): tall, so "original" scales the lr by sqrt(2)
+    before = w.detach().clone()
+    x, y = batch(0)
+    model(x, y).backward()
+    grad = w.grad.double()
+    opt.optimizers[0].step()
+    update = (before - w.detach()).double() / (0.02 * math.sqrt(64 / 32))
+
+    rank = x.numel()  # 24 tokens: the gradient has rank 24 < 32
+    s_grad = torch.linalg.svdvals(grad)[:rank]
+    expected = s_grad / grad.norm()
+    for _ in range(5):  # Keller Jordan's quintic coefficients, as in torch.optim.Muon
+        expected = 3.4445 * expected - 4.7750 * expected**3 + 2.0315 * expected**5
+    expected = expected.sort(descending=True).values  # the polynomial is not monotone on (0, 1)
+    s_update = torch.linalg.svdvals(update)[:rank]
+    assert torch.allclose(s_update, expected, atol=0.02)  # Newton-Schulz runs in bfloat16
+    assert 0.5 < s_update.min() and s_update.max() < 1.3  # roughly orthogonal, not exactly
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedules
+
+
+def test_constant_schedule():
+    cfg = OptimConfig(schedule="constant")
+    assert [lr_multiplier(s, 10, cfg) for s in (0, 5, 9, 10, 20)] == [1.0] * 5
+    warm = dataclasses.replace(cfg, warmup_frac=0.2)  # 2 warmup steps
+    assert [lr_multiplier(s, 10, warm) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_cosine_schedule_corners():
+    cfg = OptimConfig(schedule="cosine", warmup_frac=0.1, min_lr_frac=0.1)  # 10 warmup steps of 100
+    assert lr_multiplier(0, 100, cfg) == pytest.approx(0.1)  # (0 + 1) / 10: the first step moves
+    assert lr_multiplier(9, 100, cfg) == 1.0  # warmup ends at the peak
+    assert lr_multiplier(10, 100, cfg) == 1.0  # cosine starts at the peak
+    assert lr_multiplier(55, 100, cfg) == pytest.approx(0.55)  # halfway down: (1 + min) / 2
+    assert lr_multiplier(100, 100, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(1000, 100, cfg) == pytest.approx(0.1)  # clamped past the end
+    values = [lr_multiplier(s, 100, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    assert lr_multiplier(0, 100, dataclasses.replace(cfg, warmup_frac=0.0)) == 1.0
+
+
+def test_wsd_schedule_corners():
+    cfg = OptimConfig(schedule="wsd", warmup_frac=0.1, decay_frac=0.2, min_lr_frac=0.0)
+    total = 100  # warmup 0..9, stable 10..79, decay 80..99 -> 0 at 100
+    assert lr_multiplier(4, total, cfg) == pytest.approx(0.5)
+    assert (
+        lr_multiplier(10, total, cfg) == lr_multiplier(79, total, cfg) == lr_multiplier(80, total, cfg) == 1.0
+    )
+    assert lr_multiplier(90, total, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(99, total, cfg) == pytest.approx(0.05)
+    assert lr_multiplier(100, total, cfg) == 0.0
+    floor_ = dataclasses.replace(cfg, min_lr_frac=0.2)
+    assert lr_multiplier(90, total, floor_) == pytest.approx(0.6)
+    assert lr_multiplier(100, total, floor_) == pytest.approx(0.2)
+    no_decay = dataclasses.replace(cfg, decay_frac=0.0)
+    assert lr_multiplier(99, total, no_decay) == lr_multiplier(100, total, no_decay) == 1.0
+
+
+def test_schedule_rejects_bad_input():
+    with pytest.raises(ConfigError, match="optim.decay_frac"):
+        lr_multiplier(0, 10, OptimConfig(schedule="wsd", warmup_frac=0.5, decay_frac=0.6))
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_multiplier(0, 0, OptimConfig())
+    with pytest.raises(ValueError, match="step"):
+        lr_multiplier(-1, 10, OptimConfig())
+    with pytest.raises(TrainerError, match="optimizer steps"):
+        Optimizers(build(), OptimConfig(), total_steps=0, device_type="cpu")
+
+
+def test_set_lr_applies_the_schedule_to_every_group():
+    cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, schedule="cosine", warmup_frac=0.5, min_lr_frac=0.0)
+    opt = Optimizers(build(), cfg, total_steps=4, device_type="cpu")  # 2 warmup steps, then cosine over 2
+    assert opt.set_lr(0) == pytest.approx({"muon": 0.01, "adamw_decay": 5e-4, "adamw_no_decay": 5e-4})
+    assert opt.set_lr(3) == pytest.approx({"muon": 0.01, "adamw_decay": 5e-4, "adamw_no_decay": 5e-4})
+    lrs = opt.set_lr(2)
+    assert lrs == {"muon": 0.02, "adamw_decay": 1e-3, "adamw_no_decay": 1e-3}
+    assert [g["lr"] for o in opt.optimizers for g in o.param_groups] == [0.02, 1e-3, 1e-3]
+
+
+# ----------------------------------------------------------------------------------------------------
+# clipping
+
+
+def test_clip_grad_norm_returns_the_norm_before_clipping():
+    model = build()
+    x, y = batch(0)
+    model(x, y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads.values()))
+
+    assert clip_grad_norm(model, 0.0) == pytest.approx(norm, rel=1e-5)  # 0: measure only
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if p.grad is not None)
+
+    assert norm > 1e-3
+    assert clip_grad_norm(model, norm / 4) == pytest.approx(norm, rel=1e-5)
+    after = math.sqrt(
+        sum(p.grad.double().pow(2).sum().item() for p in model.parameters() if p.grad is not None)
+    )
+    assert after == pytest.approx(norm / 4, rel=1e-4)
+    with pytest.raises(ValueError):
+        clip_grad_norm(model, -1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume: state_dict round trip through safetensors + JSON, as the resume code stores it
+
+
+def _split(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """Replace every tensor by a reference into ``tensors``; the rest must be JSON-able as is."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {str(k): _split(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    assert obj is None or isinstance(obj, bool | int | float | str), f"{path}: {type(obj)} is not JSON-able"
+    return obj
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        return (
+            tensors[obj["__tensor__"]]
+            if set(obj) == {"__tensor__"}
+            else {k: _join(v, tensors) for k, v in obj.items()}
+        )
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def through_disk(sd: dict[str, Any]) -> dict[str, Any]:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_split(sd, tensors, "opt"))
+    return _join(json.loads(skeleton), load_safetensors(save_safetensors(tensors)))
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_state_dict_round_trip_gives_an_identical_next_step(name):
+    cfg = OptimConfig(name=name, schedule="cosine", warmup_frac=0.2, weight_decay=0.1, norm_weight_decay=0.05)
+    model = build()
+    opt = Optimizers(model, cfg, total_steps=10, device_type="cpu")
+    for step in range(3):
+        train_step(model, opt, step)
+
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = through_disk(opt.state_dict())
+
+    resumed = build(seed=123)  # different init: everything must come from the saved state
+    resumed.load_state_dict(saved_model)
+    resumed_opt = Optimizers(resumed, cfg, total_steps=10, device_type="cpu")
+    resumed_opt.load_state_dict(saved_opt)
+
+    for step in range(3, 5):
+        train_step(model, opt, step)
+        train_step(resumed, resumed_opt, step)
+    for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+
+    # without the optimizer state the same steps differ (the test can fail)
+    fresh = build(seed=123)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = Optimizers(fresh, cfg, total_steps=10, device_type="cpu")
+    for step in range(3, 5):
+        train_step(fresh, fresh_opt, step)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_state_dict_is_plain_data():
+    model = build()
+    opt = Optimizers(model, OptimConfig(name="muon"), total_steps=4, device_type="cpu")
+    train_step(model, opt, 0)
+    sd = opt.state_dict()
+    assert sd["kinds"] == ["Muon", "AdamW"]
+    _split(sd, {}, "opt")  # asserts every leaf is a tensor or a JSON scalar
+    muon_state = sd["optimizers"][0]
+    assert muon_state["param_groups"][0]["param_names"][0] == "blocks.0.attn.q_proj.weight"
+    assert all(set(s) == {"momentum_buffer"} for s in muon_state["state"].values())
+
+
+def test_load_state_dict_rejects_another_run():
+    model = build()
+    opt = Optimizers(model, OptimConfig(name="muon"), total_steps=4, device_type="cpu")
+    train_step(model, opt, 0)
+    adamw = Optimizers(build(), OptimConfig(name="adamw"), total_steps=4, device_type="cpu")
+    with pytest.raises(TrainerError, match="this run uses"):
+        adamw.load_state_dict(opt.state_dict())
+    other = Optimizers(build(dataclasses.replace(SMALL, mlp="swiglu")), OptimConfig(), 4, "cpu")
+    with pytest.raises(TrainerError, match="other parameters"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_adamw_on_cuda_and_resume_on_the_cpu():
+    model = build().cuda()
+    opt = Optimizers(model, OptimConfig(name="muon"), total_steps=6, device_type="cuda")
+    assert all(g["fused"] for g in opt.optimizers[-1].param_groups)
+    for step in range(2):
+        train_step(model, opt, step)
+    saved_model = {k: v.cpu() for k, v in model.state_dict().items()}
+    saved_opt = through_disk(opt.state_dict())
+
+    cpu_model = build(seed=1)
+    cpu_model.load_state_dict(saved_model)
+    cpu_opt = Optimizers(cpu_model, OptimConfig(name="muon"), total_steps=6, device_type="cpu")
+    cpu_opt.load_state_dict(saved_opt)
+    groups = cpu_opt.optimizers[-1].param_groups
+    assert all(g["foreach"] and not g["fused"] for g in groups)  # this machine's execution flags are kept
+    state = cpu_opt.optimizers[-1].state[cpu_model.embed.weight]
+    assert state["exp_avg"].device.type == "cpu" and state["step"].item() == 2
+    train_step(cpu_model, cpu_opt, 2)
+    train_step(model, opt, 2)
+    for a, b in zip(model.parameters(), cpu_model.parameters()):
+        assert torch.allclose(a.cpu(), b, atol=1e-3)  # the same step on two devices, up to bf16 Newton-Schulz
