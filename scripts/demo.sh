@@ -41,4 +41,3 @@ for run in "${runs[@]}"; do
 done
 
 collapse-spectra report "${runs[@]}" -o "$DEMO_DIR/report"
-echo "report: $DEMO_DIR/report/report.html"

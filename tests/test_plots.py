@@ -1,0 +1,177 @@
+"""Figures (spectra.plots): every figure has data on its axes, says what it shows, and refuses empty input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from test_stats import stack, synthetic_cube
+
+from spectra import plots
+from spectra.errors import SpectraError
+
+
+@pytest.fixture(scope="module")
+def cubes() -> xr.Dataset:
+    rank = np.array([7.0, 5.0, 4.0])[:, None, None]
+    return stack(
+        [
+            synthetic_cube("a1-s0", seed=0, rank=rank),
+            synthetic_cube("a1-s1", seed=1, rank=rank + 1),
+            synthetic_cube("a2-s0", qk_norm="none", rank=6.0),
+            synthetic_cube("c1-s0", data="bible-bbe", rank=3.0),
+            synthetic_cube("c2-s0", data="bible-kjv", rank=5.0),
+            synthetic_cube("fz-s0", qk_norm="frozen", rank=2.0),
+        ]
+    )
+
+
+def surgery_result(run_name: str = "a1-s0", gamma_applicable: bool = True) -> xr.Dataset:
+    fractions = np.array([0.0, 0.25, 0.5, 0.75])
+    seeds = np.arange(3)
+    first_only = np.where(seeds[None, :] == 0, 1.0, np.nan)
+    gamma = (4.0 + 2.0 * fractions)[:, None] * first_only
+    if not gamma_applicable:
+        gamma = np.full_like(gamma, np.nan)
+    svd = (4.0 + 1.0 * fractions)[:, None] * first_only
+    random = (4.0 + 3.0 * fractions)[:, None] + np.array([-0.1, 0.0, 0.1])[None, :]
+    return xr.Dataset(
+        {
+            "loss": (
+                ("strategy", "fraction", "seed"),
+                np.stack([gamma, svd, random]),
+                {"units": "nats/token"},
+            ),
+            "baseline_loss": ((), 4.0, {"units": "nats/token"}),
+        },
+        coords={"strategy": ["gamma", "svd", "random"], "fraction": fractions, "seed": seeds},
+        attrs={
+            "run_name": run_name,
+            "qk_norm": "learned" if gamma_applicable else "none",
+            "optimizer": "muon",
+            "step": 20,
+            "tokens": 20_000,
+            "checkpoint": f"runs/{run_name}/checkpoints/tokens_000000020000.safetensors",
+            "layers": "0,1",
+            "test_tokens": 4096,
+            "gamma_status": "ok" if gamma_applicable else "model has no QK-norm",
+        },
+    )
+
+
+def assert_readable(fig) -> None:
+    """Every visible axes holds data, and the figure says what it shows."""
+    assert fig._suptitle is not None and fig._suptitle.get_text().strip()
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert visible
+    for ax in visible:
+        assert ax.lines or ax.collections or ax.images, f"empty axes {ax}"
+    assert any(ax.get_xlabel().strip() for ax in visible), "no labelled x axis"
+    assert any(ax.get_ylabel().strip() for ax in visible), "no labelled y axis"
+
+
+@pytest.mark.parametrize(
+    "kind", ["trajectory", "waterfall", "data-complexity", "gamma", "loss", "pr-vs-loss"]
+)
+def test_every_cube_figure_has_data(cubes, kind):
+    fig = plots.PLOTTERS[kind](cubes)
+    assert_readable(fig)
+
+
+def test_heatmap_of_one_run_has_an_image_of_layers_by_checkpoints(cubes):
+    fig = plots.heatmap(cubes, run="a1-s0", convention="eig", site="rope")
+    assert_readable(fig)
+    mesh = fig.axes[0].collections[0]
+    assert mesh.get_array().shape == (2, 3)  # (layer, checkpoint)
+    assert np.allclose(mesh.get_array()[:, -1], 4.0)
+    assert "site rope" in fig._suptitle.get_text() and "eigenvalue" in fig._suptitle.get_text()
+
+
+def test_heatmap_needs_a_run_when_there_are_several(cubes):
+    with pytest.raises(SpectraError, match="choose one with run="):
+        plots.heatmap(cubes)
+    with pytest.raises(SpectraError, match="run 'nope' not found"):
+        plots.heatmap(cubes, run="nope")
+
+
+def test_trajectory_lines_are_seed_means(cubes):
+    fig = plots.trajectory(cubes.sel(run=["a1-s0", "a1-s1"]))
+    ys = [line.get_ydata() for line in fig.axes[0].lines if len(line.get_ydata()) == 3]
+    assert any(np.allclose(y, [7.5, 5.5, 4.5]) for y in ys)  # mean of the two seeds at each checkpoint
+
+
+def test_waterfall_of_one_layer(cubes):
+    fig = plots.waterfall(cubes, layer=1)
+    assert_readable(fig)
+    assert "layer 1" in fig._suptitle.get_text()
+    with pytest.raises(SpectraError, match="layer 7 not in the cubes"):
+        plots.waterfall(cubes, layer=7)
+
+
+def test_surgery_curves_one_line_per_strategy_with_a_band_for_random():
+    fig = plots.surgery_curves([surgery_result("a1-s0"), surgery_result("a2-s0", gamma_applicable=False)])
+    assert_readable(fig)
+    first, second = fig.axes[0], fig.axes[1]
+    # svd, gamma, random, then the baseline
+    assert len(first.lines) == 4 and len(second.lines) == 3
+    assert np.allclose(first.lines[0].get_ydata(), 4.0 + np.array([0.0, 0.25, 0.5, 0.75]))
+    assert len(first.collections) == 1  # the random band
+    assert "not applicable (model has no QK-norm)" in second.get_title()
+
+
+def test_surgery_without_any_finite_loss_is_an_error():
+    empty = surgery_result()
+    empty["loss"][:] = np.nan
+    with pytest.raises(SpectraError, match="no finite loss"):
+        plots.surgery_curves(empty)
+    with pytest.raises(SpectraError, match="surgery schema"):
+        plots.surgery_curves(empty.drop_vars("baseline_loss"))
+
+
+def test_data_complexity_without_the_pair_says_why(cubes):
+    with pytest.raises(SpectraError, match="missing: C2"):
+        plots.data_complexity(cubes.sel(run=["a1-s0", "c1-s0"]))
+    # the override makes a standard dataset the complex one
+    fig = plots.data_complexity(cubes.sel(run=["a1-s0", "c1-s0"]), complex_data=["bible-mix"])
+    assert_readable(fig)
+
+
+def test_gamma_without_a_learned_gamma_says_why(cubes):
+    with pytest.raises(SpectraError, match="a2-s0: no QK-norm; fz-s0: gamma frozen"):
+        plots.gamma_scatter(cubes.sel(run=["a2-s0", "fz-s0"]))
+
+
+def test_empty_trajectory_is_an_error(cubes):
+    with pytest.raises(SpectraError, match="nothing to plot for the trajectory figure"):
+        plots.trajectory(cubes.sel(run=["a2-s0"]), site="unit")  # no unit site without QK-norm
+
+
+def test_save_figure_writes_png_and_svg(tmp_path, cubes):
+    fig = plots.loss_curves(cubes)
+    written = plots.save_figure(fig, tmp_path / "sub" / "loss.svg")
+    assert [p.name for p in written] == ["loss.png", "loss.svg"]
+    assert written[0].read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in written[1].read_bytes()[:500]
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == [
+        "loss.png",
+        "loss.svg",
+    ]  # no temporaries left
+    with pytest.raises(SpectraError, match="ending in .png or .svg"):
+        plots.save_figure(fig, tmp_path / "loss.pdf")
+
+
+def test_format_tokens():
+    assert [plots.format_tokens(n) for n in (0, 500, 65_536, 1_500_000, 25_000_000)] == [
+        "0",
+        "500",
+        "65.5k",
+        "1.5M",
+        "25M",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["trajectory", "waterfall", "gamma", "pr-vs-loss"])
+def test_query_figures(cubes, kind):
+    fig = plots.PLOTTERS[kind](cubes.sel(run=["a1-s0", "a2-s0"]), which="q")
+    assert_readable(fig)
+    assert "quer" in fig._suptitle.get_text()

@@ -1,0 +1,375 @@
+"""Statistics across heads, seeds and configurations (spectra.stats), on constructed cubes with known answers.
+
+``synthetic_cube`` builds a cube exactly per docs/cube.md; the gamma, plot and report tests import it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import xarray as xr
+
+from spectra import stats
+from spectra.cube_io import open_cubes
+from spectra.errors import SpectraError
+
+SITES = ("proj", "unit", "normed", "rope")
+CENTERINGS = ("uncentered", "centered")
+
+
+def flat_spectrum(rank: float, head_dim: int) -> np.ndarray:
+    """Singular values whose singular-value participation ratio is exactly ``rank`` when it is an integer.
+
+    ``floor(rank)`` ones, then the fractional part as one extra smaller value; the rest zeros.
+    """
+    s = np.zeros(head_dim)
+    whole = int(math.floor(rank))
+    s[:whole] = 1.0
+    if whole < head_dim and rank > whole:
+        s[whole] = rank - whole
+    return s
+
+
+def synthetic_cube(
+    run_name: str = "A1-s0",
+    *,
+    qk_norm: str = "learned",
+    optimizer: str = "muon",
+    seed: int = 0,
+    data: str = "bible-mix",
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int = 8,
+    steps: tuple[int, ...] = (0, 10, 20),
+    tokens_per_step: int = 1000,
+    rank: float | np.ndarray = 4.0,
+    gamma: np.ndarray | None = None,
+    energy: np.ndarray | None = None,
+) -> xr.Dataset:
+    """A cube per docs/cube.md with known spectra.
+
+    ``rank`` is the singular-value PR of every key and query head at every site and centring: a
+    scalar, or an array (step, layer, kv_head) for the keys. ``gamma`` (step, layer, dim) defaults to 1 at
+    step 0 then a spread that grows with the step (learned), 1 (frozen) or NaN (none). ``energy``
+    (step, layer, kv_head, dim) at site ``unit`` defaults to random positive values; ``normed`` is
+    ``gamma² × unit``.
+    """
+    rng = np.random.default_rng(seed + 17)
+    S, L, H, Hkv, D = len(steps), n_layers, n_heads, n_kv_heads, head_dim
+    k_rank = np.broadcast_to(np.asarray(rank, dtype=np.float64), (S, L, Hkv))
+    k_sv = np.empty((S, L, Hkv, 4, 2, D))
+    for idx in np.ndindex(S, L, Hkv):
+        k_sv[idx] = flat_spectrum(k_rank[idx], D)  # same at every site and centring
+    q_sv = np.repeat(k_sv[:, :, :1], H, axis=2)
+    if gamma is None:
+        if qk_norm == "learned":
+            spread = np.linspace(0.2, 1.8, D)
+            gamma = np.stack([np.ones(D) + (s / max(steps)) * (spread - 1) for s in steps])
+            gamma = np.repeat(gamma[:, None, :], L, axis=1)
+        elif qk_norm == "frozen":
+            gamma = np.ones((S, L, D))
+        else:
+            gamma = np.full((S, L, D), np.nan)
+    if energy is None:
+        energy = rng.uniform(0.5, 1.5, size=(S, L, Hkv, D))
+    k_energy = np.empty((S, L, Hkv, 4, D))
+    k_energy[:, :, :, 0] = energy * 3.0  # proj: an arbitrary scale
+    k_energy[:, :, :, 1] = energy if qk_norm != "none" else np.nan
+    k_energy[:, :, :, 2] = energy * gamma[:, :, None, :] ** 2 if qk_norm != "none" else energy * 3.0
+    k_energy[:, :, :, 3] = k_energy[:, :, :, 2]
+    q_energy = np.repeat(k_energy[:, :, :1], H, axis=2)
+    if qk_norm == "none":
+        k_sv[:, :, :, 1] = np.nan
+        q_sv[:, :, :, 1] = np.nan
+    tokens = np.asarray(steps, dtype=np.int64) * tokens_per_step
+    val = 8.0 - 0.1 * np.arange(S) - 0.01 * seed
+    train = val + 0.05
+    train[0] = np.nan
+    u = {"units": "1"}
+    ds = xr.Dataset(
+        {
+            "q_sv": (
+                ("step", "layer", "head", "site", "centering", "sv"),
+                q_sv,
+                {"long_name": "query singular values", "units": "activation units"},
+            ),
+            "k_sv": (
+                ("step", "layer", "kv_head", "site", "centering", "sv"),
+                k_sv,
+                {"long_name": "key singular values", "units": "activation units"},
+            ),
+            "wq_sv": (
+                ("step", "layer", "head", "sv"),
+                q_sv[:, :, :, 0, 0],
+                {"long_name": "W_q singular values", **u},
+            ),
+            "wk_sv": (
+                ("step", "layer", "kv_head", "sv"),
+                k_sv[:, :, :, 0, 0],
+                {"long_name": "W_k singular values", **u},
+            ),
+            "q_gamma": (("step", "layer", "dim"), gamma.copy(), {"long_name": "query QK-norm gain", **u}),
+            "k_gamma": (("step", "layer", "dim"), gamma.copy(), {"long_name": "key QK-norm gain", **u}),
+            "q_energy": (
+                ("step", "layer", "head", "site", "dim"),
+                q_energy,
+                {"long_name": "query coordinate energy", "units": "activation units^2"},
+            ),
+            "k_energy": (
+                ("step", "layer", "kv_head", "site", "dim"),
+                k_energy,
+                {"long_name": "key coordinate energy", "units": "activation units^2"},
+            ),
+            "train_loss": (("step",), train, {"long_name": "training loss", "units": "nats/token"}),
+            "val_loss": (("step",), val, {"long_name": "validation loss", "units": "nats/token"}),
+        },
+        coords={
+            "step": (
+                "step",
+                np.asarray(steps, dtype=np.int64),
+                {"long_name": "optimizer step", "units": "1"},
+            ),
+            "tokens": ("step", tokens, {"long_name": "training tokens", "units": "tokens"}),
+            "layer": ("layer", np.arange(L), {"long_name": "layer", **u}),
+            "head": ("head", np.arange(H), {"long_name": "query head", **u}),
+            "kv_head": ("kv_head", np.arange(Hkv), {"long_name": "key/value head", **u}),
+            "site": ("site", list(SITES), {"long_name": "read-out site"}),
+            "centering": ("centering", list(CENTERINGS), {"long_name": "centring"}),
+            "sv": ("sv", np.arange(D), {"long_name": "singular value index", **u}),
+            "dim": ("dim", np.arange(D), {"long_name": "coordinate within a head", **u}),
+        },
+        attrs={
+            "Conventions": "CF-1.10",
+            "title": f"synthetic cube {run_name}",
+            "history": "built by tests",
+            "source": "tests",
+            "format": "collapse-spectra-cube",
+            "format_version": "1",
+            "run_name": run_name,
+            "qk_norm": qk_norm,
+            "optimizer": optimizer,
+            "seed": seed,
+            "data": data,
+            "model_config": json.dumps(
+                {"n_layers": L, "n_heads": H, "n_kv_heads": Hkv, "head_dim": D, "qk_norm": qk_norm}
+            ),
+            "run_config": json.dumps(
+                {"name": run_name, "optim": {"name": optimizer}, "train": {"seed": seed}}
+            ),
+            "eval_batch_sha256": "0" * 64,
+            "eval_batch_shape": "4,32",
+            "drop_first": 0,
+            "n_tokens": 128,
+            "train_tokens": int(tokens[-1]),
+            "versions": json.dumps({"numpy": np.__version__}),
+        },
+    )
+    return ds
+
+
+def write_cube(ds: xr.Dataset, path: Path) -> Path:
+    """Write a synthetic cube as NetCDF4 the way the extractor does (zlib-compressed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_netcdf(path, engine="netcdf4", encoding={v: {"zlib": True} for v in ds.data_vars})
+    return path
+
+
+def stack(cubes: list[xr.Dataset]) -> xr.Dataset:
+    """Stack cubes along ``run`` through the real reader: write each, then ``open_cubes``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [write_cube(c, Path(tmp) / f"{i}" / "spectra.nc") for i, c in enumerate(cubes)]
+        return open_cubes(paths)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_data_class_heuristic_and_overrides():
+    assert stats.data_class("data/bible-bbe") == "simple"
+    assert stats.data_class("bible-kjv/") == "complex"
+    assert stats.data_class("cosmo-simple") == "simple"
+    assert stats.data_class("complex-tech") == "complex"
+    assert stats.data_class("bible-mix") == "standard"
+    assert stats.data_class("bbe-kjv-mix") == "standard"  # both subsets: neither
+    assert stats.data_class("fineweb", simple_data=["fineweb"]) == "simple"
+    assert stats.data_class("runs/x/bible-kjv", simple_data=["bible-kjv"]) == "simple"  # override wins
+    with pytest.raises(SpectraError, match="both as simple and as complex"):
+        stats.data_class("d", simple_data=["d"], complex_data=["d"])
+
+
+def test_configuration_labels_cover_the_plan_and_extras():
+    assert stats.configuration_label("learned", "muon", "standard") == "A1"
+    assert stats.configuration_label("none", "muon", "standard") == "A2"
+    assert stats.configuration_label("learned", "adamw", "standard") == "B1"
+    assert stats.configuration_label("none", "adamw", "standard") == "B2"
+    assert stats.configuration_label("learned", "muon", "simple") == "C1"
+    assert stats.configuration_label("learned", "muon", "complex") == "C2"
+    extra = stats.configuration_label("frozen", "muon", "standard")
+    assert extra.startswith("extra:") and "frozen" in extra
+
+
+def test_plan_coverage_lists_present_missing_and_extra():
+    ds = stack(
+        [
+            synthetic_cube("a1-s0", seed=0),
+            synthetic_cube("a1-s1", seed=1),
+            synthetic_cube("a2-s0", qk_norm="none"),
+            synthetic_cube("fz-s0", qk_norm="frozen"),
+        ]
+    )
+    cov = stats.plan_coverage(stats.run_table(ds)).set_index("label")
+    assert cov.loc["A1", "status"] == "present" and cov.loc["A1", "n_seeds"] == 2
+    assert cov.loc["A2", "status"] == "present"
+    assert (cov.loc[["B1", "B2", "C1", "C2"], "status"] == "missing").all()
+    extras = cov[cov["status"] == "extra"]
+    assert len(extras) == 1 and extras["runs"].iloc[0] == "fz-s0"
+
+
+def test_run_summaries_mean_and_ci_over_heads():
+    # heads with PR 2, 4, 6, 8 at the final step: mean 5, CI inside [2, 8]
+    rank = np.zeros((2, 2, 2))
+    rank[-1] = [[2.0, 4.0], [6.0, 8.0]]
+    rank[0] = 8.0
+    summary = stats.run_summaries(synthetic_cube(rank=rank, steps=(0, 10)), n_resamples=2000).iloc[0]
+    assert summary["mean"] == pytest.approx(5.0)
+    assert 2.0 <= summary["ci_low"] < 5.0 < summary["ci_high"] <= 8.0
+    assert summary["n_heads"] == 4 and summary["step"] == 10 and summary["label"] == "A1"
+
+
+def test_final_checkpoint_is_each_runs_own_last_step():
+    short = synthetic_cube("a1-s0", steps=(0, 10), rank=3.0)
+    long = synthetic_cube("a1-s1", seed=1, steps=(0, 10, 20), rank=np.array([7.0, 7.0, 5.0])[:, None, None])
+    s = stats.run_summaries(stack([short, long]), n_resamples=200).set_index("run")
+    assert s.loc["a1-s0", "step"] == 10 and s.loc["a1-s0", "mean"] == pytest.approx(3.0)
+    assert s.loc["a1-s1", "step"] == 20 and s.loc["a1-s1", "mean"] == pytest.approx(5.0)
+
+
+def test_compare_groups_clear_difference_gives_small_p():
+    a = [10.0, 10.5, 11.0, 10.2]
+    b = [20.0, 20.4, 21.0, 20.6]
+    c = stats.compare_groups(a, b, name_a="A1", name_b="A2", n_resamples=2000)
+    assert c.diff == pytest.approx(np.mean(a) - np.mean(b))
+    assert c.welch_p < 1e-4
+    assert c.mwu_p == pytest.approx(2 / 70)  # exact two-sided p for complete separation, 4 vs 4
+    assert c.diff_ci_low <= c.diff <= c.diff_ci_high < 0
+    assert "A1 lower than A2" in c.reading and c.note == ""
+
+
+def test_compare_groups_identical_groups_give_p_near_one():
+    c = stats.compare_groups([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], n_resamples=2000)
+    assert c.diff == 0.0
+    assert c.welch_p == pytest.approx(1.0)
+    assert c.mwu_p == pytest.approx(1.0)
+    assert "no difference detected" in c.reading
+
+
+def test_compare_groups_two_seeds_welch_only():
+    c = stats.compare_groups([1.0, 1.2], [3.0, 3.3], n_resamples=500)
+    assert not math.isnan(c.welch_p) and math.isnan(c.mwu_p)
+    assert "Mann-Whitney U needs >= 3 seeds" in c.note
+
+
+def test_compare_groups_single_seed_says_so_plainly():
+    c = stats.compare_groups([30.0], [51.0], name_a="A1", name_b="A2")
+    assert c.diff == pytest.approx(-21.0)
+    assert math.isnan(c.welch_p) and math.isnan(c.mwu_p) and math.isnan(c.diff_ci_low)
+    assert c.note == stats.ONE_SEED_SENTENCE
+    assert c.tests == "none"
+    one_side = stats.compare_groups([30.0], [51.0, 50.0], name_a="A1", name_b="A2")
+    assert one_side.note.startswith("n=1 seed for A1: no test across seeds is possible")
+
+
+def test_compare_configurations_over_planned_pairs():
+    cubes = [synthetic_cube(f"a1-s{s}", seed=s, rank=3.0 + s) for s in range(3)]
+    cubes += [synthetic_cube(f"a2-s{s}", seed=s, qk_norm="none", rank=6.0 + s) for s in range(3)]
+    cubes += [synthetic_cube("b1-s0", optimizer="adamw", rank=2.0)]
+    summaries = stats.run_summaries(stack(cubes), n_resamples=200)
+    table = stats.compare_configurations(summaries, n_resamples=500).set_index("pair")
+    assert table.loc["A1 vs A2", "diff"] == pytest.approx(-3.0)
+    # t = -3 / sqrt(1/3 + 1/3) with 4 degrees of freedom (equal variances, so Welch's df = 4)
+    t = -3.0 / math.sqrt(2 / 3)
+    assert table.loc["A1 vs A2", "welch_t"] == pytest.approx(t)
+    assert table.loc["A1 vs A2", "welch_p"] == pytest.approx(2 * scipy.stats.t.sf(abs(t), df=4))
+    assert table.loc["A1 vs A2", "mwu_p"] == pytest.approx(0.1)  # exact: complete separation, 3 vs 3
+    assert table.loc["A1 vs B1", "n_b"] == 1
+    assert "n=1 seed for B1" in table.loc["A1 vs B1", "note"]
+    assert table.loc["C1 vs C2", "reading"] == "not possible: C1 and C2 not among the runs"
+
+
+def test_configuration_summaries_one_and_many_seeds():
+    cubes = [synthetic_cube(f"a1-s{s}", seed=s, rank=3.0 + s) for s in range(3)]
+    cubes += [synthetic_cube("a2-s0", qk_norm="none", rank=6.0)]
+    conf = stats.configuration_summaries(stats.run_summaries(stack(cubes), n_resamples=200), n_resamples=500)
+    conf = conf.set_index("label")
+    assert conf.loc["A1", "mean"] == pytest.approx(4.0) and conf.loc["A1", "n_seeds"] == 3
+    assert conf.loc["A1", "sd"] == pytest.approx(1.0)
+    assert 3.0 <= conf.loc["A1", "ci_low"] < 4.0 < conf.loc["A1", "ci_high"] <= 5.0
+    assert math.isnan(conf.loc["A2", "ci_low"]) and "one seed" in conf.loc["A2", "note"]
+
+
+def test_sensitivity_table_rows_are_variants_and_shows_a_sign_flip():
+    # A1 lower than A2 at site proj, higher at rope: the table must show the flip
+    a1 = synthetic_cube("a1", rank=3.0)
+    a2 = synthetic_cube("a2", qk_norm="none", rank=5.0)
+    a1["k_sv"].loc[{"site": "rope"}] = flat_spectrum(7.0, 8)
+    table = stats.sensitivity_table(stack([a1, a2]))
+    assert len(table) == 4 * 2 * 2
+    assert list(table.columns) == ["site", "convention", "centering", "A1 vs A2"]
+    row = table.set_index(["site", "convention", "centering"])["A1 vs A2"]
+    assert row[("proj", "sv", "uncentered")] == pytest.approx(-2.0)
+    assert row[("rope", "sv", "uncentered")] == pytest.approx(2.0)
+    assert math.isnan(row[("unit", "sv", "centered")])  # A2 has no unit site
+
+
+def test_sensitivity_table_without_pairs_shows_configuration_means():
+    table = stats.sensitivity_table(stats.as_runs(synthetic_cube("a1", rank=3.0)))
+    assert "A1" in table.columns and table["A1"].iloc[0] == pytest.approx(3.0)
+
+
+def test_checkpoint_table_has_both_conventions_and_only_measured_steps():
+    short = synthetic_cube("a1-s0", steps=(0, 10), rank=4.0)
+    long = synthetic_cube("a1-s1", seed=1, steps=(0, 10, 20), rank=4.0)
+    table = stats.checkpoint_table(stack([short, long]))
+    assert len(table) == 5
+    assert np.allclose(table["pr_sv"], 4.0) and np.allclose(table["pr_eig"], 4.0)  # flat spectra: both = 4
+    assert set(table.columns) >= {"run", "label", "tokens", "pr_sv", "pr_eig", "val_loss", "train_loss"}
+    assert table.loc[table["run"] == "a1-s1", "tokens"].tolist() == [0, 10_000, 20_000]
+
+
+def test_bad_choices_raise():
+    ds = synthetic_cube()
+    with pytest.raises(SpectraError, match="site must be one of"):
+        stats.head_pr(ds, site="post")
+    with pytest.raises(SpectraError, match="convention"):
+        stats.head_pr(ds, convention="pr2")
+    with pytest.raises(SpectraError, match="which must be"):
+        stats.head_pr(ds, which="v")
+    with pytest.raises(SpectraError, match="lacks the global attributes"):
+        stats.as_runs(ds.drop_attrs())
+
+
+def test_bootstrap_ci_edge_cases():
+    assert stats.bootstrap_mean_ci(np.array([2.0, 2.0, 2.0])) == (2.0, 2.0, 2.0)
+    m, lo, hi = stats.bootstrap_mean_ci(np.array([5.0, np.nan]))
+    assert m == 5.0 and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(x) for x in stats.bootstrap_mean_ci(np.array([np.nan])))
+    # fixed seed: the same interval twice
+    v = np.arange(10.0)
+    assert stats.bootstrap_mean_ci(v, n_resamples=300) == stats.bootstrap_mean_ci(v, n_resamples=300)
+
+
+def test_run_table_columns():
+    t = stats.run_table(
+        stack([synthetic_cube("c1", data="bible-bbe"), synthetic_cube("c2", data="bible-kjv")])
+    )
+    assert isinstance(t, pd.DataFrame)
+    assert t.set_index("run")["label"].to_dict() == {"c1": "C1", "c2": "C2"}
+    assert t["final_tokens"].tolist() == [20_000, 20_000]
