@@ -1,4 +1,4 @@
-"""Shared pieces of the two command-line programs: error handling and shared options."""
+"""Shared pieces of the two command-line programs: error handling."""
 
 from __future__ import annotations
 
@@ -7,19 +7,25 @@ import sys
 
 import click
 
-from spectra.errors import SpectraError
 from trainer.errors import TrainerError
 
 # Bad input is reported as one line naming the problem and exit status 1; anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     TrainerError,
-    SpectraError,
     FileNotFoundError,
     FileExistsError,
     PermissionError,
     IsADirectoryError,
+    NotADirectoryError,
 )
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    # SpectraError exists only once spectra is imported; importing it here would load xarray into every
+    # collapse-train command (and every DDP worker) for nothing
+    spectra_errors = sys.modules.get("spectra.errors")
+    return EXPECTED_ERRORS + ((spectra_errors.SpectraError,) if spectra_errors else ())
 
 
 def reports_errors(func):
@@ -29,14 +35,13 @@ def reports_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except EXPECTED_ERRORS as e:
-            raise click.ClickException(str(e)) from e
-        except OSError as e:  # unwritable output, full disk: name the file
+        except Exception as e:
+            if isinstance(e, _expected_errors()):
+                raise click.ClickException(str(e)) from e
+            if not isinstance(e, OSError):
+                raise
+            # unwritable output, full disk: name the file
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{e.strerror or e}{where}") from e
 
     return wrapper
-
-
-def echo_err(msg: str) -> None:
-    click.echo(msg, err=True, file=sys.stderr)

@@ -16,6 +16,8 @@ key                    value
 ``tokens``             training tokens consumed (all processes together)
 ``eval_batch_sha256``  sha256 of the dataset's ``eval_batch.safetensors`` ``input_ids``
 ``dataset``            JSON: dataset directory name, its sources and tokenizer (from ``meta.json``)
+``data_dir``           absolute path of the dataset directory at training time
+``seed``               the run's seed
 ``train_loss``         mean training loss over the last log window (``nan`` at step 0)
 ``val_loss``           loss on the fixed validation slice at this checkpoint
 ``versions``           JSON: torch, python, package versions

@@ -1,0 +1,377 @@
+"""Resume state: pickle-free round trips, bit-identical continuation after SIGKILL, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import trainer.checkpoint as checkpoint_mod
+from trainer.checkpoint import list_checkpoints
+from trainer.config import load_config
+from trainer.data import TokenDataset, prepare_data
+from trainer.model import LLM
+from trainer.optim import Optimizers
+from trainer.resume import (
+    ResumeError,
+    capture_rng,
+    flatten_state,
+    list_resume_states,
+    load_resume_state,
+    restore_rng,
+    save_resume_state,
+    unflatten_state,
+)
+from trainer.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+WORDS = (
+    "in the beginning was light and water over land where people built a city of stone by the river "
+    "then came night and fire and bread was given to all who walked far before the old king spoke"
+).split()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume-data")
+    rng = random.Random(1)
+    text = "\n\n".join(  # blank-line-separated paragraphs are the documents
+        " ".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+            for _ in range(5)
+        )
+        for _ in range(1200)
+    )
+    (root / "corpus.txt").write_text(text + "\n")
+    return Path(
+        prepare_data(
+            root / "data",
+            [str(root / "corpus.txt")],
+            vocab_size=320,
+            eval_seqs=2,
+            eval_seq_len=32,
+            progress=False,
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def overrides(data_dir) -> list[str]:
+    vocab = TokenDataset.open(data_dir).vocab_size
+    return [
+        f"model.vocab_size={vocab}",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.n_kv_heads=1",
+        "model.d_ff=64",
+        "model.context_length=32",
+        "optim.schedule='cosine'",  # the learning rate changes every step, so a wrong step would show
+        "optim.warmup_frac=0.2",
+        "train.tokens=1536",  # 12 steps of 128 tokens
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.val_tokens=256",
+        "train.log_every=1",
+        "train.resume_every=4",
+        "train.milestones='list'",
+        "train.milestone_tokens=[640]",  # checkpoints at steps 0, 5, 12
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Same thread count as the killed subprocess (OMP_NUM_THREADS=1), so float sums agree bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, data_dir, overrides) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("ref") / "run"
+        train(load_config("tiny", overrides), data_dir, out, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def small_model_and_optim(name: str = "muon") -> tuple[LLM, Optimizers]:
+    cfg = load_config(
+        "tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", f"optim.name={name}"]
+    )
+    torch.manual_seed(0)
+    model = LLM(cfg.model)
+    opt = Optimizers(model, cfg.optim, total_steps=10, device_type="cpu")
+    return model, opt
+
+
+def take_step(model: LLM, opt: Optimizers, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, 64, (2, 9), generator=g)
+    opt.set_lr(step)
+    model(x[:, :-1], x[:, 1:]).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+# ----------------------------------------------------------------------------------------------------
+# pickle-free state
+
+
+def test_flatten_round_trip_of_nested_state():
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.arange(6.0).view(2, 3).t()}},
+        "param_groups": [
+            {"betas": (0.9, 0.95), "params": [0, 1], "name": "adamw", "lr": 1e-3, "fused": None}
+        ],
+    }
+    skeleton, tensors = flatten_state(state)
+    skeleton = json.loads(json.dumps(skeleton))  # it must survive JSON
+    back = unflatten_state(skeleton, tensors)
+    assert list(back["state"]) == [0]  # int keys stay ints
+    assert back["param_groups"][0]["betas"] == (0.9, 0.95)  # tuples stay tuples
+    assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert back["param_groups"] == state["param_groups"]
+    with pytest.raises(TypeError, match="pickle"):
+        flatten_state({"x": object()})
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_optimizer_state_round_trip_continues_identically(tmp_path, name):
+    model, opt = small_model_and_optim(name)
+    for s in range(3):
+        take_step(model, opt, s)
+    cfg = load_config(
+        "tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", f"optim.name={name}"]
+    )
+    save_resume_state(
+        tmp_path, step=3, tokens=48, cfg=cfg, world_size=1, model=model, optimizers=opt, metrics={"k": [1.5]}
+    )
+    state = load_resume_state(tmp_path, cfg, world_size=1)
+    assert state.step == 3 and state.tokens == 48 and state.metrics == {"k": [1.5]}
+
+    model2, opt2 = small_model_and_optim(name)
+    state.restore(model2, opt2)
+    for s in range(3, 6):
+        take_step(model, opt, s)
+        take_step(model2, opt2, s)
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_rng_round_trip():
+    tensors, states = capture_rng()
+    states = json.loads(json.dumps(states))
+    expected = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002 - the global state
+    restore_rng(tensors, states)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])  # noqa: NPY002
+    assert random.random() == expected[2]
+
+
+def test_only_complete_states_are_listed_and_older_ones_are_pruned(tmp_path):
+    model, opt = small_model_and_optim()
+    cfg = load_config("tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1"])
+    stale = tmp_path / "resume" / ".tmp-step_00000009-dead"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    for step in (2, 4):
+        save_resume_state(
+            tmp_path, step=step, tokens=step, cfg=cfg, world_size=1, model=model, optimizers=opt, metrics={}
+        )
+    assert [s for s, _ in list_resume_states(tmp_path)] == [4]
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["step_00000004"]
+    manifest = json.loads((tmp_path / "resume" / "step_00000004" / "manifest.json").read_text())
+    assert manifest["format"] == "collapse-resume" and manifest["step"] == 4 and manifest["world_size"] == 1
+
+
+def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path):
+    model, opt = small_model_and_optim()
+    cfg = load_config("tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1"])
+    save_resume_state(
+        tmp_path, step=1, tokens=1, cfg=cfg, world_size=1, model=model, optimizers=opt, metrics={}
+    )
+    other = load_config(
+        "tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "optim.lr=0.1"]
+    )
+    with pytest.raises(ResumeError, match=r"optim\.lr: 0\.003 \(saved\) != 0\.1 \(now\)"):
+        load_resume_state(tmp_path, other, world_size=1)
+    with pytest.raises(ResumeError, match="2 process"):
+        load_resume_state(_with_world_size(tmp_path, 2), cfg, world_size=1)
+
+
+def _with_world_size(run_dir: Path, n: int) -> Path:
+    manifest = run_dir / "resume" / "step_00000001" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["world_size"] = n
+    manifest.write_text(json.dumps(data))
+    return run_dir
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path, data_dir, overrides):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ResumeError, match="no complete resume state"):
+        train(load_config("tiny", overrides), data_dir, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ResumeError, match="does not exist"):
+        train(load_config("tiny", overrides), data_dir, tmp_path / "absent", resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kill and resume: bit-identical final weights
+
+LAUNCHER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    import trainer.resume as resume_mod
+    import trainer.train as train_mod
+    from trainer.config import load_config
+
+    data_dir, out, kill_at, *overrides = sys.argv[1:]
+    kind, where = kill_at.split(":")
+    if kind == "after-log":  # SIGKILL right after the metrics line of step N is flushed
+        log = train_mod.MetricsLogger.log
+        def log_then_die(self, record):
+            log(self, record)
+            if record.get("kind") == "train" and record["step"] == int(where):
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_mod.MetricsLogger.log = log_then_die
+    elif kind == "mid-resume-write":  # SIGKILL after the first file of the N-th resume state
+        save = resume_mod.save_file
+        count = {"states": 0}
+        def save_then_die(tensors, path, *args, **kwargs):
+            save(tensors, path, *args, **kwargs)
+            if path.endswith("model.safetensors"):
+                count["states"] += 1
+                if count["states"] == int(where):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        resume_mod.save_file = save_then_die
+    train_mod.train(load_config("tiny", overrides), data_dir, out, progress=False)
+    """
+)
+
+
+def run_until_killed(tmp_path: Path, data_dir: Path, out: Path, kill_at: str, overrides: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(data_dir), str(out), kill_at, *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "resumed_from"),
+    [
+        ("after-log:6", 5),  # states at 0, 4, 5 (checkpoint); lines for step 6 must be dropped
+        ("mid-resume-write:3", 4),  # the state of step 5 is half-written: resume from 4
+    ],
+)
+def test_kill_then_resume_is_bit_identical(
+    tmp_path, data_dir, overrides, uninterrupted, kill_at, resumed_from
+):
+    out = tmp_path / "run"
+    run_until_killed(tmp_path, data_dir, out, kill_at, overrides)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # SIGKILL: no chance to record
+    assert list_resume_states(out)[-1][0] == resumed_from
+
+    train(load_config("tiny", overrides), data_dir, out, resume=True, progress=False)
+
+    ref_ckpts, ckpts = list_checkpoints(uninterrupted / "checkpoints"), list_checkpoints(out / "checkpoints")
+    assert [t for t, _ in ckpts] == [t for t, _ in ref_ckpts] == [0, 640, 1536]
+    for (_, ref_path), (_, path) in zip(ref_ckpts, ckpts):
+        ref, got = load_file(str(ref_path)), load_file(str(path))
+        assert ref.keys() == got.keys()
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), f"{path.name}: {k}"
+        with safe_open(str(ref_path), "pt") as a, safe_open(str(path), "pt") as b:
+            assert a.metadata() == b.metadata()  # losses, step, tokens: the same numbers
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [p.name for _, p in ckpts]
+
+    def losses(run: Path) -> list[tuple]:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            (r["kind"], r["step"], r.get("train_loss"), r.get("val_loss"), r.get("grad_norm")) for r in lines
+        ]
+
+    assert losses(out) == losses(uninterrupted)  # no duplicated or missing lines, same values
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert [(s["start_step"], s["status"]) for s in run["segments"]] == [
+        (0, "running"),
+        (resumed_from, "completed"),
+    ]
+    assert [p.name for p in (out / "resume").iterdir()] == ["step_00000012"]
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, data_dir, overrides, uninterrupted):
+    import shutil
+
+    out = tmp_path / "done"
+    shutil.copytree(uninterrupted, out)
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    metrics = (out / "metrics.jsonl").read_text()
+    train(load_config("tiny", overrides), data_dir, out, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# a failure inside a checkpoint write never leaves a final-named partial file
+
+
+def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, data_dir, overrides, monkeypatch):
+    real_save = checkpoint_mod.save_file
+    calls = {"n": 0}
+
+    def half_then_fail(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then the disk "fills up"
+            real_save(tensors, path, metadata=metadata)
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[: len(data) // 2])
+            raise OSError(28, "No space left on device", path)
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", half_then_fail)
+    out = tmp_path / "full-disk"
+    with pytest.raises(OSError, match="No space left"):
+        train(load_config("tiny", overrides), data_dir, out, progress=False)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["tokens_000000000000.safetensors"]  # no partial file, final-named or temporary
+    for _, path in list_checkpoints(out / "checkpoints"):
+        assert load_file(str(path))  # complete and readable
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "No space left" in run["error"]
+
+
+def test_resume_removes_temporary_checkpoint_files_of_a_killed_writer(tmp_path, data_dir, overrides):
+    out = tmp_path / "run"
+    run_until_killed(tmp_path, data_dir, out, "after-log:2", overrides)
+    partial = out / "checkpoints" / ".tokens_000000000640.safetensors.abc123.tmp"
+    partial.write_bytes(b"\0" * 100)  # what a SIGKILL inside atomic_write leaves behind
+    train(load_config("tiny", overrides), data_dir, out, resume=True, progress=False)
+    assert not partial.exists()
+    assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 640, 1536]
