@@ -1,0 +1,548 @@
+"""Build a run's spectra cube: every checkpoint, one forward pass on the fixed batch, float64 SVDs.
+
+``spectra_for_checkpoint`` turns one loaded checkpoint into a one-step ``xarray.Dataset``
+with the variables of ``docs/cube.md``; ``extract`` does it for every checkpoint of a run that
+the cube does not hold yet and rewrites the cube atomically.
+
+Examples
+--------
+>>> from spectra.extract import extract
+>>> result = extract("runs/A1-s0")                  # doctest: +SKIP
+>>> result.path, result.added, result.skipped       # doctest: +SKIP
+(PosixPath('runs/A1-s0/spectra.nc'), (0, 61, 122), ())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from spectra.capture import SITES, LayerQK, capture_qk, check_batch
+from spectra.errors import SpectraError
+from spectra.fileio import atomic_write
+from spectra.load import (
+    Checkpoint,
+    checkpoints_dir,
+    eval_batch_path,
+    eval_batch_sha256,
+    find_checkpoints,
+    load_checkpoint,
+    load_eval_batch,
+    model_config_from_metadata,
+    read_metadata,
+    resolve_device,
+    run_dir_of,
+)
+from spectra.svd import head_weight_singular_values, token_spectra
+
+CUBE_FORMAT = "collapse-spectra-cube"
+"""Value of the cube's ``format`` attribute."""
+CUBE_FORMAT_VERSION = "1"
+"""Value of the cube's ``format_version`` attribute."""
+CENTERINGS = ("uncentered", "centered")
+"""Order of the cube's ``centering`` dimension."""
+DEFAULT_CUBE_NAME = "spectra.nc"
+"""File name of the cube in the run directory."""
+COMPRESSION = {"zlib": True, "complevel": 4, "shuffle": True}
+"""NetCDF4 encoding of every data variable."""
+
+# A long extraction (many checkpoints of a large model on a CPU) rewrites the cube at most this often,
+# so that a kill loses at most this much work; the final file does not depend on it.
+_FLUSH_SECONDS = 60.0
+
+_VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    "q_sv": {
+        "long_name": "singular values of one query head's vectors over the eval-batch tokens (N x head_dim)",
+        "units": "1",
+    },
+    "k_sv": {
+        "long_name": "singular values of one key/value head's key vectors over the eval-batch tokens (N x head_dim)",
+        "units": "1",
+    },
+    "wq_sv": {
+        "long_name": "singular values of one query head's slice of W_q (head_dim x d_model)",
+        "units": "1",
+    },
+    "wk_sv": {
+        "long_name": "singular values of one key/value head's slice of W_k (head_dim x d_model)",
+        "units": "1",
+    },
+    "q_gamma": {
+        "long_name": "QK-norm gain of the queries, shared by the heads of a layer (1 if frozen, NaN if none)",
+        "units": "1",
+    },
+    "k_gamma": {
+        "long_name": "QK-norm gain of the keys, shared by the heads of a layer (1 if frozen, NaN if none)",
+        "units": "1",
+    },
+    "q_energy": {"long_name": "mean over tokens of the squared query coordinate, uncentred", "units": "1"},
+    "k_energy": {"long_name": "mean over tokens of the squared key coordinate, uncentred", "units": "1"},
+    "train_loss": {
+        "long_name": "training loss: mean next-token cross-entropy in nats over the last log window (NaN at step 0)",
+        "units": "1",
+    },
+    "val_loss": {
+        "long_name": "validation loss: mean next-token cross-entropy in nats on the run's fixed validation slice",
+        "units": "1",
+    },
+}
+
+_COORD_ATTRS: dict[str, dict[str, str]] = {
+    "step": {"long_name": "optimizer steps taken at the checkpoint", "units": "1"},
+    "tokens": {"long_name": "training tokens consumed at the checkpoint", "units": "1"},
+    "layer": {"long_name": "transformer block index", "units": "1"},
+    "head": {"long_name": "query head index", "units": "1"},
+    "kv_head": {"long_name": "key/value head index", "units": "1"},
+    "site": {"long_name": "read-out site in the attention: proj, unit (before gamma), normed, rope"},
+    "centering": {"long_name": "whether the token mean of each head was subtracted before the SVD"},
+    "sv": {"long_name": "singular value index, descending order", "units": "1"},
+    "dim": {"long_name": "coordinate within a head", "units": "1"},
+}
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What ``extract`` did."""
+
+    path: Path
+    """The cube."""
+    added: tuple[int, ...]
+    """Steps computed in this call."""
+    skipped: tuple[int, ...]
+    """Steps of the run's checkpoints that the cube already held."""
+
+
+def _layer_reducer(n_heads: int, n_kv_heads: int, head_dim: int):
+    """A ``capture_qk`` reducer: one layer's activations -> float64 spectra and energies (numpy)."""
+    n_sites, n_cent = len(SITES), len(CENTERINGS)
+
+    def reduce(lq: LayerQK) -> dict[str, np.ndarray]:
+        out = {  # the unit site of a model without QK-norm stays NaN
+            "q_sv": np.full((n_heads, n_sites, n_cent, head_dim), np.nan),
+            "k_sv": np.full((n_kv_heads, n_sites, n_cent, head_dim), np.nan),
+            "q_energy": np.full((n_heads, n_sites, head_dim), np.nan),
+            "k_energy": np.full((n_kv_heads, n_sites, head_dim), np.nan),
+        }
+        present = [SITES.index(site) for site in lq.sites]
+        # every head at every site, queries then keys, in one batched call: (S*H + S*Hkv, N, D)
+        stacked = torch.cat([lq.q[site] for site in lq.sites] + [lq.k[site] for site in lq.sites])
+        spec = token_spectra(stacked)
+        sv = torch.stack([spec.uncentered, spec.centered], dim=1).cpu().numpy()  # (S*H + S*Hkv, 2, D)
+        energy = spec.energy.cpu().numpy()  # (S*H + S*Hkv, D)
+        n_q = len(present) * n_heads
+        q_sv = sv[:n_q].reshape(len(present), n_heads, n_cent, head_dim)  # (S, H, 2, D)
+        k_sv = sv[n_q:].reshape(len(present), n_kv_heads, n_cent, head_dim)
+        out["q_sv"][:, present] = q_sv.transpose(1, 0, 2, 3)
+        out["k_sv"][:, present] = k_sv.transpose(1, 0, 2, 3)
+        out["q_energy"][:, present] = energy[:n_q].reshape(len(present), n_heads, head_dim).transpose(1, 0, 2)
+        out["k_energy"][:, present] = (
+            energy[n_q:].reshape(len(present), n_kv_heads, head_dim).transpose(1, 0, 2)
+        )
+        return out
+
+    return reduce
+
+
+def _gamma(norm: torch.nn.Module, head_dim: int) -> np.ndarray:
+    weight = getattr(norm, "weight", None)
+    if weight is None:  # nn.Identity: no QK-norm
+        return np.full(head_dim, np.nan)
+    return weight.detach().to(torch.float64).cpu().numpy()
+
+
+def _package_version() -> str:
+    try:
+        return importlib_metadata.version("collapse")
+    except importlib_metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the software that computes a cube (recorded in its ``versions`` attribute)."""
+    import netCDF4
+    import safetensors
+
+    return {
+        "collapse": _package_version(),
+        "netCDF4": netCDF4.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+        "torch": torch.__version__,
+        "xarray": xr.__version__,
+    }
+
+
+def _require(ckpt: Checkpoint, *keys: str) -> Any:
+    value: Any = ckpt.run_config
+    for i, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise SpectraError(f"{ckpt.path}: run_config lacks {'.'.join(keys[: i + 1])}")
+        value = value[key]
+    return value
+
+
+def _as_int(ckpt: Checkpoint, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SpectraError(f"{ckpt.path}: {what}={value!r} is not an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise SpectraError(f"{ckpt.path}: {what}={value!r} is not an integer") from None
+
+
+def _dataset_name(ckpt: Checkpoint) -> str:
+    if "dataset" in ckpt.metadata:
+        try:
+            info = json.loads(ckpt.metadata["dataset"])
+        except json.JSONDecodeError as e:
+            raise SpectraError(f"{ckpt.path}: metadata dataset is not valid JSON ({e})") from None
+        if isinstance(info, dict) and info.get("name"):
+            return str(info["name"])
+    return ckpt.data_dir.name if ckpt.data_dir is not None else ""
+
+
+def run_attrs(ckpt: Checkpoint, input_ids: torch.Tensor, drop_first: int, n_tokens: int) -> dict[str, Any]:
+    """The cube's global attributes that describe the run and the batch (all but ``history``/``versions``)."""
+    if "seed" in ckpt.metadata:
+        seed = _as_int(ckpt, ckpt.metadata["seed"], "metadata seed")
+    else:
+        seed = _as_int(ckpt, _require(ckpt, "train", "seed"), "run_config train.seed")
+    return {
+        "Conventions": "CF-1.10",
+        "title": f"Singular-value spectra of attention queries and keys, run {ckpt.run_name}",
+        "source": "collapse-spectra extract: float32 forward pass on the fixed eval batch, float64 SVD",
+        "format": CUBE_FORMAT,
+        "format_version": CUBE_FORMAT_VERSION,
+        "run_name": ckpt.run_name,
+        "qk_norm": ckpt.model_config.qk_norm,
+        "optimizer": str(_require(ckpt, "optim", "name")),
+        "seed": seed,
+        "data": _dataset_name(ckpt),
+        "model_config": ckpt.metadata["model_config"],
+        "run_config": ckpt.metadata["run_config"],
+        "eval_batch_sha256": eval_batch_sha256(input_ids),
+        "eval_batch_shape": np.asarray(input_ids.shape, dtype=np.int64),
+        "drop_first": int(drop_first),
+        "n_tokens": int(n_tokens),
+        "train_tokens": _as_int(ckpt, _require(ckpt, "train", "tokens"), "run_config train.tokens"),
+    }
+
+
+def spectra_for_checkpoint(
+    ckpt: Checkpoint, input_ids: torch.Tensor, *, drop_first: int = 0, device: str | torch.device = "cpu"
+) -> xr.Dataset:
+    """The cube's variables for one checkpoint, as a Dataset with a ``step`` dimension of length 1.
+
+    One forward pass of ``ckpt.model`` on ``input_ids`` (float32, no autocast, no gradients)
+    records queries and keys at every site (``spectra.capture.capture_qk``); each layer is
+    reduced to float64 singular values (uncentred and centred) and coordinate energies as soon as
+    it is complete (``spectra.svd.token_spectra``). Weight spectra and QK-norm gains come from
+    the parameters, the losses from the checkpoint's metadata (NaN where absent).
+
+    Parameters
+    ----------
+    ckpt
+        A loaded checkpoint; its model is moved to ``device`` (in place).
+    input_ids
+        ``(n_seqs, seq_len)`` token ids, the fixed eval batch.
+    drop_first
+        Positions dropped at the start of every sequence before the SVDs.
+    device
+        Where the forward pass and the SVDs run.
+
+    Returns
+    -------
+    xarray.Dataset
+        Variables and coordinates of ``docs/cube.md`` for this step, with the run's global
+        attributes (no ``history``: ``extract`` adds it).
+
+    Raises
+    ------
+    SpectraError
+        A batch that does not fit the model, or fewer tokens per head than ``head_dim``.
+    """
+    dev = resolve_device(device)
+    model = ckpt.model.to(dev)
+    cfg = ckpt.model_config
+    H, Hkv, D, L = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.n_layers
+    n_tokens = check_batch(model, input_ids, drop_first)
+    if n_tokens < D:
+        raise SpectraError(
+            f"the eval batch gives N={n_tokens} tokens per head after drop_first={drop_first}, fewer than "
+            f"head_dim={D}: every spectrum would be rank-deficient by construction"
+        )
+    per_layer = capture_qk(model, input_ids, drop_first=drop_first, reduce=_layer_reducer(H, Hkv, D))
+    acts = {name: np.stack([per_layer[i][name] for i in range(L)]) for name in per_layer[0]}  # (L, ...)
+
+    attns = [block.attn for block in model.blocks]
+    with torch.no_grad():
+        wq = torch.stack([a.q_proj.weight for a in attns])  # (L, H*D, d_model)
+        wk = torch.stack([a.k_proj.weight for a in attns])  # (L, Hkv*D, d_model)
+        wq_sv = head_weight_singular_values(wq, H).cpu().numpy()  # (L, H, D)
+        wk_sv = head_weight_singular_values(wk, Hkv).cpu().numpy()  # (L, Hkv, D)
+    q_gamma = np.stack([_gamma(a.q_norm, D) for a in attns])  # (L, D)
+    k_gamma = np.stack([_gamma(a.k_norm, D) for a in attns])
+
+    one = np.newaxis  # the step dimension, length 1
+    data_vars = {
+        "q_sv": (("step", "layer", "head", "site", "centering", "sv"), acts["q_sv"][one]),
+        "k_sv": (("step", "layer", "kv_head", "site", "centering", "sv"), acts["k_sv"][one]),
+        "wq_sv": (("step", "layer", "head", "sv"), wq_sv[one]),
+        "wk_sv": (("step", "layer", "kv_head", "sv"), wk_sv[one]),
+        "q_gamma": (("step", "layer", "dim"), q_gamma[one]),
+        "k_gamma": (("step", "layer", "dim"), k_gamma[one]),
+        "q_energy": (("step", "layer", "head", "site", "dim"), acts["q_energy"][one]),
+        "k_energy": (("step", "layer", "kv_head", "site", "dim"), acts["k_energy"][one]),
+        "train_loss": (("step",), np.array([ckpt.metadata_float("train_loss")])),
+        "val_loss": (("step",), np.array([ckpt.metadata_float("val_loss")])),
+    }
+    coords = {
+        "step": ("step", np.array([ckpt.step], dtype=np.int64)),
+        "tokens": ("step", np.array([ckpt.tokens], dtype=np.int64)),
+        "layer": ("layer", np.arange(L, dtype=np.int64)),
+        "head": ("head", np.arange(H, dtype=np.int64)),
+        "kv_head": ("kv_head", np.arange(Hkv, dtype=np.int64)),
+        "site": ("site", np.array(SITES)),
+        "centering": ("centering", np.array(CENTERINGS)),
+        "sv": ("sv", np.arange(D, dtype=np.int64)),
+        "dim": ("dim", np.arange(D, dtype=np.int64)),
+    }
+    ds = xr.Dataset(data_vars, coords=coords, attrs=run_attrs(ckpt, input_ids, drop_first, n_tokens))
+    for name, attrs in {**_VARIABLE_ATTRS, **_COORD_ATTRS}.items():
+        ds[name].attrs.update(attrs)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cube on disk
+
+
+def _read_cube(path: Path) -> xr.Dataset:
+    """Load a cube fully into memory and close the file (it is about to be replaced)."""
+    try:
+        with xr.open_dataset(path, engine="netcdf4") as src:
+            ds = src.load()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpectraError(
+            f"{path}: the existing cube cannot be read ({e}); move it away or choose another --out"
+        ) from None
+    if ds.attrs.get("format") != CUBE_FORMAT or str(ds.attrs.get("format_version")) != CUBE_FORMAT_VERSION:
+        raise SpectraError(
+            f"{path}: not a spectra cube of format {CUBE_FORMAT!r} version {CUBE_FORMAT_VERSION} "
+            f"(format={ds.attrs.get('format')!r}, format_version={ds.attrs.get('format_version')!r})"
+        )
+    return ds
+
+
+def _check_compatible(
+    path: Path, cube: xr.Dataset, run_name: str, model_config: str, batch_sha: str, drop_first: int
+) -> None:
+    """Refuse to mix spectra of another run, model, batch or drop_first into an existing cube."""
+    checks = [
+        ("run_name", cube.attrs.get("run_name"), run_name),
+        ("eval_batch_sha256", cube.attrs.get("eval_batch_sha256"), batch_sha),
+        ("drop_first", int(cube.attrs.get("drop_first", -1)), drop_first),
+    ]
+    for key, have, want in checks:
+        if have != want:
+            raise SpectraError(
+                f"{path}: the cube has {key}={have!r} but this extraction has {want!r}; spectra computed "
+                "differently cannot share a cube (choose another --out)"
+            )
+    try:
+        same_model = json.loads(str(cube.attrs.get("model_config", "null"))) == json.loads(model_config)
+    except json.JSONDecodeError as e:
+        raise SpectraError(f"{path}: the cube's model_config attribute is not valid JSON ({e})") from None
+    if not same_model:
+        raise SpectraError(f"{path}: the cube was computed for another model_config than these checkpoints")
+
+
+def write_cube(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write a cube atomically: NetCDF4, zlib level 4 on every data variable, no fill value on coordinates."""
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}  # a cube read back carries its old chunking; a fresh layout keeps files comparable
+    encoding: dict[str, dict[str, Any]] = {name: dict(COMPRESSION) for name in ds.data_vars}
+    for name in ds.coords:
+        if ds[name].dtype.kind in "iuf":
+            encoding[name] = {"_FillValue": None}
+    return atomic_write(
+        path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+    )
+
+
+def _combine(existing: xr.Dataset | None, new: list[xr.Dataset], history_line: str) -> xr.Dataset:
+    parts = ([existing] if existing is not None else []) + new
+    ds = xr.concat(parts, dim="step", data_vars="all", coords="minimal", compat="equals", join="exact")
+    ds = ds.sortby("step")
+    # run-level attributes follow the latest checkpoint (a resumed run may extend its run_config)
+    latest = max(new, key=lambda d: int(d.step[0]))
+    if existing is not None and int(existing.step.max()) > int(latest.step[0]):
+        attrs = dict(existing.attrs)
+    else:
+        attrs = dict(latest.attrs)
+    old_history = existing.attrs.get("history", "") if existing is not None else ""
+    attrs["history"] = f"{old_history}\n{history_line}" if old_history else history_line
+    attrs["versions"] = json.dumps(software_versions(), sort_keys=True)
+    ds.attrs = attrs
+    return ds
+
+
+def extract(
+    path: str | os.PathLike,
+    *,
+    batch: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    drop_first: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> ExtractResult:
+    """Add the spectra of every checkpoint of a run that the cube does not hold yet.
+
+    Parameters
+    ----------
+    path
+        A run directory, its ``checkpoints/`` directory, or one checkpoint file.
+    batch
+        The eval batch (``eval_batch.safetensors`` or its dataset directory); default: the one in the
+        ``data_dir`` the checkpoints record. Its sha256 must equal the one they record.
+    out
+        The cube; default ``spectra.nc`` in the run directory.
+    device
+        Where the forward passes and SVDs run (``cpu``, ``cuda``, ``cuda:1``).
+    drop_first
+        Positions dropped at the start of every sequence (attention sinks). A cube holds one value.
+    force
+        Accept a batch whose hash differs from the recorded one (the cube records the batch used).
+    progress
+        Show a progress bar over the checkpoints (on stderr).
+
+    Returns
+    -------
+    ExtractResult
+        The cube's path and the steps added and skipped.
+
+    Notes
+    -----
+    Incremental: steps already in the cube are skipped, so a re-run after new checkpoints appeared
+    (or after an interruption) computes only what is missing. The cube must have been computed for
+    the same run, model, batch hash and ``drop_first``, or this is an error.
+
+    Atomic: the cube is written to a temporary file beside it and renamed, so a kill at any moment
+    leaves the previous cube intact. During a long extraction the cube is rewritten at most every
+    minute, so an interruption loses at most that much work.
+
+    Deterministic: the same checkpoints, batch, options, device, software and thread count give a
+    byte-identical file; ``history`` records the call (steps, device, batch and its hash, software
+    version) but no wall-clock time, for that reason.
+
+    Raises
+    ------
+    SpectraError
+        No checkpoints, unreadable or foreign checkpoints, checkpoints of different runs, a batch whose
+        hash differs (without ``force``), an existing cube of something else, a bad device.
+    """
+    dev = resolve_device(device)
+    paths = find_checkpoints(path)
+    out = Path(out) if out is not None else run_dir_of(path) / DEFAULT_CUBE_NAME
+
+    headers = [(p, read_metadata(p)) for p in paths]
+    first_path, first = headers[0]
+    steps: dict[int, Path] = {}
+    for p, meta in headers:
+        for key in ("run_name", "eval_batch_sha256"):
+            if meta[key] != first[key]:
+                raise SpectraError(
+                    f"{p}: {key} {meta[key]!r} differs from {first_path.name}'s {first[key]!r}"
+                )
+        if model_config_from_metadata(p, meta) != model_config_from_metadata(first_path, first):
+            raise SpectraError(f"{p}: model_config differs from {first_path.name}'s")
+        try:
+            step = int(meta["step"])
+        except ValueError:
+            raise SpectraError(f"{p}: metadata step={meta['step']!r} is not an integer") from None
+        if step in steps:
+            raise SpectraError(f"{p} and {steps[step]} both hold step {step}")
+        steps[step] = p
+
+    if batch is None:
+        data_dir = first.get("data_dir")
+        if not data_dir:
+            raise SpectraError(
+                f"{first_path}: the checkpoint records no data_dir; pass the eval batch with --batch"
+            )
+        batch_file = eval_batch_path(data_dir)
+        if not batch_file.is_file():
+            raise SpectraError(
+                f"{batch_file}: the eval batch the checkpoints record does not exist here; pass it with --batch"
+            )
+    else:
+        batch_file = eval_batch_path(batch)
+    input_ids = load_eval_batch(batch_file, expected_sha256=first["eval_batch_sha256"], force=force)
+    batch_sha = eval_batch_sha256(input_ids)
+
+    existing = _read_cube(out) if out.exists() else None
+    done: set[int] = set()
+    if existing is not None:
+        _check_compatible(out, existing, first["run_name"], first["model_config"], batch_sha, drop_first)
+        done = {int(s) for s in existing.step.values}
+    todo = [(s, p) for s, p in sorted(steps.items()) if s not in done]
+    skipped = tuple(s for s in sorted(steps) if s in done)
+    if not todo:
+        return ExtractResult(path=out, added=(), skipped=skipped)
+
+    forced = (
+        ""
+        if batch_sha == first["eval_batch_sha256"]
+        else f", forced over the recorded {first['eval_batch_sha256']}"
+    )
+
+    source = (checkpoints_dir(path) if Path(path).is_dir() else Path(path)).resolve()
+
+    def history(added: list[int]) -> str:
+        return (
+            f"collapse-spectra extract: added steps {', '.join(map(str, added))} from {source} "
+            f"on {dev}, drop_first={drop_first}, eval batch {batch_file.resolve()} (sha256 {batch_sha}{forced}); "
+            f"collapse {_package_version()}"
+        )
+
+    new: list[xr.Dataset] = []
+    model = None
+    last_flush = time.monotonic()
+    bar = tqdm(todo, desc=f"extract {first['run_name']}", unit="ckpt", disable=not progress)
+    for step, p in bar:
+        bar.set_postfix(step=step)
+        ckpt = load_checkpoint(p, dev, model=model)
+        model = ckpt.model
+        new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=dev))
+        if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
+            write_cube(_combine(existing, new, history([int(d.step[0]) for d in new])), out)
+            last_flush = time.monotonic()
+    bar.close()
+    added = [int(d.step[0]) for d in new]
+    write_cube(_combine(existing, new, history(added)), out)
+    return ExtractResult(path=out, added=tuple(added), skipped=skipped)
+
+
+__all__ = [
+    "CENTERINGS",
+    "CUBE_FORMAT",
+    "CUBE_FORMAT_VERSION",
+    "ExtractResult",
+    "extract",
+    "run_attrs",
+    "software_versions",
+    "spectra_for_checkpoint",
+    "write_cube",
+]
