@@ -5,5 +5,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh dev
 echo "== ruff"; ruff check trainer spectra cli tests benchmarks
 echo "== import contracts"; lint-imports
-echo "== docs"; mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+echo "== docs"; NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 echo "== pytest"; OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} pytest -q "$@"

@@ -658,7 +658,8 @@ def surgery_curves(surgeries: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
             curve = curve.dropna(subset=["mean"])
             if curve.empty:
                 status = s.attrs.get("gamma_status", "") if strategy == "gamma" else ""
-                notes.append(f"{strategy}: not applicable" + (f" ({status})" if status else ""))
+                # the status already says why (and usually starts with "not applicable")
+                notes.append(f"{strategy}: {status}" if status else f"{strategy}: not applicable")
                 continue
             color = STRATEGY_COLORS.get(str(strategy), "grey")
             (line,) = ax.plot(100 * curve["fraction"], curve["mean"], marker="o", markersize=4, color=color)
@@ -679,7 +680,8 @@ def surgery_curves(surgeries: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
         if tokens is not None:
             head += f", {format_tokens(tokens)} tokens"
         if notes:
-            head += "\n" + "; ".join(notes)
+            # wrapped to the panel's width so that neighbouring titles never overlap
+            head += "\n" + "\n".join(textwrap.fill(n, width=60) for n in notes)
         ax.set_title(head, fontsize=9)
         ax.set_xlabel("key dimensions removed per head (%)")
         ax.set_ylabel("test loss (nats/token)")
