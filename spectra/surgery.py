@@ -295,6 +295,8 @@ def pruned_keys(
         layer -> (n_kv_heads, D, D) matrices P_h; head h's rows of ``W_k`` become ``P_h W_k,h`` (computed in
         float64, stored in the weight's dtype), so the keys are projected before QK-norm and RoPE.
 
+    Notes
+    -----
     Empty mappings change nothing at all: no hook is registered and no weight is written, which is why
     fraction 0 reproduces the unpruned loss exactly.
     """
