@@ -658,8 +658,10 @@ def surgery_curves(surgeries: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
             curve = curve.dropna(subset=["mean"])
             if curve.empty:
                 status = s.attrs.get("gamma_status", "") if strategy == "gamma" else ""
-                # the status already says why (and usually starts with "not applicable")
-                notes.append(f"{strategy}: {status}" if status else f"{strategy}: not applicable")
+                if status.startswith("not applicable"):  # surgery's status already says so
+                    notes.append(f"{strategy}: {status}")
+                else:
+                    notes.append(f"{strategy}: not applicable" + (f" ({status})" if status else ""))
                 continue
             color = STRATEGY_COLORS.get(str(strategy), "grey")
             (line,) = ax.plot(100 * curve["fraction"], curve["mean"], marker="o", markersize=4, color=color)
