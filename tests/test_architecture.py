@@ -23,4 +23,3 @@ def test_torch_free_modules_exist():
     contract = next(c for c in _contracts() if "torch" in c["forbidden_modules"])
     for module in contract["source_modules"]:
         assert (ROOT / Path(*module.split("."))).with_suffix(".py").exists(), module
-

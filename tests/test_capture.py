@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_extract import tiny_model_config
+from helpers import perturbed_llm, tiny_model_config
 
 from spectra.capture import SITES, LayerQK, capture_qk
 from spectra.errors import SpectraError
@@ -14,13 +14,7 @@ B, T = 2, 12
 
 
 def perturbed_model(qk_norm: str = "learned", seed: int = 0) -> LLM:
-    torch.manual_seed(seed)
-    model = LLM(tiny_model_config(qk_norm))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.05))
-    return model.eval()
+    return perturbed_llm(tiny_model_config(qk_norm), seed).eval()
 
 
 def batch(seed: int = 1) -> torch.Tensor:

@@ -6,8 +6,8 @@ import safetensors
 import torch
 import xarray as xr
 from click.testing import CliRunner
+from helpers import checkpoint_files, make_run
 from safetensors.torch import load_file, save_file
-from test_extract import checkpoint_files, make_run
 
 from cli.extract import extract
 

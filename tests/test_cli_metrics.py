@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from test_cube_io import CENTERINGS, SITES, make_cube, write_cube
+from helpers import CENTERINGS, SITES, make_cube, write_cube
 
 import spectra
 from cli.metrics import metrics as metrics_command

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import tomllib
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import read_jsonl, tiny_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,66 +20,17 @@ from cli.run import count_parameters, run
 from cli.train import main
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config, model_config_from_dict, preset_names
-from trainer.data import TokenDataset, prepare_data
 from trainer.model import LLM
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "training.md"
 
-WORDS = (
-    "when the night came the people of the city kept a small fire by the river and spoke of old days".split()
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli-data")
-    rng = random.Random(3)
-    paragraphs = (
-        " ".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-            for _ in range(5)
-        )
-        for _ in range(1000)
-    )
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n")
-    return Path(
-        prepare_data(
-            root / "data",
-            [str(root / "corpus.txt")],
-            vocab_size=300,
-            eval_seqs=2,
-            eval_seq_len=32,
-            progress=False,
-        )
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_args(data_dir) -> list[str]:
-    vocab = TokenDataset.open(data_dir).vocab_size
-    sets = [
-        f"model.vocab_size={vocab}",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.n_kv_heads=1",
-        "model.d_ff=64",
-        "model.context_length=32",
-        "train.batch_size=4",
-        "train.seq_len=32",
-        "train.val_tokens=256",
-        "train.log_every=2",
-    ]
-    return ["--data", str(data_dir), "--tokens", "768", "--no-progress", *(f"--set={s}" for s in sets)]
+def tiny_args(tiny_data_dir, tiny_vocab) -> list[str]:
+    sets = tiny_overrides(tiny_vocab, log_every=2)
+    return ["--data", str(tiny_data_dir), "--tokens", "768", "--no-progress", *(f"--set={s}" for s in sets)]
 
 
 def invoke(*args: str):
@@ -132,7 +83,7 @@ def test_run_writes_the_run_directory(trained):
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     # the plan's 0, 0.5/25, ..., 25/25 of 768 tokens, each at the first 128-token step reaching it
     assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 128, 256, 384, 512, 640, 768]
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(out / "metrics.jsonl")
     assert {r["kind"] for r in lines} == {"train", "val"}
 
 
@@ -197,23 +148,22 @@ def test_missing_dataset(tmp_path, tiny_args):
     assert result.exit_code == 1 and "no-data" in result.output
 
 
-def test_corrupt_dataset_names_the_file(tmp_path, tiny_args, data_dir):
+def test_corrupt_dataset_names_the_file(tmp_path, tiny_args, tiny_data_dir):
     broken = tmp_path / "broken"
-    shutil.copytree(data_dir, broken)
+    shutil.copytree(tiny_data_dir, broken)
     train_bin = broken / "train.bin"
     train_bin.write_bytes(train_bin.read_bytes()[:-2])  # one token short
-    args = [a if a != str(data_dir) else str(broken) for a in tiny_args]
+    args = [a if a != str(tiny_data_dir) else str(broken) for a in tiny_args]
     result = invoke("run", "tiny", *args, "--out", str(tmp_path / "r"))
     assert result.exit_code == 1 and str(train_bin) in result.output
     assert not (tmp_path / "r").exists()
 
 
-def test_vocab_mismatch(tmp_path, tiny_args, data_dir):
-    vocab = TokenDataset.open(data_dir).vocab_size
+def test_vocab_mismatch(tmp_path, tiny_args, tiny_data_dir, tiny_vocab):
     result = invoke("run", "tiny", *tiny_args, "--out", str(tmp_path / "r"), "--set", "model.vocab_size=4096")
     assert result.exit_code == 1
-    assert f"model.vocab_size=4096 but dataset {data_dir} has {vocab} tokens" in result.output
-    assert f"--set model.vocab_size={vocab}" in result.output
+    assert f"model.vocab_size=4096 but dataset {tiny_data_dir} has {tiny_vocab} tokens" in result.output
+    assert f"--set model.vocab_size={tiny_vocab}" in result.output
 
 
 def test_unwritable_output(tmp_path, tiny_args):

@@ -1,178 +1,20 @@
 """Reading cubes: ``spectra.open_cube`` / ``open_cubes`` on synthetic cubes written to docs/cube.md's schema.
 
-``make_cube`` and ``write_cube`` are imported by the other spectra tests.
+The cubes come from ``helpers.make_cube`` (random spectra, every variable and attribute of the schema).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from helpers import make_cube, write_cube
 
 import spectra
 from spectra.errors import SpectraError
-
-SITES = ["proj", "unit", "normed", "rope"]
-CENTERINGS = ["uncentered", "centered"]
-N_TOKENS = 24
-
-
-def _random_spectra(rng: np.random.Generator, shape: tuple[int, ...], head_dim: int) -> np.ndarray:
-    """Singular values of random (N_TOKENS x head_dim) matrices with decaying column scales, float64."""
-    scales = np.geomspace(1.0, 0.05, head_dim)  # (D,) a collapsing spectrum, as in a trained model
-    x = rng.standard_normal((*shape, N_TOKENS, head_dim)) * scales  # (..., N, D)
-    return np.linalg.svd(x, compute_uv=False)  # (..., D), descending
-
-
-def make_cube(
-    *,
-    run_name: str = "A1",
-    qk_norm: str = "learned",
-    optimizer: str = "muon",
-    seed: int = 0,
-    data: str = "bible-mix",
-    steps: tuple[int, ...] = (0, 10, 20),
-    tokens_per_step: int = 512,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    head_dim: int = 8,
-    k_sv: np.ndarray | None = None,
-    rng_seed: int = 0,
-) -> xr.Dataset:
-    """A cube with every variable, coordinate and global attribute of docs/cube.md.
-
-    ``k_sv`` (step, layer, kv_head, site, centering, sv) replaces the random key spectra when given.
-    """
-    rng = np.random.default_rng(rng_seed)
-    S, L, H, Hkv, D = len(steps), n_layers, n_heads, n_kv_heads, head_dim
-    q = _random_spectra(rng, (S, L, H, len(SITES), len(CENTERINGS)), D)
-    k = (
-        _random_spectra(rng, (S, L, Hkv, len(SITES), len(CENTERINGS)), D)
-        if k_sv is None
-        else np.asarray(k_sv)
-    )
-    assert k.shape == (S, L, Hkv, len(SITES), len(CENTERINGS), D)
-    energy_q = rng.random((S, L, H, len(SITES), D))
-    energy_k = rng.random((S, L, Hkv, len(SITES), D))
-    gamma = rng.random((S, L, D)) + 0.5
-    if qk_norm == "none":
-        q, k = q.copy(), k.copy()
-        for arr in (q, k):
-            arr[:, :, :, SITES.index("unit")] = np.nan
-            arr[:, :, :, SITES.index("normed")] = arr[:, :, :, SITES.index("proj")]
-        energy_q[:, :, :, SITES.index("unit")] = np.nan
-        energy_k[:, :, :, SITES.index("unit")] = np.nan
-        gamma[:] = np.nan
-    act = "activation units"
-    ds = xr.Dataset(
-        {
-            "q_sv": (
-                ("step", "layer", "head", "site", "centering", "sv"),
-                q,
-                {"long_name": "query singular values", "units": act},
-            ),
-            "k_sv": (
-                ("step", "layer", "kv_head", "site", "centering", "sv"),
-                k,
-                {"long_name": "key singular values", "units": act},
-            ),
-            "wq_sv": (
-                ("step", "layer", "head", "sv"),
-                _random_spectra(rng, (S, L, H), D),
-                {"long_name": "W_q head singular values", "units": "1"},
-            ),
-            "wk_sv": (
-                ("step", "layer", "kv_head", "sv"),
-                _random_spectra(rng, (S, L, Hkv), D),
-                {"long_name": "W_k head singular values", "units": "1"},
-            ),
-            "q_gamma": (
-                ("step", "layer", "dim"),
-                gamma,
-                {"long_name": "QK-norm gain of the queries", "units": "1"},
-            ),
-            "k_gamma": (
-                ("step", "layer", "dim"),
-                gamma.copy(),
-                {"long_name": "QK-norm gain of the keys", "units": "1"},
-            ),
-            "q_energy": (
-                ("step", "layer", "head", "site", "dim"),
-                energy_q,
-                {"long_name": "mean square query coordinate", "units": "activation units2"},
-            ),
-            "k_energy": (
-                ("step", "layer", "kv_head", "site", "dim"),
-                energy_k,
-                {"long_name": "mean square key coordinate", "units": "activation units2"},
-            ),
-            "train_loss": (
-                "step",
-                np.r_[np.nan, rng.random(S - 1) + 3.0],
-                {"long_name": "training loss", "units": "nats/token"},
-            ),
-            "val_loss": (
-                "step",
-                rng.random(S) + 3.0,
-                {"long_name": "validation loss", "units": "nats/token"},
-            ),
-        },  # fmt: skip
-        coords={
-            "step": (
-                "step",
-                np.asarray(steps, dtype=np.int64),
-                {"long_name": "optimizer step", "units": "1"},
-            ),
-            "tokens": (
-                "step",
-                np.asarray(steps, dtype=np.int64) * tokens_per_step,
-                {"long_name": "training tokens", "units": "tokens"},
-            ),
-            "layer": ("layer", np.arange(L), {"long_name": "transformer block", "units": "1"}),
-            "head": ("head", np.arange(H), {"long_name": "query head", "units": "1"}),
-            "kv_head": ("kv_head", np.arange(Hkv), {"long_name": "key/value head", "units": "1"}),
-            "site": ("site", SITES, {"long_name": "read-out site", "units": "1"}),
-            "centering": ("centering", CENTERINGS, {"long_name": "centring over tokens", "units": "1"}),
-            "sv": ("sv", np.arange(D), {"long_name": "singular value index, descending", "units": "1"}),
-            "dim": ("dim", np.arange(D), {"long_name": "coordinate within a head", "units": "1"}),
-        },  # fmt: skip
-        attrs={
-            "Conventions": "CF-1.10",
-            "title": f"attention Q/K singular-value spectra of run {run_name}",
-            "history": "synthetic cube written by tests/test_cube_io.py",
-            "source": "tests",
-            "format": "collapse-spectra-cube",
-            "format_version": 1,
-            "run_name": run_name,
-            "qk_norm": qk_norm,
-            "optimizer": optimizer,
-            "seed": seed,
-            "data": data,
-            "model_config": json.dumps({"n_layers": L, "n_heads": H, "n_kv_heads": Hkv, "head_dim": D}),
-            "run_config": json.dumps({"seed": seed}),
-            "eval_batch_sha256": "0" * 64,
-            "eval_batch_shape": np.array([2, 16]),
-            "drop_first": 4,
-            "n_tokens": N_TOKENS,
-            "train_tokens": int(max(steps) * tokens_per_step),
-            "versions": json.dumps({"numpy": np.__version__, "xarray": xr.__version__}),
-        },
-    )
-    return ds
-
-
-def write_cube(path: Path, ds: xr.Dataset) -> Path:
-    """Write ``ds`` as docs/cube.md says (NetCDF4, zlib) and return the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    encoding = {name: {"zlib": True, "complevel": 4} for name in ds.data_vars}
-    ds.to_netcdf(path, engine="netcdf4", format="NETCDF4", encoding=encoding)
-    return path
-
 
 # --------------------------------------------------------------------------------------------------------
 # open_cube

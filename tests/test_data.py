@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import make_tiny_dataset, tiny_corpus
 from safetensors.torch import save_file
 
 from trainer.data import (
@@ -28,39 +28,6 @@ from trainer.data import (
 
 # ----------------------------------------------------------------------------------------------------
 # Fixtures and helpers
-
-_NOUNS = "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox owl frog duck".split()
-_VERBS = "sees chases likes finds follows helps watches meets feeds calls".split()
-_ADJ = "big small red green old young quick slow happy sad".split()
-
-
-def tiny_corpus(n_docs: int = 240, seed: int = 0) -> list[str]:
-    """Deterministic documents of simple sentences, each unique (it ends with its own number word)."""
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n_docs):
-        sentences = [
-            f"The {rng.choice(_ADJ)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_NOUNS)}."
-            for _ in range(rng.randint(3, 8))
-        ]
-        docs.append(" ".join(sentences) + f" Story {i}.")
-    return docs
-
-
-def make_tiny_dataset(tmp_path: Path, vocab_size: int = 320, **kwargs) -> Path:
-    """Prepare a small dataset (about 20k tokens, vocab ``vocab_size``) in about a second; reusable fixture.
-
-    The text is generated (no corpus needed); the eval batch is 4 x 64 tokens from the val split.
-    Extra keyword arguments go to :func:`prepare_data`.
-    """
-    src = tmp_path / "tiny_corpus.jsonl"
-    if not src.exists():
-        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus()))
-    options = dict(
-        vocab_size=vocab_size, val_frac=0.1, test_frac=0.1, eval_seqs=4, eval_seq_len=64, progress=False
-    )
-    options.update(kwargs)
-    return prepare_data(tmp_path / "data" / "tiny", [str(src)], **options)
 
 
 def split_documents(ds: TokenDataset, split: str) -> list[str]:

@@ -3,99 +3,20 @@ sites, GQA, drop_first, incremental runs, atomic writes and determinism."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import xarray as xr
+from helpers import checkpoint_files, eval_ids, make_run
 from safetensors.torch import load_file, save_file
 
 from spectra.extract import CENTERINGS, extract
-from trainer.checkpoint import save_checkpoint
-from trainer.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+from trainer.config import ModelConfig
 from trainer.model import LLM
-
-EVAL_SHAPE = (3, 24)  # n_seqs, seq_len: N = 72 tokens per head, head_dim 8
-
-
-def tiny_model_config(qk_norm: str = "learned") -> ModelConfig:
-    return ModelConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=64,
-        context_length=64,
-        qk_norm=qk_norm,
-    )
-
-
-def make_run(
-    tmp_path: Path, qk_norm: str = "learned", steps: tuple[int, ...] = (0, 10, 20), name: str = "test-run"
-) -> Path:
-    """A run directory ``tmp_path/<name>`` with ``checkpoints/`` and a dataset directory beside it.
-
-    Every checkpoint holds a freshly initialised model whose trainable weights (QK-norm gains
-    included, unless frozen) are perturbed with a step-dependent seed, so heads, layers and steps
-    all differ. The dataset directory ``tmp_path/data/tiny-data`` holds a random eval batch.
-    """
-    cfg = tiny_model_config(qk_norm)
-    run_cfg = RunConfig(
-        name=name,
-        model=cfg,
-        optim=OptimConfig(name="adamw"),
-        train=TrainConfig(tokens=64 * 100, batch_size=2, seq_len=32, seed=7),
-    ).validate()
-    data_dir = tmp_path / "data" / "tiny-data"
-    batch_file = data_dir / "eval_batch.safetensors"
-    if not batch_file.exists():
-        data_dir.mkdir(parents=True)
-        ids = torch.randint(0, cfg.vocab_size, EVAL_SHAPE, generator=torch.Generator().manual_seed(0))
-        save_file({"input_ids": ids}, str(batch_file))
-    ids = load_file(str(batch_file))["input_ids"]
-    sha = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    run = tmp_path / name
-    for step in steps:
-        torch.manual_seed(1000 + step)
-        model = LLM(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.05))
-        tokens = step * 64
-        save_checkpoint(
-            run / "checkpoints" / f"tokens_{tokens:012d}.safetensors",
-            model,
-            {
-                "model_config": dataclasses.asdict(cfg),
-                "run_config": run_cfg.to_dict(),
-                "run_name": name,
-                "step": step,
-                "tokens": tokens,
-                "eval_batch_sha256": sha,
-                "data_dir": str(data_dir),
-                "dataset": {"name": "tiny-data", "sources": ["random"]},
-                "train_loss": math.nan if step == 0 else 4.0 - step / 100,
-                "val_loss": 4.2 - step / 100,
-                "seed": 7,
-                "versions": {"torch": torch.__version__},
-            },
-        )
-    return run
-
-
-def eval_ids(run: Path) -> torch.Tensor:
-    return load_file(str(run.parent / "data" / "tiny-data" / "eval_batch.safetensors"))["input_ids"]
-
-
-def checkpoint_files(run: Path) -> list[Path]:
-    return sorted((run / "checkpoints").glob("tokens_*.safetensors"))
 
 
 def independent_model(path: Path) -> LLM:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
-from test_stats import stack, synthetic_cube
+from helpers import stack, synthetic_cube
 
 from spectra import gamma as gm
 from spectra.errors import SpectraError

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from helpers import checkpoint_files, eval_ids, make_run
 from safetensors.torch import load_file, save_file
-from test_extract import checkpoint_files, eval_ids, make_run
 
 from spectra.errors import SpectraError
 from spectra.load import (

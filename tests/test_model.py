@@ -8,22 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model_config
 from torch import nn
 
 from trainer.config import ModelConfig, OptimConfig, load_config
 from trainer.model import LLM, Rotary, count_flops_per_token
 from trainer.optim import Optimizers
 
-SMALL = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=64,
-    context_length=16,
-    qk_norm="learned",
-)
+SMALL = tiny_model_config("learned", context_length=16)
 
 
 def small(**changes) -> ModelConfig:

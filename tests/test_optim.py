@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tiny_model_config
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -17,9 +18,7 @@ from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.optim import MUON_ADJUST_LR_FN, Optimizers, clip_grad_norm, lr_multiplier, param_groups
 
-SMALL = ModelConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, context_length=16
-)
+SMALL = tiny_model_config(context_length=16)
 
 
 def build(cfg: ModelConfig = SMALL, seed: int = 0) -> LLM:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from test_stats import stack, synthetic_cube
+from helpers import stack, surgery_result, synthetic_cube
 
 from spectra import plots
 from spectra.errors import SpectraError
@@ -23,39 +23,6 @@ def cubes() -> xr.Dataset:
             synthetic_cube("c2-s0", data="bible-kjv", rank=5.0),
             synthetic_cube("fz-s0", qk_norm="frozen", rank=2.0),
         ]
-    )
-
-
-def surgery_result(run_name: str = "a1-s0", gamma_applicable: bool = True) -> xr.Dataset:
-    fractions = np.array([0.0, 0.25, 0.5, 0.75])
-    seeds = np.arange(3)
-    first_only = np.where(seeds[None, :] == 0, 1.0, np.nan)
-    gamma = (4.0 + 2.0 * fractions)[:, None] * first_only
-    if not gamma_applicable:
-        gamma = np.full_like(gamma, np.nan)
-    svd = (4.0 + 1.0 * fractions)[:, None] * first_only
-    random = (4.0 + 3.0 * fractions)[:, None] + np.array([-0.1, 0.0, 0.1])[None, :]
-    return xr.Dataset(
-        {
-            "loss": (
-                ("strategy", "fraction", "seed"),
-                np.stack([gamma, svd, random]),
-                {"units": "nats/token"},
-            ),
-            "baseline_loss": ((), 4.0, {"units": "nats/token"}),
-        },
-        coords={"strategy": ["gamma", "svd", "random"], "fraction": fractions, "seed": seeds},
-        attrs={
-            "run_name": run_name,
-            "qk_norm": "learned" if gamma_applicable else "none",
-            "optimizer": "muon",
-            "step": 20,
-            "tokens": 20_000,
-            "checkpoint": f"runs/{run_name}/checkpoints/tokens_000000020000.safetensors",
-            "layers": "0,1",
-            "test_tokens": 4096,
-            "gamma_status": "ok" if gamma_applicable else "model has no QK-norm",
-        },
     )
 
 

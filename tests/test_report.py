@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_plots import surgery_result
-from test_stats import synthetic_cube, write_cube
+from helpers import surgery_result, synthetic_cube, write_cube
 
 from cli.analysis import plot, report
 from spectra import report as rep
@@ -23,9 +22,9 @@ from spectra.errors import SpectraError
 def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("runs")
     a1 = write_cube(
-        synthetic_cube("a1-s0", rank=np.array([7.0, 5.0, 4.0])[:, None, None]), root / "a1-s0" / "spectra.nc"
+        root / "a1-s0" / "spectra.nc", synthetic_cube("a1-s0", rank=np.array([7.0, 5.0, 4.0])[:, None, None])
     ).parent
-    a2 = write_cube(synthetic_cube("a2-s0", qk_norm="none", rank=6.0), root / "a2-s0" / "spectra.nc").parent
+    a2 = write_cube(root / "a2-s0" / "spectra.nc", synthetic_cube("a2-s0", qk_norm="none", rank=6.0)).parent
     surgery_result("a1-s0").to_netcdf(a1 / "surgery.nc")
     return [a1, a2]
 
@@ -126,7 +125,7 @@ def test_resolve_inputs(runs, tmp_path):
     assert [r.cube.parent.name for r in parent] == ["a1-s0", "a2-s0"]
     # a cube file picks up a surgery.nc beside it only if it is the same run's
     shared = tmp_path / "cubes"
-    cube = write_cube(synthetic_cube("other"), shared / "other.nc")
+    cube = write_cube(shared / "other.nc", synthetic_cube("other"))
     surgery_result("a1-s0").to_netcdf(shared / "surgery.nc")
     assert rep.resolve_inputs([cube]) == [rep.RunInput(cube, None)]
     with pytest.raises(SpectraError, match="no such run directory or cube file"):

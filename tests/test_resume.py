@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import read_jsonl, tiny_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer.checkpoint as checkpoint_mod
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
-from trainer.data import TokenDataset, prepare_data
 from trainer.model import LLM
 from trainer.optim import Optimizers
 from trainer.resume import (
@@ -37,78 +37,31 @@ from trainer.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 
-WORDS = (
-    "in the beginning was light and water over land where people built a city of stone by the river "
-    "then came night and fire and bread was given to all who walked far before the old king spoke"
-).split()
+# Not only for speed: the killed subprocess runs with OMP_NUM_THREADS=1, and float sums agree bit for bit
+# only with the same thread count in this process.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume-data")
-    rng = random.Random(1)
-    text = "\n\n".join(  # blank-line-separated paragraphs are the documents
-        " ".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
-            for _ in range(5)
-        )
-        for _ in range(1200)
-    )
-    (root / "corpus.txt").write_text(text + "\n")
-    return Path(
-        prepare_data(
-            root / "data",
-            [str(root / "corpus.txt")],
-            vocab_size=320,
-            eval_seqs=2,
-            eval_seq_len=32,
-            progress=False,
-        )
+def overrides(tiny_vocab) -> list[str]:
+    return tiny_overrides(
+        tiny_vocab,
+        optim={
+            "schedule": "cosine",  # the learning rate changes every step, so a wrong step would show
+            "warmup_frac": 0.2,
+        },
+        tokens=1536,  # 12 steps of 128 tokens
+        log_every=1,
+        resume_every=4,
+        milestones="list",
+        milestone_tokens=[640],  # checkpoints at steps 0, 5, 12
     )
 
 
-@pytest.fixture(scope="session")
-def overrides(data_dir) -> list[str]:
-    vocab = TokenDataset.open(data_dir).vocab_size
-    return [
-        f"model.vocab_size={vocab}",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.n_kv_heads=1",
-        "model.d_ff=64",
-        "model.context_length=32",
-        "optim.schedule='cosine'",  # the learning rate changes every step, so a wrong step would show
-        "optim.warmup_frac=0.2",
-        "train.tokens=1536",  # 12 steps of 128 tokens
-        "train.batch_size=4",
-        "train.seq_len=32",
-        "train.val_tokens=256",
-        "train.log_every=1",
-        "train.resume_every=4",
-        "train.milestones='list'",
-        "train.milestone_tokens=[640]",  # checkpoints at steps 0, 5, 12
-    ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same thread count as the killed subprocess (OMP_NUM_THREADS=1), so float sums agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, data_dir, overrides) -> Path:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("ref") / "run"
-        train(load_config("tiny", overrides), data_dir, out, progress=False)
-    finally:
-        torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data_dir, overrides, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
     return out
 
 
@@ -225,12 +178,12 @@ def _with_world_size(run_dir: Path, n: int) -> Path:
     return run_dir
 
 
-def test_resume_without_state_is_a_clear_error(tmp_path, data_dir, overrides):
+def test_resume_without_state_is_a_clear_error(tmp_path, tiny_data_dir, overrides):
     (tmp_path / "run").mkdir()
     with pytest.raises(ResumeError, match="no complete resume state"):
-        train(load_config("tiny", overrides), data_dir, tmp_path / "run", resume=True, progress=False)
+        train(load_config("tiny", overrides), tiny_data_dir, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(ResumeError, match="does not exist"):
-        train(load_config("tiny", overrides), data_dir, tmp_path / "absent", resume=True, progress=False)
+        train(load_config("tiny", overrides), tiny_data_dir, tmp_path / "absent", resume=True, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,14 +243,14 @@ def run_until_killed(tmp_path: Path, data_dir: Path, out: Path, kill_at: str, ov
     ],
 )
 def test_kill_then_resume_is_bit_identical(
-    tmp_path, data_dir, overrides, uninterrupted, kill_at, resumed_from
+    tmp_path, tiny_data_dir, overrides, uninterrupted, kill_at, resumed_from
 ):
     out = tmp_path / "run"
-    run_until_killed(tmp_path, data_dir, out, kill_at, overrides)
+    run_until_killed(tmp_path, tiny_data_dir, out, kill_at, overrides)
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # SIGKILL: no chance to record
     assert list_resume_states(out)[-1][0] == resumed_from
 
-    train(load_config("tiny", overrides), data_dir, out, resume=True, progress=False)
+    train(load_config("tiny", overrides), tiny_data_dir, out, resume=True, progress=False)
 
     ref_ckpts, ckpts = list_checkpoints(uninterrupted / "checkpoints"), list_checkpoints(out / "checkpoints")
     assert [t for t, _ in ckpts] == [t for t, _ in ref_ckpts] == [0, 640, 1536]
@@ -311,7 +264,7 @@ def test_kill_then_resume_is_bit_identical(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [p.name for _, p in ckpts]
 
     def losses(run: Path) -> list[tuple]:
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        lines = read_jsonl(run / "metrics.jsonl")
         return [
             (r["kind"], r["step"], r.get("train_loss"), r.get("val_loss"), r.get("grad_norm")) for r in lines
         ]
@@ -326,14 +279,14 @@ def test_kill_then_resume_is_bit_identical(
     assert [p.name for p in (out / "resume").iterdir()] == ["step_00000012"]
 
 
-def test_resuming_a_finished_run_changes_nothing(tmp_path, data_dir, overrides, uninterrupted):
+def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_data_dir, overrides, uninterrupted):
     import shutil
 
     out = tmp_path / "done"
     shutil.copytree(uninterrupted, out)
     before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
     metrics = (out / "metrics.jsonl").read_text()
-    train(load_config("tiny", overrides), data_dir, out, resume=True, progress=False)
+    train(load_config("tiny", overrides), tiny_data_dir, out, resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
     assert (out / "metrics.jsonl").read_text() == metrics
 
@@ -342,7 +295,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, data_dir, overrides, 
 # a failure inside a checkpoint write never leaves a final-named partial file
 
 
-def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, data_dir, overrides, monkeypatch):
+def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, tiny_data_dir, overrides, monkeypatch):
     real_save = checkpoint_mod.save_file
     calls = {"n": 0}
 
@@ -358,7 +311,7 @@ def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, data_dir,
     monkeypatch.setattr(checkpoint_mod, "save_file", half_then_fail)
     out = tmp_path / "full-disk"
     with pytest.raises(OSError, match="No space left"):
-        train(load_config("tiny", overrides), data_dir, out, progress=False)
+        train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["tokens_000000000000.safetensors"]  # no partial file, final-named or temporary
     for _, path in list_checkpoints(out / "checkpoints"):
@@ -367,11 +320,11 @@ def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, data_dir,
     assert run["status"] == "failed" and "No space left" in run["error"]
 
 
-def test_resume_removes_temporary_checkpoint_files_of_a_killed_writer(tmp_path, data_dir, overrides):
+def test_resume_removes_temporary_checkpoint_files_of_a_killed_writer(tmp_path, tiny_data_dir, overrides):
     out = tmp_path / "run"
-    run_until_killed(tmp_path, data_dir, out, "after-log:2", overrides)
+    run_until_killed(tmp_path, tiny_data_dir, out, "after-log:2", overrides)
     partial = out / "checkpoints" / ".tokens_000000000640.safetensors.abc123.tmp"
     partial.write_bytes(b"\0" * 100)  # what a SIGKILL inside atomic_write leaves behind
-    train(load_config("tiny", overrides), data_dir, out, resume=True, progress=False)
+    train(load_config("tiny", overrides), tiny_data_dir, out, resume=True, progress=False)
     assert not partial.exists()
     assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 640, 1536]

@@ -1,193 +1,20 @@
 """Statistics across heads, seeds and configurations (spectra.stats), on constructed cubes with known answers.
 
-``synthetic_cube`` builds a cube exactly per docs/cube.md; the gamma, plot and report tests import it.
+The cubes come from ``helpers.synthetic_cube``, which builds one exactly per docs/cube.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
-import xarray as xr
+from helpers import flat_spectrum, stack, synthetic_cube
 
 from spectra import stats
-from spectra.cube_io import open_cubes
 from spectra.errors import SpectraError
-
-SITES = ("proj", "unit", "normed", "rope")
-CENTERINGS = ("uncentered", "centered")
-
-
-def flat_spectrum(rank: float, head_dim: int) -> np.ndarray:
-    """Singular values whose singular-value participation ratio is exactly ``rank`` when it is an integer.
-
-    ``floor(rank)`` ones, then the fractional part as one extra smaller value; the rest zeros.
-    """
-    s = np.zeros(head_dim)
-    whole = int(math.floor(rank))
-    s[:whole] = 1.0
-    if whole < head_dim and rank > whole:
-        s[whole] = rank - whole
-    return s
-
-
-def synthetic_cube(
-    run_name: str = "A1-s0",
-    *,
-    qk_norm: str = "learned",
-    optimizer: str = "muon",
-    seed: int = 0,
-    data: str = "bible-mix",
-    n_layers: int = 2,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    head_dim: int = 8,
-    steps: tuple[int, ...] = (0, 10, 20),
-    tokens_per_step: int = 1000,
-    rank: float | np.ndarray = 4.0,
-    gamma: np.ndarray | None = None,
-    energy: np.ndarray | None = None,
-) -> xr.Dataset:
-    """A cube per docs/cube.md with known spectra.
-
-    ``rank`` is the singular-value PR of every key and query head at every site and centring: a
-    scalar, or an array (step, layer, kv_head) for the keys. ``gamma`` (step, layer, dim) defaults to 1 at
-    step 0 then a spread that grows with the step (learned), 1 (frozen) or NaN (none). ``energy``
-    (step, layer, kv_head, dim) at site ``unit`` defaults to random positive values; ``normed`` is
-    ``gamma² × unit``.
-    """
-    rng = np.random.default_rng(seed + 17)
-    S, L, H, Hkv, D = len(steps), n_layers, n_heads, n_kv_heads, head_dim
-    k_rank = np.broadcast_to(np.asarray(rank, dtype=np.float64), (S, L, Hkv))
-    k_sv = np.empty((S, L, Hkv, 4, 2, D))
-    for idx in np.ndindex(S, L, Hkv):
-        k_sv[idx] = flat_spectrum(k_rank[idx], D)  # same at every site and centring
-    q_sv = np.repeat(k_sv[:, :, :1], H, axis=2)
-    if gamma is None:
-        if qk_norm == "learned":
-            spread = np.linspace(0.2, 1.8, D)
-            gamma = np.stack([np.ones(D) + (s / max(steps)) * (spread - 1) for s in steps])
-            gamma = np.repeat(gamma[:, None, :], L, axis=1)
-        elif qk_norm == "frozen":
-            gamma = np.ones((S, L, D))
-        else:
-            gamma = np.full((S, L, D), np.nan)
-    if energy is None:
-        energy = rng.uniform(0.5, 1.5, size=(S, L, Hkv, D))
-    k_energy = np.empty((S, L, Hkv, 4, D))
-    k_energy[:, :, :, 0] = energy * 3.0  # proj: an arbitrary scale
-    k_energy[:, :, :, 1] = energy if qk_norm != "none" else np.nan
-    k_energy[:, :, :, 2] = energy * gamma[:, :, None, :] ** 2 if qk_norm != "none" else energy * 3.0
-    k_energy[:, :, :, 3] = k_energy[:, :, :, 2]
-    q_energy = np.repeat(k_energy[:, :, :1], H, axis=2)
-    if qk_norm == "none":
-        k_sv[:, :, :, 1] = np.nan
-        q_sv[:, :, :, 1] = np.nan
-    tokens = np.asarray(steps, dtype=np.int64) * tokens_per_step
-    val = 8.0 - 0.1 * np.arange(S) - 0.01 * seed
-    train = val + 0.05
-    train[0] = np.nan
-    u = {"units": "1"}
-    ds = xr.Dataset(
-        {
-            "q_sv": (
-                ("step", "layer", "head", "site", "centering", "sv"),
-                q_sv,
-                {"long_name": "query singular values", "units": "activation units"},
-            ),
-            "k_sv": (
-                ("step", "layer", "kv_head", "site", "centering", "sv"),
-                k_sv,
-                {"long_name": "key singular values", "units": "activation units"},
-            ),
-            "wq_sv": (
-                ("step", "layer", "head", "sv"),
-                q_sv[:, :, :, 0, 0],
-                {"long_name": "W_q singular values", **u},
-            ),
-            "wk_sv": (
-                ("step", "layer", "kv_head", "sv"),
-                k_sv[:, :, :, 0, 0],
-                {"long_name": "W_k singular values", **u},
-            ),
-            "q_gamma": (("step", "layer", "dim"), gamma.copy(), {"long_name": "query QK-norm gain", **u}),
-            "k_gamma": (("step", "layer", "dim"), gamma.copy(), {"long_name": "key QK-norm gain", **u}),
-            "q_energy": (
-                ("step", "layer", "head", "site", "dim"),
-                q_energy,
-                {"long_name": "query coordinate energy", "units": "activation units^2"},
-            ),
-            "k_energy": (
-                ("step", "layer", "kv_head", "site", "dim"),
-                k_energy,
-                {"long_name": "key coordinate energy", "units": "activation units^2"},
-            ),
-            "train_loss": (("step",), train, {"long_name": "training loss", "units": "nats/token"}),
-            "val_loss": (("step",), val, {"long_name": "validation loss", "units": "nats/token"}),
-        },
-        coords={
-            "step": (
-                "step",
-                np.asarray(steps, dtype=np.int64),
-                {"long_name": "optimizer step", "units": "1"},
-            ),
-            "tokens": ("step", tokens, {"long_name": "training tokens", "units": "tokens"}),
-            "layer": ("layer", np.arange(L), {"long_name": "layer", **u}),
-            "head": ("head", np.arange(H), {"long_name": "query head", **u}),
-            "kv_head": ("kv_head", np.arange(Hkv), {"long_name": "key/value head", **u}),
-            "site": ("site", list(SITES), {"long_name": "read-out site"}),
-            "centering": ("centering", list(CENTERINGS), {"long_name": "centring"}),
-            "sv": ("sv", np.arange(D), {"long_name": "singular value index", **u}),
-            "dim": ("dim", np.arange(D), {"long_name": "coordinate within a head", **u}),
-        },
-        attrs={
-            "Conventions": "CF-1.10",
-            "title": f"synthetic cube {run_name}",
-            "history": "built by tests",
-            "source": "tests",
-            "format": "collapse-spectra-cube",
-            "format_version": "1",
-            "run_name": run_name,
-            "qk_norm": qk_norm,
-            "optimizer": optimizer,
-            "seed": seed,
-            "data": data,
-            "model_config": json.dumps(
-                {"n_layers": L, "n_heads": H, "n_kv_heads": Hkv, "head_dim": D, "qk_norm": qk_norm}
-            ),
-            "run_config": json.dumps(
-                {"name": run_name, "optim": {"name": optimizer}, "train": {"seed": seed}}
-            ),
-            "eval_batch_sha256": "0" * 64,
-            "eval_batch_shape": "4,32",
-            "drop_first": 0,
-            "n_tokens": 128,
-            "train_tokens": int(tokens[-1]),
-            "versions": json.dumps({"numpy": np.__version__}),
-        },
-    )
-    return ds
-
-
-def write_cube(ds: xr.Dataset, path: Path) -> Path:
-    """Write a synthetic cube as NetCDF4 the way the extractor does (zlib-compressed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.to_netcdf(path, engine="netcdf4", encoding={v: {"zlib": True} for v in ds.data_vars})
-    return path
-
-
-def stack(cubes: list[xr.Dataset]) -> xr.Dataset:
-    """Stack cubes along ``run`` through the real reader: write each, then ``open_cubes``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [write_cube(c, Path(tmp) / f"{i}" / "spectra.nc") for i, c in enumerate(cubes)]
-        return open_cubes(paths)
-
 
 # ------------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
+from helpers import tiny_model_config
 from safetensors.torch import save_file
 from scipy import stats
 
@@ -42,28 +43,11 @@ VOCAB, SEQ, D = 64, 32, 8
 STEPS = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These matmuls are tiny; on a shared machine extra threads only contend with each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_config(qk_norm: str = "learned") -> ModelConfig:
-    return ModelConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=D,
-        d_ff=64,
-        context_length=SEQ,
-        qk_norm=qk_norm,
-        init_std=0.1,
-    )
+    return tiny_model_config(qk_norm, vocab_size=VOCAB, head_dim=D, context_length=SEQ, init_std=0.1)
 
 
 def period3_stream(rng: np.random.Generator, n_segments: int) -> np.ndarray:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_jsonl, tiny_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer.train as train_mod
 from trainer.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_name, list_checkpoints
 from trainer.config import RunConfig, TrainConfig, load_config
-from trainer.data import TokenDataset, fixed_batches, prepare_data
+from trainer.data import TokenDataset, fixed_batches
 from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.train import (
@@ -32,91 +32,32 @@ from trainer.train import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------------------------------
-# fixtures: a small real dataset (built once per session) and a tiny model config
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# a tiny model config on conftest's session dataset (tiny_data_dir, tiny_vocab)
 
 
-WORDS = (
-    "the a one every some light water land people king city house word day night fire river stone bread "
-    "went came saw gave took made said heard kept found built spoke walked over under into from with "
-    "before after great small old new good dark bright far near and but then so because when while"
-).split()
+def run_overrides(vocab: int, **train: object) -> list[str]:
+    """The tiny run of this module: 10 steps of 128 tokens, the plan's milestones, resume state every 3 steps.
 
-
-def write_corpus(path: Path, n_paragraphs: int = 1200, seed: int = 0) -> Path:
-    """A few hundred KB of varied, seeded text: paragraphs (the documents) of a few sentences."""
-    rng = random.Random(seed)
-    paragraphs = []
-    for _ in range(n_paragraphs):
-        sentences = []
-        for _ in range(rng.randint(2, 8)):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
-            sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?"]))
-        paragraphs.append(" ".join(sentences))
-    path.write_text("\n\n".join(paragraphs) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    txt = write_corpus(root / "corpus.txt")
-    return Path(
-        prepare_data(root / "data", [str(txt)], vocab_size=320, eval_seqs=2, eval_seq_len=32, progress=False)
+    A run takes a fraction of a second; ``train`` replaces any of these settings.
+    """
+    return tiny_overrides(
+        vocab, **{"tokens": 1280, "log_every": 2, "resume_every": 3, "milestones": "plan", **train}
     )
 
 
-@pytest.fixture(scope="session")
-def vocab(data_dir) -> int:
-    return TokenDataset.open(data_dir).vocab_size
-
-
-def tiny_overrides(vocab: int, **train: object) -> list[str]:
-    """A model of a few thousand parameters and steps of 128 tokens: a run takes a fraction of a second."""
-    base = {
-        "tokens": 1280,
-        "batch_size": 4,
-        "seq_len": 32,
-        "val_tokens": 256,
-        "log_every": 2,
-        "resume_every": 3,
-        "milestones": "plan",
-    }
-    base.update(train)
-    model = [
-        f"model.vocab_size={vocab}",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.n_kv_heads=1",
-        "model.d_ff=64",
-        "model.context_length=32",
-    ]
-    return model + [f"train.{k}={json.dumps(v)}" for k, v in base.items()]
-
-
 def tiny_config(vocab: int, **train: object) -> RunConfig:
-    return load_config("tiny", tiny_overrides(vocab, **train))
+    return load_config("tiny", run_overrides(vocab, **train))
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, data_dir, vocab) -> tuple[RunConfig, Path]:
-    cfg = tiny_config(vocab, tokens=1280)  # 10 steps of 128 tokens
+def trained(tmp_path_factory, tiny_data_dir, tiny_vocab) -> tuple[RunConfig, Path]:
+    cfg = tiny_config(tiny_vocab, tokens=1280)  # 10 steps of 128 tokens
     out = tmp_path_factory.mktemp("runs") / "tiny-run"
-    assert train(cfg, data_dir, out, progress=False) == out
+    assert train(cfg, tiny_data_dir, out, progress=False) == out
     return cfg, out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,11 +172,11 @@ def test_autocast_factory():
         autocast_factory(torch.device("cpu"), "float16")
 
 
-def test_validator_is_the_token_weighted_loss_on_the_fixed_slice(data_dir, vocab):
+def test_validator_is_the_token_weighted_loss_on_the_fixed_slice(tiny_data_dir, tiny_vocab):
     from trainer.distributed import DistInfo
 
-    cfg = tiny_config(vocab)
-    ds = TokenDataset.open(data_dir)
+    cfg = tiny_config(tiny_vocab)
+    ds = TokenDataset.open(tiny_data_dir)
     torch.manual_seed(0)
     model = LLM(cfg.model)
     val = Validator(
@@ -263,7 +204,7 @@ def test_validator_is_the_token_weighted_loss_on_the_fixed_slice(data_dir, vocab
 # a whole run
 
 
-def test_run_directory_contents(trained, data_dir):
+def test_run_directory_contents(trained, tiny_data_dir):
     cfg, out = trained
     assert tomllib.loads((out / "config.toml").read_text()) == cfg.to_dict()
     assert load_config(str(out / "config.toml")) == cfg  # the resolved config rebuilds the same run
@@ -273,7 +214,7 @@ def test_run_directory_contents(trained, data_dir):
     assert run["tokens_per_step"] == 128 and run["world_size"] == 1 and run["seed"] == cfg.train.seed
     assert run["device"]["type"] == "cpu" and run["versions"]["torch"] == torch.__version__
     assert run["wall_time_s"] > 0 and run["start_time"] <= run["end_time"]
-    assert run["data_dir"] == str(Path(data_dir).resolve())
+    assert run["data_dir"] == str(Path(tiny_data_dir).resolve())
     assert [s["status"] for s in run["segments"]] == ["completed"]
 
 
@@ -299,7 +240,7 @@ def test_metrics_lines(trained):
     assert [r["step"] for r in lines] == sorted(r["step"] for r in lines)
 
 
-def test_checkpoints_and_their_metadata(trained, data_dir):
+def test_checkpoints_and_their_metadata(trained, tiny_data_dir):
     cfg, out = trained
     found = list_checkpoints(out / "checkpoints")
     steps = milestone_steps(cfg, 128, 10)
@@ -311,7 +252,7 @@ def test_checkpoints_and_their_metadata(trained, data_dir):
     train_lines = {
         r["step"]: r["train_loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"
     }
-    ds = TokenDataset.open(data_dir)
+    ds = TokenDataset.open(tiny_data_dir)
     for tokens, path in found:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
@@ -322,7 +263,7 @@ def test_checkpoints_and_their_metadata(trained, data_dir):
         assert json.loads(meta["run_config"]) == cfg.to_dict()
         assert meta["run_name"] == cfg.name
         assert meta["eval_batch_sha256"] == ds.eval_batch_sha256
-        assert meta["data_dir"] == str(Path(data_dir).resolve())
+        assert meta["data_dir"] == str(Path(tiny_data_dir).resolve())
         dataset = json.loads(meta["dataset"])
         assert dataset["name"] == ds.name and dataset["vocab_size"] == ds.vocab_size
         assert int(meta["seed"]) == cfg.train.seed
@@ -339,9 +280,9 @@ def test_checkpoints_and_their_metadata(trained, data_dir):
     assert not torch.equal(first["blocks.0.attn.k_proj.weight"], last["blocks.0.attn.k_proj.weight"])
 
 
-def test_grad_accum_counts_tokens(tmp_path, data_dir, vocab):
-    cfg = tiny_config(vocab, tokens=1024, grad_accum=2, milestones="list", milestone_tokens=[256])
-    out = train(cfg, data_dir, tmp_path / "accum", progress=False)
+def test_grad_accum_counts_tokens(tmp_path, tiny_data_dir, tiny_vocab):
+    cfg = tiny_config(tiny_vocab, tokens=1024, grad_accum=2, milestones="list", milestone_tokens=[256])
+    out = train(cfg, tiny_data_dir, tmp_path / "accum", progress=False)
     assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 256, 1024]  # 256 tokens per step
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [2, 4]
 
@@ -350,43 +291,43 @@ def test_grad_accum_counts_tokens(tmp_path, data_dir, vocab):
 # bad input and faults
 
 
-def test_nonempty_run_dir_is_refused_and_untouched(tmp_path, data_dir, vocab):
+def test_nonempty_run_dir_is_refused_and_untouched(tmp_path, tiny_data_dir, tiny_vocab):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(TrainerError, match=str(out)):
-        train(tiny_config(vocab), data_dir, out, progress=False)
+        train(tiny_config(tiny_vocab), tiny_data_dir, out, progress=False)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
-def test_an_empty_existing_run_dir_is_used(tmp_path, data_dir, vocab):
+def test_an_empty_existing_run_dir_is_used(tmp_path, tiny_data_dir, tiny_vocab):
     out = tmp_path / "empty"
     out.mkdir()
-    train(tiny_config(vocab, tokens=256), data_dir, out, progress=False)
+    train(tiny_config(tiny_vocab, tokens=256), tiny_data_dir, out, progress=False)
     assert (out / "run.json").exists()
 
 
-def test_vocab_mismatch_names_the_fix(tmp_path, data_dir, vocab):
-    cfg = load_config("tiny", [*tiny_overrides(vocab), f"model.vocab_size={vocab + 1}"])
-    with pytest.raises(TrainerError, match=f"use --set model.vocab_size={vocab}"):
-        train(cfg, data_dir, tmp_path / "r", progress=False)
+def test_vocab_mismatch_names_the_fix(tmp_path, tiny_data_dir, tiny_vocab):
+    cfg = load_config("tiny", [*run_overrides(tiny_vocab), f"model.vocab_size={tiny_vocab + 1}"])
+    with pytest.raises(TrainerError, match=f"use --set model.vocab_size={tiny_vocab}"):
+        train(cfg, tiny_data_dir, tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
 
 
-def test_unwritable_run_dir(tmp_path, data_dir, vocab):
+def test_unwritable_run_dir(tmp_path, tiny_data_dir, tiny_vocab):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(TrainerError, match="cannot write the run directory"):
-        train(tiny_config(vocab), data_dir, blocker / "run", progress=False)
+        train(tiny_config(tiny_vocab), tiny_data_dir, blocker / "run", progress=False)
 
 
-def test_missing_dataset_error_names_it(tmp_path, vocab):
+def test_missing_dataset_error_names_it(tmp_path, tiny_vocab):
     with pytest.raises(TrainerError, match="nowhere"):
-        train(tiny_config(vocab), tmp_path / "nowhere", tmp_path / "r", progress=False)
+        train(tiny_config(tiny_vocab), tmp_path / "nowhere", tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
 
 
-def test_non_finite_loss_stops_at_once(tmp_path, data_dir, vocab, monkeypatch):
+def test_non_finite_loss_stops_at_once(tmp_path, tiny_data_dir, tiny_vocab, monkeypatch):
     """The 4th forward pass returns NaN: the run stops before the 4th update, keeps what it wrote."""
     calls = {"n": 0}
     forward = LLM.forward
@@ -400,10 +341,10 @@ def test_non_finite_loss_stops_at_once(tmp_path, data_dir, vocab, monkeypatch):
         return out
 
     monkeypatch.setattr(LLM, "forward", poisoned)
-    cfg = tiny_config(vocab, milestones="list", milestone_tokens=[256], log_every=1)
+    cfg = tiny_config(tiny_vocab, milestones="list", milestone_tokens=[256], log_every=1)
     out = tmp_path / "nan"
     with pytest.raises(DivergedError) as err:
-        train(cfg, data_dir, out, progress=False)
+        train(cfg, tiny_data_dir, out, progress=False)
     msg = str(err.value)
     assert "non-finite loss at step 4" in msg and checkpoint_name(256) in msg
     assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 256]  # nothing of the bad state
@@ -412,11 +353,11 @@ def test_non_finite_loss_stops_at_once(tmp_path, data_dir, vocab, monkeypatch):
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
 
 
-def test_non_finite_gradient_norm_also_stops(tmp_path, data_dir, vocab, monkeypatch):
+def test_non_finite_gradient_norm_also_stops(tmp_path, tiny_data_dir, tiny_vocab, monkeypatch):
     norms = iter([1.0, math.inf])
     monkeypatch.setattr(train_mod, "clip_grad_norm", lambda model, max_norm: next(norms))
     with pytest.raises(DivergedError, match="non-finite gradient norm at step 2.*grad_norm=inf"):
-        train(tiny_config(vocab), data_dir, tmp_path / "inf", progress=False)
+        train(tiny_config(tiny_vocab), tiny_data_dir, tmp_path / "inf", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,12 +369,12 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_compiled_run_matches_eager(tmp_path, data_dir, vocab):
+def test_compiled_run_matches_eager(tmp_path, tiny_data_dir, tiny_vocab):
     """torch.compile (inductor on the CPU, about a minute) trains the same model to float tolerance."""
-    eager = train(tiny_config(vocab, log_every=1), data_dir, tmp_path / "eager", progress=False)
+    eager = train(tiny_config(tiny_vocab, log_every=1), tiny_data_dir, tmp_path / "eager", progress=False)
     compiled = train(
-        load_config("tiny", [*tiny_overrides(vocab, log_every=1), "train.compile=true"]),
-        data_dir,
+        load_config("tiny", [*run_overrides(tiny_vocab, log_every=1), "train.compile=true"]),
+        tiny_data_dir,
         tmp_path / "compiled",
         progress=False,
     )
@@ -442,12 +383,12 @@ def test_compiled_run_matches_eager(tmp_path, data_dir, vocab):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_compiled_run(tmp_path, data_dir, vocab):
+def test_cuda_bf16_compiled_run(tmp_path, tiny_data_dir, tiny_vocab):
     """The GPU path: bf16 autocast, torch.compile, fused AdamW; weights and checkpoints stay float32."""
     cfg = load_config(
-        "tiny", [*tiny_overrides(vocab, log_every=1), "train.device='cuda'", "train.compile=true"]
+        "tiny", [*run_overrides(tiny_vocab, log_every=1), "train.device='cuda'", "train.compile=true"]
     )
-    out = train(cfg, data_dir, tmp_path / "gpu", progress=False)
+    out = train(cfg, tiny_data_dir, tmp_path / "gpu", progress=False)
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["device"]["type"] == "cuda"
     assert run["device"]["name"] == torch.cuda.get_device_name(0)
@@ -457,5 +398,5 @@ def test_cuda_bf16_compiled_run(tmp_path, data_dir, vocab):
     val = [r["val_loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "val"]
     assert val[-1] < val[0] - 0.3
     # bf16 autocast changes the numbers a little, not the trajectory
-    eager_cpu = train(tiny_config(vocab, log_every=1), data_dir, tmp_path / "cpu", progress=False)
+    eager_cpu = train(tiny_config(tiny_vocab, log_every=1), tiny_data_dir, tmp_path / "cpu", progress=False)
     assert _losses(out) == pytest.approx(_losses(eager_cpu), rel=0.05)
