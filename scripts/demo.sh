@@ -14,8 +14,7 @@ if [ -n "${DEMO_TOKENS:-}" ]; then TOKENS_OPT=(--tokens "$DEMO_TOKENS"); fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 if [ ! -f "$DATA/meta.json" ]; then
-    # the eval batch matches the tiny preset's context (256): spectra are read where the model was trained
-    collapse-train prepare-data --out "$DATA" --eval-seqs 8 --eval-seq-len 256
+    collapse-train prepare-data --out "$DATA"   # fixed eval batch: 8 x 512 tokens, the tiny preset's context
 fi
 
 runs=()

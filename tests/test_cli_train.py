@@ -159,6 +159,16 @@ def test_corrupt_dataset_names_the_file(tmp_path, tiny_args, tiny_data_dir):
     assert not (tmp_path / "r").exists()
 
 
+def test_eval_batch_longer_than_the_context(tmp_path, tiny_args, tiny_data_dir):
+    # tiny_data_dir's eval batch is 2 x 32 tokens
+    out = tmp_path / "r"
+    sets = ["--set", "model.context_length=16", "--set", "train.seq_len=16"]
+    result = invoke("run", "tiny", *tiny_args, "--out", str(out), *sets)
+    assert result.exit_code == 1
+    assert "eval batch" in result.output and "32 tokens but model.context_length=16" in result.output
+    assert "--eval-seq-len 16" in result.output and not out.exists()
+
+
 def test_vocab_mismatch(tmp_path, tiny_args, tiny_data_dir, tiny_vocab):
     result = invoke("run", "tiny", *tiny_args, "--out", str(tmp_path / "r"), "--set", "model.vocab_size=4096")
     assert result.exit_code == 1

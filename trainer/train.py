@@ -690,6 +690,15 @@ def _train(
             f"model.vocab_size={cfg.model.vocab_size} but dataset {ds.path} has {ds.vocab_size} tokens: "
             f"use --set model.vocab_size={ds.vocab_size}"
         )
+    eval_len = int(ds.meta["eval_batch"]["seq_len"])
+    if eval_len > cfg.model.context_length:
+        # checked before training, not at extraction: the checkpoints exist to be measured on this batch
+        raise TrainerError(
+            f"the fixed eval batch of {ds.path} has sequences of {eval_len} tokens but "
+            f"model.context_length={cfg.model.context_length}: the spectra of this run's checkpoints could "
+            f"not be measured on it; prepare the data with --eval-seq-len {cfg.model.context_length} (or "
+            f"less), or use --set model.context_length={eval_len}"
+        )
     step_tokens = tokens_per_step(cfg, info.world_size)
     total_steps = total_steps_for(cfg, step_tokens)
     milestones = milestone_steps(cfg, step_tokens, total_steps)
