@@ -28,6 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from spectra.capture import SITES, LayerQK, capture_qk, check_batch
+from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
 from spectra.load import (
@@ -45,10 +46,6 @@ from spectra.load import (
 )
 from spectra.svd import head_weight_singular_values, token_spectra
 
-CUBE_FORMAT = "collapse-spectra-cube"
-"""Value of the cube's ``format`` attribute."""
-CUBE_FORMAT_VERSION = "1"
-"""Value of the cube's ``format_version`` attribute."""
 CENTERINGS = ("uncentered", "centered")
 """Order of the cube's ``centering`` dimension."""
 DEFAULT_CUBE_NAME = "spectra.nc"
@@ -222,7 +219,7 @@ def run_attrs(ckpt: Checkpoint, input_ids: torch.Tensor, drop_first: int, n_toke
         "title": f"Singular-value spectra of attention queries and keys, run {ckpt.run_name}",
         "source": "collapse-spectra extract: float32 forward pass on the fixed eval batch, float64 SVD",
         "format": CUBE_FORMAT,
-        "format_version": CUBE_FORMAT_VERSION,
+        "format_version": str(CUBE_FORMAT_VERSION),  # a string attribute, as cubes have always carried it
         "run_name": ckpt.run_name,
         "qk_norm": ckpt.model_config.qk_norm,
         "optimizer": str(_require(ckpt, "optim", "name")),
@@ -328,20 +325,14 @@ def spectra_for_checkpoint(
 
 
 def _read_cube(path: Path) -> xr.Dataset:
-    """Load a cube fully into memory and close the file (it is about to be replaced)."""
+    """Load the existing cube fully into memory, file closed (it is about to be replaced), validated by
+    :func:`spectra.cube_io.open_cube`, the one reader of the format."""
     try:
-        with xr.open_dataset(path, engine="netcdf4") as src:
-            ds = src.load()
-    except (OSError, ValueError, RuntimeError) as e:
+        return open_cube(path)
+    except SpectraError as e:
         raise SpectraError(
-            f"{path}: the existing cube cannot be read ({e}); move it away or choose another --out"
+            f"{e}; the existing cube is left as it is: move it away or choose another --out"
         ) from None
-    if ds.attrs.get("format") != CUBE_FORMAT or str(ds.attrs.get("format_version")) != CUBE_FORMAT_VERSION:
-        raise SpectraError(
-            f"{path}: not a spectra cube of format {CUBE_FORMAT!r} version {CUBE_FORMAT_VERSION} "
-            f"(format={ds.attrs.get('format')!r}, format_version={ds.attrs.get('format_version')!r})"
-        )
-    return ds
 
 
 def _check_compatible(

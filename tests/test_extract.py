@@ -335,6 +335,7 @@ def test_existing_cube_of_another_setting_is_an_error(tmp_path):
     (tmp_path / "junk.nc").write_text("not a cube")
     with pytest.raises(SpectraError, match="junk.nc"):
         extract(run, out=tmp_path / "junk.nc", progress=False)
+    assert (tmp_path / "junk.nc").read_text() == "not a cube"  # left as it was
 
 
 def test_incomplete_run_config_is_an_error(tmp_path):
