@@ -37,7 +37,9 @@ def reports_errors(func):
             return func(*args, **kwargs)
         except Exception as e:
             if isinstance(e, _expected_errors()):
-                raise click.ClickException(str(e)) from e
+                error = click.ClickException(str(e))
+                error.exit_code = getattr(e, "exit_code", 1)  # 130 for a run stopped by a signal
+                raise error from e
             if not isinstance(e, OSError):
                 raise
             # unwritable output, full disk: name the file

@@ -17,12 +17,17 @@ from trainer.train import train
 
 
 def run_overrides(
-    out_dir: Path, overrides: tuple[str, ...], tokens: int | None, seed: int | None
+    out_dir: Path,
+    overrides: tuple[str, ...],
+    tokens: int | None,
+    seed: int | None,
+    device: str | None = None,
 ) -> list[str]:
     """The ``key=value`` overrides of one ``run`` invocation, lowest priority first.
 
-    The run name defaults to the run directory's name (``--set name=...`` wins); ``--tokens`` and
-    ``--seed`` are spelled-out overrides of ``train.tokens`` and ``train.seed`` and win over ``--set``.
+    The run name defaults to the run directory's name (``--set name=...`` wins); ``--tokens``,
+    ``--seed`` and ``--device`` are spelled-out overrides of ``train.tokens``, ``train.seed`` and
+    ``train.device`` and win over ``--set``.
 
     >>> run_overrides(Path("runs/a1"), ("optim.lr=1e-3",), 20000, None)
     ['name="a1"', 'optim.lr=1e-3', 'train.tokens=20000']
@@ -33,6 +38,8 @@ def run_overrides(
         out.append(f"train.tokens={tokens}")
     if seed is not None:
         out.append(f"train.seed={seed}")
+    if device is not None:
+        out.append(f"train.device={json.dumps(device)}")
     return out
 
 
@@ -46,7 +53,7 @@ def run_overrides(
     help="Dataset directory (prepare-data).",
 )
 @click.option(
-    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory to create."
+    "-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory to create."
 )
 @click.option("--tokens", type=int, default=None, help="Training tokens (overrides train.tokens).")
 @click.option("--seed", type=int, default=None, help="Seed for init and data order (overrides train.seed).")
@@ -57,7 +64,18 @@ def run_overrides(
     metavar="KEY=VALUE",
     help="Override a config field, e.g. --set optim.lr=3e-3 (repeatable; types are checked).",
 )
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest resume state.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Where to train (overrides train.device; cuda:N through --set train.device=cuda:N). [default: the config's]",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out: from its newest resume state, from step 0 if it was killed before "
+    "its first one; nothing to do if it completed.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @reports_errors
 def run(
@@ -67,17 +85,22 @@ def run(
     tokens: int | None,
     seed: int | None,
     overrides: tuple[str, ...],
+    device: str | None,
     resume: bool,
     no_progress: bool,
 ) -> None:
     """Train PRESET_OR_TOML (a preset name or a TOML file) on --data, writing checkpoints to --out.
 
-    Under torchrun the same command trains with DDP, one process per device.
+    Under torchrun the same command trains with DDP, one process per device. Ctrl-C (or SIGTERM) stops
+    after the step in progress with a resume state written; `--resume` continues from there.
     """
-    cfg = load_config(preset_or_toml, run_overrides(out_dir, overrides, tokens, seed))
-    run_dir = train(cfg, data_dir, out_dir, resume=resume, progress=not no_progress)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report for the job
-        click.echo(f"trained {cfg.name}: {run_dir}")
+    cfg = load_config(preset_or_toml, run_overrides(out_dir, overrides, tokens, seed, device))
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, one report for the job
+    result = train(
+        cfg, data_dir, out_dir, resume=resume, progress=not no_progress, echo=click.echo if main else None
+    )
+    if main and result.status == "completed":
+        click.echo(f"trained {cfg.name}: {result.path}")
 
 
 def count_parameters(preset: str) -> int:

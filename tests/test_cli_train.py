@@ -209,13 +209,14 @@ def test_divergence_stops_with_a_message_and_keeps_checkpoints(tmp_path, tiny_ar
     assert json.loads((out / "run.json").read_text())["status"] == "diverged"
 
 
-def test_resume_flag_without_state(tmp_path, tiny_args):
+def test_resume_flag_on_an_empty_directory_starts_the_run(tmp_path, tiny_args):
     (tmp_path / "empty").mkdir()
     result = invoke("run", "tiny", *tiny_args, "--out", str(tmp_path / "empty"), "--resume")
-    assert result.exit_code == 1 and "no complete resume state" in result.output
+    assert result.exit_code == 0, result.output
+    assert "yet: starting at step 0" in result.output and "trained empty" in result.output
 
 
-def test_resume_flag_continues_a_run(tmp_path, tiny_args, trained):
+def test_resume_flag_on_a_completed_run_does_nothing(tmp_path, tiny_args, trained):
     out = tmp_path / "again"
     shutil.copytree(trained[0], out)
     # the copy's directory name differs from the run's name, which is part of the config
@@ -232,8 +233,9 @@ def test_resume_flag_continues_a_run(tmp_path, tiny_args, trained):
         "name=my-run",
     )
     assert result.exit_code == 0, result.output
+    assert "already completed at step 6: nothing to do" in result.output and "trained" not in result.output
     run_json = json.loads((out / "run.json").read_text())
-    assert len(run_json["segments"]) == 2 and run_json["status"] == "completed"
+    assert len(run_json["segments"]) == 1 and run_json["status"] == "completed"
 
 
 def test_resume_with_a_changed_config_names_the_key(tmp_path, tiny_args, trained):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import trainer.checkpoint as checkpoint_mod
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
+from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.optim import Optimizers
 from trainer.resume import (
@@ -63,6 +64,12 @@ def uninterrupted(tmp_path_factory, tiny_data_dir, overrides, one_thread) -> Pat
     out = tmp_path_factory.mktemp("ref") / "run"
     train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
     return out
+
+
+def _final_weights(run: Path) -> dict[str, bytes]:
+    """The last checkpoint's tensors as bytes (comparable with ==)."""
+    _, path = list_checkpoints(run / "checkpoints")[-1]
+    return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items()}
 
 
 def small_model_and_optim(name: str = "muon") -> tuple[LLM, Optimizers]:
@@ -178,12 +185,34 @@ def _with_world_size(run_dir: Path, n: int) -> Path:
     return run_dir
 
 
-def test_resume_without_state_is_a_clear_error(tmp_path, tiny_data_dir, overrides):
-    (tmp_path / "run").mkdir()
-    with pytest.raises(ResumeError, match="no complete resume state"):
-        train(load_config("tiny", overrides), tiny_data_dir, tmp_path / "run", resume=True, progress=False)
+def test_resume_of_a_missing_directory_is_a_clear_error(tmp_path, tiny_data_dir, overrides):
     with pytest.raises(ResumeError, match="does not exist"):
         train(load_config("tiny", overrides), tiny_data_dir, tmp_path / "absent", resume=True, progress=False)
+    assert not (tmp_path / "absent").exists()
+
+
+def test_resume_of_an_empty_directory_starts_at_step_0(tmp_path, tiny_data_dir, overrides, uninterrupted):
+    (tmp_path / "run").mkdir()
+    notes = []
+    result = train(
+        load_config("tiny", overrides),
+        tiny_data_dir,
+        tmp_path / "run",
+        resume=True,
+        progress=False,
+        echo=notes.append,
+    )
+    assert result.status == "completed" and notes == [f"no run in {tmp_path / 'run'} yet: starting at step 0"]
+    assert _final_weights(tmp_path / "run") == _final_weights(uninterrupted)
+
+
+def test_resume_refuses_a_directory_that_holds_no_run(tmp_path, tiny_data_dir, overrides):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(TrainerError, match="holds no run made by collapse-train.*notes.txt"):
+        train(load_config("tiny", overrides), tiny_data_dir, out, resume=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,7 +302,7 @@ def test_kill_then_resume_is_bit_identical(
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed"
     assert [(s["start_step"], s["status"]) for s in run["segments"]] == [
-        (0, "running"),
+        (0, "killed"),  # SIGKILL left it "running"; the resumed process, holding the lock, knows better
         (resumed_from, "completed"),
     ]
     assert [p.name for p in (out / "resume").iterdir()] == ["step_00000012"]
@@ -284,11 +313,15 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_data_dir, overri
 
     out = tmp_path / "done"
     shutil.copytree(uninterrupted, out)
-    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
-    metrics = (out / "metrics.jsonl").read_text()
-    train(load_config("tiny", overrides), tiny_data_dir, out, resume=True, progress=False)
-    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before
-    assert (out / "metrics.jsonl").read_text() == metrics
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    notes = []
+    result = train(
+        load_config("tiny", overrides), tiny_data_dir, out, resume=True, progress=False, echo=notes.append
+    )
+    assert result.status == "already completed"
+    assert notes == [f"{out} already completed at step 12: nothing to do"]
+    # every file byte for byte, run.json included (no segment appended), and nothing added
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def tiny_config(vocab: int, **train: object) -> RunConfig:
 def trained(tmp_path_factory, tiny_data_dir, tiny_vocab) -> tuple[RunConfig, Path]:
     cfg = tiny_config(tiny_vocab, tokens=1280)  # 10 steps of 128 tokens
     out = tmp_path_factory.mktemp("runs") / "tiny-run"
-    assert train(cfg, tiny_data_dir, out, progress=False) == out
+    assert train(cfg, tiny_data_dir, out, progress=False).path == out
     return cfg, out
 
 
@@ -282,7 +282,7 @@ def test_checkpoints_and_their_metadata(trained, tiny_data_dir):
 
 def test_grad_accum_counts_tokens(tmp_path, tiny_data_dir, tiny_vocab):
     cfg = tiny_config(tiny_vocab, tokens=1024, grad_accum=2, milestones="list", milestone_tokens=[256])
-    out = train(cfg, tiny_data_dir, tmp_path / "accum", progress=False)
+    out = train(cfg, tiny_data_dir, tmp_path / "accum", progress=False).path
     assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 256, 1024]  # 256 tokens per step
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [2, 4]
 
@@ -364,7 +364,8 @@ def test_non_finite_gradient_norm_also_stops(tmp_path, tiny_data_dir, tiny_vocab
 # compiled and GPU paths
 
 
-def _losses(out: Path) -> list[float]:
+def _losses(out) -> list[float]:
+    out = getattr(out, "path", out)  # a TrainResult or a run directory
     return [r.get("train_loss", r.get("val_loss")) for r in read_jsonl(out / "metrics.jsonl")]
 
 
@@ -388,7 +389,7 @@ def test_cuda_bf16_compiled_run(tmp_path, tiny_data_dir, tiny_vocab):
     cfg = load_config(
         "tiny", [*run_overrides(tiny_vocab, log_every=1), "train.device='cuda'", "train.compile=true"]
     )
-    out = train(cfg, tiny_data_dir, tmp_path / "gpu", progress=False)
+    out = train(cfg, tiny_data_dir, tmp_path / "gpu", progress=False).path
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["device"]["type"] == "cuda"
     assert run["device"]["name"] == torch.cuda.get_device_name(0)

@@ -33,13 +33,26 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from trainer.fileio import atomic_write, atomic_write_text, fsync_dir
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "atomic_write",
+    "atomic_write_text",
+    "checkpoint_name",
+    "fsync_dir",
+    "list_checkpoints",
+    "save_checkpoint",
+    "unwrap_model",
+]
 
 FORMAT = "collapse-checkpoint"
 FORMAT_VERSION = "1"
@@ -60,39 +73,6 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
         if m:
             found.append((int(m.group(1)), p))
     return sorted(found)
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

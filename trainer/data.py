@@ -46,8 +46,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from trainer.checkpoint import fsync_dir
 from trainer.errors import TrainerError
+from trainer.fileio import apply_default_mode, fsync_dir
 
 FORMAT = "collapse-dataset"
 FORMAT_VERSION = 1
@@ -1008,6 +1008,7 @@ def _write_eval_batch(
     del val
     digest = eval_batch_sha256(input_ids)
     save_file({"input_ids": input_ids}, str(directory / EVAL_BATCH_FILE), metadata={"sha256": digest})
+    apply_default_mode(directory / EVAL_BATCH_FILE)  # save_file makes it private, unlike the other files
     return {"n_seqs": n_seqs, "seq_len": seq_len, "split": "val", "starts": starts.tolist(), "sha256": digest}
 
 

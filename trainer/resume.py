@@ -39,9 +39,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoint import fsync_dir, unwrap_model
+from trainer.checkpoint import unwrap_model
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
+from trainer.fileio import apply_default_mode, fsync_dir
 
 FORMAT = "collapse-resume"
 FORMAT_VERSION = 1
@@ -238,6 +239,9 @@ def list_resume_states(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def _write_fsync(path: Path, write) -> None:
     write(path)
+    apply_default_mode(
+        path
+    )  # save_file creates private files; resume state is the run's, like its checkpoints
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

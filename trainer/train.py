@@ -19,11 +19,14 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 from importlib import metadata as importlib_metadata
@@ -51,15 +54,23 @@ from trainer.distributed import (
 from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.optim import Optimizers, clip_grad_norm
-from trainer.resume import ResumeError, load_resume_state, save_resume_state
+from trainer.resume import load_resume_state, save_resume_state
+from trainer.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    StartPlan,
+    clean_stale_files,
+    create_run_files,
+    dataset_identity,
+    lock_run_dir,
+    plan_start,
+    prepare_run_dir,
+)
 
 PLAN_MILESTONES = (Fraction(0), Fraction(1, 2), 1, 2, 4, 8, 12, 16, 20, 25)
 """The plan's checkpoints (0, 0.5M, 1M, 2M, 4M, 8M, 12M, 16M, 20M, 25M tokens) in 25ths of the budget."""
-
-METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.toml"
-CHECKPOINT_DIR = "checkpoints"
 
 
 class DivergedError(TrainerError):
@@ -435,6 +446,13 @@ class RunRecord:
                 raise TrainerError(f"{path}: not valid JSON ({e}); cannot resume onto it") from None
             self.record["segments"] = previous.get("segments", [])
             self.record["start_time"] = previous.get("start_time")
+            last = self.record["segments"][-1] if self.record["segments"] else None
+            if last is not None and last.get("status") == "running":
+                # we hold the run directory's lock, so no process is running it: its writer died unrecorded
+                last.update(
+                    status="killed",
+                    note="the process ended without recording how (SIGKILL, out of memory, power loss)",
+                )
         self._t0 = time.perf_counter()
 
     def start(self, step: int) -> None:
@@ -562,36 +580,6 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextli
     raise TrainerError(f"train.dtype={dtype!r}: expected auto, float32 or bfloat16")
 
 
-def _is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def check_run_dir(out_dir: Path, resume: bool) -> None:
-    """Refuse to train into an existing run (without ``resume``) or to resume a missing one."""
-    if resume:
-        if not out_dir.is_dir():
-            raise ResumeError(f"--resume: run directory {out_dir} does not exist")
-        return
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainerError(f"run directory {out_dir} exists and is not a directory")
-    if _is_nonempty_dir(out_dir):
-        raise TrainerError(
-            f"run directory {out_dir} already exists and is not empty; choose another --out, "
-            "or pass --resume to continue the run in it"
-        )
-
-
-def create_run_dir(out_dir: Path) -> None:
-    """Create the run directory and its ``checkpoints/``; an unwritable place is a TrainerError."""
-    try:
-        (out_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise TrainerError(f"cannot write the run directory {out_dir}: {e.strerror or e}") from e
-
-
 def _dataset_description(ds: TokenDataset) -> dict[str, Any]:
     meta = ds.meta
     return {
@@ -609,7 +597,7 @@ def _status_of(error: BaseException) -> str:
     """run.json status of a run that stopped with ``error``."""
     if isinstance(error, DivergedError):
         return "diverged"
-    if isinstance(error, KeyboardInterrupt):
+    if isinstance(error, KeyboardInterrupt | TrainingInterrupted):
         return "interrupted"
     return "failed"
 
@@ -621,7 +609,74 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+
+class TrainingInterrupted(TrainerError):
+    """The run was stopped by SIGINT or SIGTERM; ``--resume`` continues it. Exit status 130."""
+
+    exit_code = 130
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, SLURM preemption) stop the loop cleanly.
+
+    In a single-process run the first signal asks the loop to stop after the step in progress: it
+    writes a resume state there, records ``interrupted`` with the reason in run.json and raises
+    :class:`TrainingInterrupted`, so no step is lost. A second signal stops at once (the resume
+    state is then the newest one written before). Under DDP every rank would have to agree on the
+    step to stop at, which would cost a collective at every step; there a signal stops at once
+    (SIGTERM is turned into ``KeyboardInterrupt`` so that the run still records how it ended).
+    Handlers can only be installed from the main thread; elsewhere Python's defaults stay.
+    """
+
+    def __init__(self, graceful: bool):
+        self.graceful = graceful
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.graceful or self.signum is not None:
+            self.signum = signum
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step and writing a resume state "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
 # The loop
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` did."""
+
+    path: Path
+    """The run directory."""
+    status: str
+    """``completed`` (trained to the end now) or ``already completed`` (nothing was left to do)."""
+    note: str = ""
+    """What the run directory's state meant for this call (empty for a plain start or resume)."""
 
 
 def train(
@@ -631,7 +686,8 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
-) -> Path:
+    echo: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Train ``cfg`` on the dataset in ``data_dir``, writing the run directory ``out_dir``.
 
     Parameters
@@ -643,47 +699,42 @@ def train(
     out_dir
         The run directory; it must not exist or be empty, unless ``resume``.
     resume
-        Continue from the newest resume state in ``out_dir/resume/`` (same config required).
+        Continue the run in ``out_dir``: from its newest resume state; from step 0 when it was killed
+        before writing one; not at all when it already completed (see :mod:`trainer.rundir`).
     progress
         Show a tqdm progress bar (rank 0 only).
+    echo
+        Called (on rank 0) with notes on what the directory's state meant, e.g. "already completed".
 
     Returns
     -------
-    Path
-        ``out_dir``.
+    TrainResult
+        The run directory and whether it trained or had nothing left to do.
 
     Raises
     ------
     TrainerError
-        Bad dataset, vocabulary mismatch, existing or unwritable run directory, config differing
-        from the resume state, or :class:`DivergedError` on a non-finite loss.
+        Bad dataset, vocabulary mismatch, an existing, locked or unwritable run directory, a config
+        or dataset differing from the run being resumed, :class:`DivergedError` on a non-finite loss,
+        :class:`TrainingInterrupted` on SIGINT or SIGTERM.
 
     Examples
     --------
     >>> from trainer.config import load_config
     >>> cfg = load_config("tiny", ["train.tokens=20000", "model.vocab_size=256"])  # doctest: +SKIP
-    >>> train(cfg, "data/bible-mix", "runs/demo", progress=False)  # doctest: +SKIP
+    >>> train(cfg, "data/bible-mix", "runs/demo", progress=False).path  # doctest: +SKIP
     PosixPath('runs/demo')
     """
     info, device = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, Path(data_dir), Path(out_dir), info, device, resume=resume, progress=progress)
+        with contextlib.ExitStack() as held:
+            return _train(cfg, Path(data_dir), Path(out_dir), info, device, held, resume, progress, echo)
     finally:
         shutdown(info)
 
 
-def _train(
-    cfg: RunConfig,
-    data_dir: Path,
-    out_dir: Path,
-    info: DistInfo,
-    device: torch.device,
-    *,
-    resume: bool,
-    progress: bool,
-) -> Path:
-    t = cfg.train
-    # --- read-only checks on every rank before anything is written --------------------------------
+def _open_dataset(cfg: RunConfig, data_dir: Path) -> TokenDataset:
+    """The dataset, checked against the model (vocabulary, eval-batch length) before anything is written."""
     ds = TokenDataset.open(data_dir)
     if ds.vocab_size != cfg.model.vocab_size:
         raise TrainerError(
@@ -699,10 +750,71 @@ def _train(
             f"not be measured on it; prepare the data with --eval-seq-len {cfg.model.context_length} (or "
             f"less), or use --set model.context_length={eval_len}"
         )
+    return ds
+
+
+def _agree(error: TrainerError | None, info: DistInfo, device: torch.device) -> None:
+    """Raise on every rank if rank 0 failed (``error``): no rank may go on alone into a collective."""
+    if info.enabled:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        all_reduce_sum(failed, info)
+        if error is None and failed.item() > 0:
+            raise TrainerError("rank 0 could not claim the run directory (its message says why)")
+    if error is not None:
+        raise error
+
+
+def _claim_run_dir(
+    out_dir: Path, resume: bool, info: DistInfo, device: torch.device, held: contextlib.ExitStack
+) -> None:
+    """Rank 0 creates the run directory if needed and locks it for the whole run; every rank agrees."""
+    error = None
+    if info.is_main:
+        try:
+            prepare_run_dir(out_dir, resume)
+            held.enter_context(lock_run_dir(out_dir))
+        except TrainerError as e:
+            error = e
+    _agree(error, info, device)
+
+
+def _train(
+    cfg: RunConfig,
+    data_dir: Path,
+    out_dir: Path,
+    info: DistInfo,
+    device: torch.device,
+    held: contextlib.ExitStack,
+    resume: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> TrainResult:
+    ds = _open_dataset(cfg, data_dir)  # read-only checks on every rank before anything is written
     step_tokens = tokens_per_step(cfg, info.world_size)
     total_steps = total_steps_for(cfg, step_tokens)
+    _claim_run_dir(out_dir, resume, info, device, held)
+    plan = plan_start(out_dir, cfg, ds, resume=resume, total_steps=total_steps)  # same verdict on every rank
+    if plan.note and echo is not None and info.is_main:
+        echo(plan.note)
+    if plan.kind == "completed":
+        return TrainResult(out_dir, "already completed", plan.note)
+    _loop(cfg, ds, out_dir, info, device, plan, step_tokens, total_steps, progress)
+    return TrainResult(out_dir, "completed", plan.note)
+
+
+def _loop(
+    cfg: RunConfig,
+    ds: TokenDataset,
+    out_dir: Path,
+    info: DistInfo,
+    device: torch.device,
+    plan: StartPlan,
+    step_tokens: int,
+    total_steps: int,
+    progress: bool,
+) -> None:
+    t = cfg.train
     milestones = milestone_steps(cfg, step_tokens, total_steps)
-    check_run_dir(out_dir, resume)
     autocast = autocast_factory(device, t.dtype)
     validator = Validator(
         ds.split("val"),
@@ -724,18 +836,20 @@ def _train(
     optimizers = Optimizers(model, cfg.optim, total_steps, device.type)
     window = LossWindow(t.log_every)
     start_step = 0
-    if resume:
+    if plan.kind == "resume":
         state = load_resume_state(out_dir, cfg, info.world_size)
         state.restore(model, optimizers)
         start_step = state.step
         window = LossWindow.from_state(t.log_every, state.metrics["loss_window"])
         del state  # the CPU copies of the weights and moments are no longer needed
-    barrier(info)  # every rank has checked the run directory before rank 0 writes into it
+    barrier(info)  # every rank has read the run directory before rank 0 writes into it
 
     # --- run directory (rank 0 writes) ---------------------------------------------------------------
     main = info.is_main
+    continuing = plan.kind in ("resume", "restart")
     if main:
-        create_run_dir(out_dir)
+        clean_stale_files(out_dir)
+        create_run_files(out_dir)
     metrics = MetricsLogger(out_dir / METRICS_FILE, enabled=main)
     versions = environment_versions()
     data_path = ds.path.resolve()
@@ -756,10 +870,9 @@ def _train(
         enabled=main,
     )
     if main:
-        if resume:
-            metrics.truncate_after(start_step)
-            checkpointer.remove_partial_files()
-        if not resume or not (out_dir / CONFIG_FILE).exists():
+        if continuing:
+            metrics.truncate_after(start_step if plan.kind == "resume" else -1)
+        if not continuing or not (out_dir / CONFIG_FILE).exists():
             atomic_write_text(out_dir / CONFIG_FILE, cfg.to_toml())
     record = RunRecord(
         out_dir / RUN_FILE,
@@ -771,6 +884,7 @@ def _train(
             "world_size": info.world_size,
             "seed": t.seed,
             "data_dir": str(data_path),
+            "dataset": dataset_identity(ds),
             "tokens_per_step": step_tokens,
             "total_steps": total_steps,
             "total_tokens": total_steps * step_tokens,
@@ -778,7 +892,7 @@ def _train(
             "val_tokens": validator.n_tokens,
         },
         enabled=main,
-        resume=resume,
+        resume=continuing,
     )
 
     # --- precision, compilation, data parallelism ------------------------------------------------------
@@ -786,6 +900,7 @@ def _train(
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work outside autocast
     eval_model: nn.Module = torch.compile(model) if t.compile else model
     train_model = wrap_ddp(eval_model, info, device)
+    saved = {"step": start_step if plan.kind == "resume" else None}  # the newest resume state on disk
 
     def save_state(step: int) -> None:
         if main:
@@ -799,6 +914,7 @@ def _train(
                 optimizers=optimizers,
                 metrics={"loss_window": window.state()},
             )
+        saved["step"] = step
 
     def checkpoint(step: int) -> None:
         val_loss = validator.validate(eval_model)
@@ -828,49 +944,64 @@ def _train(
     )
     step = start_step
     window_time, timed_steps = 0.0, 0  # time of the optimizer steps since the last log line
+    stop = StopSignals(graceful=not info.enabled)
     try:
-        if not resume and checkpointer.due(0):  # a resume state implies its checkpoint was written
-            checkpoint(0)
-        model.train()
-        while step < total_steps:
-            t0 = time.perf_counter()
-            loss_value, grad_norm, lrs = step_once(step)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                last = checkpointer.latest(max_step=step)
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise DivergedError(
-                    f"non-finite {what} at step {step + 1} (after {step * step_tokens} tokens): "
-                    f"loss={loss_value}, grad_norm={grad_norm}; stopped without writing this state; "
-                    f"last good checkpoint: {last if last else 'none'}"
-                )
-            step += 1
-            window.add(loss_value)
-            window_time += time.perf_counter() - t0
-            timed_steps += 1
-            bar.update(step_tokens)
+        with stop:
+            if plan.kind != "resume" and checkpointer.due(0):  # a resume state implies its checkpoint
+                checkpoint(0)
+            model.train()
+            while step < total_steps:
+                t0 = time.perf_counter()
+                loss_value, grad_norm, lrs = step_once(step)
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    last = checkpointer.latest(max_step=step)
+                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                    raise DivergedError(
+                        f"non-finite {what} at step {step + 1} (after {step * step_tokens} tokens): "
+                        f"loss={loss_value}, grad_norm={grad_norm}; stopped without writing this state; "
+                        f"last good checkpoint: {last if last else 'none'}"
+                    )
+                step += 1
+                window.add(loss_value)
+                window_time += time.perf_counter() - t0
+                timed_steps += 1
+                bar.update(step_tokens)
 
-            if step % t.log_every == 0 or step == total_steps:
-                n = step - window.last_log_step
-                train_loss = window.mean(last=n)
-                rate = timed_steps * step_tokens / window_time if window_time > 0 else math.nan
-                metrics.log(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "tokens": step * step_tokens,
-                        "train_loss": train_loss,
-                        "lr": lrs,
-                        "grad_norm": _finite_or_none(grad_norm),
-                        "tokens_per_s": _finite_or_none(rate),
-                    }
-                )
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
-                window.last_log_step = step
-                window_time, timed_steps = 0.0, 0
-            if checkpointer.due(step):
-                checkpoint(step)
-            elif step % t.resume_every == 0:
-                save_state(step)
+                if step % t.log_every == 0 or step == total_steps:
+                    n = step - window.last_log_step
+                    train_loss = window.mean(last=n)
+                    rate = timed_steps * step_tokens / window_time if window_time > 0 else math.nan
+                    metrics.log(
+                        {
+                            "kind": "train",
+                            "step": step,
+                            "tokens": step * step_tokens,
+                            "train_loss": train_loss,
+                            "lr": lrs,
+                            "grad_norm": _finite_or_none(grad_norm),
+                            "tokens_per_s": _finite_or_none(rate),
+                        }
+                    )
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
+                    window.last_log_step = step
+                    window_time, timed_steps = 0.0, 0
+                if checkpointer.due(step):
+                    checkpoint(step)
+                elif step % t.resume_every == 0 or (stop.signum is not None and step < total_steps):
+                    save_state(step)
+                if stop.signum is not None and step < total_steps:
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.name} after step {step} of {total_steps} ({step * step_tokens:,} "
+                        f"tokens); resume state written at step {step}: continue with --resume"
+                    )
+            barrier(info)  # every rank finished its last step: only then is the run complete
+    except TrainingInterrupted as e:
+        record.finish("interrupted", step, (step - start_step) * step_tokens, error=str(e))
+        raise
+    except KeyboardInterrupt as e:
+        reason = _interrupted_reason(e, stop, step, total_steps, step_tokens, saved["step"])
+        record.finish("interrupted", step, (step - start_step) * step_tokens, error=reason)
+        raise TrainingInterrupted(reason) from None
     except BaseException as e:
         record.finish(
             _status_of(e), step, (step - start_step) * step_tokens, error=f"{type(e).__name__}: {e}"
@@ -880,4 +1011,21 @@ def _train(
         bar.close()
         metrics.close()
     record.finish("completed", step, (step - start_step) * step_tokens)
-    return out_dir
+
+
+def _interrupted_reason(
+    error: KeyboardInterrupt,
+    stop: StopSignals,
+    step: int,
+    total_steps: int,
+    step_tokens: int,
+    saved: int | None,
+) -> str:
+    """run.json's ``error`` and the message of a run stopped at once by a signal."""
+    what = stop.name or str(error) or "SIGINT"
+    where = f"during step {step + 1} of {total_steps} (after {step * step_tokens:,} tokens)"
+    if saved is None:
+        return f"interrupted by {what} {where}, before any resume state: --resume starts it again at step 0"
+    return (
+        f"interrupted by {what} {where}; the newest resume state is at step {saved}: continue with --resume"
+    )

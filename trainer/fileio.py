@@ -1,0 +1,202 @@
+"""How the trainer writes files: atomically, with the umask's mode, under an exclusive lock, and
+without leaving its own temporaries behind.
+
+- :func:`atomic_write` writes a temporary file beside the target, fsyncs it and renames it, so a
+  reader (or a later run) sees the previous file or the complete new one, never a partial write.
+- Files get the mode a plain ``open()`` would give them (``0o666 & ~umask``): ``tempfile.mkstemp``
+  and safetensors' ``save_file`` both create private (0600) files, which is wrong for results that a
+  group shares (:func:`apply_default_mode`).
+- :class:`ExclusiveLock` is an ``fcntl.flock`` on a lock file: one process at a time works on a run
+  directory. The kernel releases it when the process dies, however it dies, so a killed run never
+  leaves a stale lock; the file records its holder so that the process refused can name it.
+- :func:`remove_stale_temporaries` deletes the hidden temporaries a killed writer left, matching only
+  this command's own name patterns; it is called while the lock is held, so it never touches the
+  temporary file of a writer that is still running.
+
+``spectra`` has its own twin of these helpers (``spectra/fileio.py``): the two halves of the project
+share file formats, not code (see DESIGN.md). The lock file's content is part of that shared format
+(docs/recovery.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import TrainerError
+
+
+class LockedError(TrainerError):
+    """Another process holds the lock; the message names it."""
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Flush a directory entry (a rename) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (``0o666``) or ``mkdir()`` (``0o777``) would give under the current umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def apply_default_mode(path: str | os.PathLike) -> None:
+    """Give a file (or directory) created by a library that makes it private the umask's mode."""
+    os.chmod(path, default_mode(directory=Path(path).is_dir()))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    The temporary file is named ``.<name>.<random><suffix>`` and removed if ``write`` fails (or the
+    process is interrupted); the final file has the umask's mode, whatever ``write`` created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        apply_default_mode(tmp)  # after write: save_file and HDF5 recreate the file with their own mode
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
+    """Delete the files (or directories) in ``directory`` that match the glob ``patterns``; return them.
+
+    Call it only while holding the lock of whatever writes these temporaries: then no live writer
+    owns them, and they are debris of a killed one.
+    """
+    directory = Path(directory)
+    removed = []
+    for pattern in patterns:
+        for p in directory.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _holder_description(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "another process (it recorded no details)"
+    parts = [f"pid {info.get('pid', '?')}"]
+    if info.get("host"):
+        parts.append(f"on {info['host']}")
+    if info.get("since"):
+        parts.append(f"since {info['since']}")
+    text = "process " + " ".join(parts)
+    return f"{text} ({info['command']})" if info.get("command") else text
+
+
+class ExclusiveLock:
+    """An exclusive, non-blocking ``flock`` on ``path`` for the lifetime of a ``with`` block.
+
+    Parameters
+    ----------
+    path
+        The lock file (created if needed; removed on release).
+    what
+        What the lock protects, for the message of the process that is refused (``run directory runs/a``).
+
+    Raises
+    ------
+    LockedError
+        On entry, when another process holds the lock; the message names the holder (pid, host, start
+        time and command line, as it recorded them in the lock file).
+
+    Notes
+    -----
+    The lock file is unlinked on release. A process that opened the old file just before that would
+    lock an unlinked inode; it notices (the path no longer names its inode) and tries again, so two
+    processes never both believe they hold the lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self) -> ExclusiveLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockedError(
+                    f"{self.what} is in use by {_holder_description(holder)}; wait for it to finish or stop it"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the previous holder removed the file between our open and our lock
+        self._fd = fd
+        _write_holder(fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)  # closing the last descriptor releases the flock
+        self._fd = None
+
+
+def _write_holder(fd: int) -> None:
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        data = os.pread(fd, 65536, 0)
+        info = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
