@@ -13,7 +13,12 @@ from trainer.data import prepare_data as prepare_dataset
 
 @click.command("prepare-data")
 @click.option(
-    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Dataset directory to create."
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Dataset directory to create.",
 )
 @click.option(
     "--source",

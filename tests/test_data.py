@@ -694,3 +694,39 @@ def test_every_prepare_option_is_documented():
     assert len(options) == 16
     for opt in options:
         assert f"`{opt}" in text, f"{opt} is not documented in docs/data.md"
+
+
+# ----------------------------------------------------------------------------------------------------
+# recovery: empty sources, debris of a killed run, one prepare-data per target
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_an_empty_source_file_is_named(tmp_path, suffix, content):
+    src = tmp_path / f"empty{suffix}"
+    src.write_text(content)
+    with pytest.raises(DataError, match=rf"{src}: the file is empty \(no records\)"):
+        prepare_data(tmp_path / "out", [str(src)], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # no dataset, no build directory, no lock
+
+
+def test_a_killed_builds_directory_is_removed_by_the_next_run_and_only_its_own(tmp_path):
+    (tmp_path / "data").mkdir()
+    ours = tmp_path / "data" / ".tiny.1a2b3c4d.tmp"  # what a SIGKILL during prepare-data of data/tiny leaves
+    theirs = tmp_path / "data" / ".other.1a2b3c4d.tmp"  # another target's: possibly being built right now
+    for d in (ours, theirs):
+        d.mkdir()
+        (d / "train.bin").write_bytes(b"\0" * 8)
+    make_tiny_dataset(tmp_path)
+    assert not ours.exists() and (theirs / "train.bin").exists()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".other.1a2b3c4d.tmp", "tiny"]
+
+
+def test_a_target_being_prepared_is_refused(tmp_path):
+    from trainer.fileio import ExclusiveLock, LockedError
+
+    (tmp_path / "data").mkdir()
+    with ExclusiveLock(tmp_path / "data" / ".tiny.lock", "x"):
+        with pytest.raises(LockedError, match=r"dataset directory .*tiny is in use by process pid"):
+            make_tiny_dataset(tmp_path)
+    assert not (tmp_path / "data" / "tiny").exists()

@@ -20,6 +20,7 @@ held out.
 from __future__ import annotations
 
 import collections
+import glob
 import hashlib
 import importlib
 import itertools
@@ -47,7 +48,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from trainer.errors import TrainerError
-from trainer.fileio import apply_default_mode, fsync_dir
+from trainer.fileio import ExclusiveLock, apply_default_mode, fsync_dir, remove_stale_temporaries
 
 FORMAT = "collapse-dataset"
 FORMAT_VERSION = 1
@@ -306,11 +307,25 @@ def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix.lower() not in LOCAL_BUILDERS:
             raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_BUILDERS)}")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_BUILDERS)
-    if not files:
-        raise DataError(f"{path}: directory holds no {', '.join(LOCAL_BUILDERS)} files")
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_BUILDERS)
+        if not files:
+            raise DataError(f"{path}: directory holds no {', '.join(LOCAL_BUILDERS)} files")
+    for f in files:
+        # the datasets library fails on an empty file with a bare StopIteration
+        if f.stat().st_size == 0 or (f.suffix.lower() in (".jsonl", ".json") and _blank(f)):
+            raise DataError(f"{f}: the file is empty (no records); remove it or choose another --source")
     return files
+
+
+def _blank(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether a text file holds only whitespace (read until its first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def _load_dataset(spec: SourceSpec, *args: Any, **kwargs: Any) -> Iterable[dict[str, Any]]:
@@ -318,6 +333,8 @@ def _load_dataset(spec: SourceSpec, *args: Any, **kwargs: Any) -> Iterable[dict[
 
     try:
         return datasets.load_dataset(*args, **kwargs)
+    except StopIteration:  # what the json and parquet builders raise for a source without records
+        raise DataError(f"source {spec.spec!r}: no records in {args[0]!r}") from None
     except (OSError, ValueError, ImportError, datasets.exceptions.DatasetsError) as e:
         # OSError covers ConnectionError and FileNotFoundError (the hub unreachable, an unknown name)
         raise DataError(
@@ -901,6 +918,50 @@ def prepare_data(
     doc_filter.check_grade_available()
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    # one prepare-data per target at a time; under the lock, a hidden build directory of this target is
+    # the debris of a killed run of this command, never a live one's
+    with ExclusiveLock(out.parent / f".{out.name}.lock", f"dataset directory {out}"):
+        remove_stale_temporaries(out.parent, [f".{glob.escape(out.name)}.*.tmp"])
+        _check_out_free(out)
+        _build_dataset(
+            out,
+            specs,
+            budgets,
+            doc_filter,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            eot_token=eot_token,
+            text_field=text_field,
+            max_tokens=max_tokens,
+            val_frac=val_frac,
+            test_frac=test_frac,
+            eval_seqs=eval_seqs,
+            eval_seq_len=eval_seq_len,
+            seed=seed,
+            progress=progress,
+        )
+    return out
+
+
+def _build_dataset(
+    out: Path,
+    specs: Sequence[SourceSpec],
+    budgets: Sequence[int | None],
+    doc_filter: DocumentFilter,
+    *,
+    vocab_size: int,
+    tokenizer: str | None,
+    eot_token: str | None,
+    text_field: str,
+    max_tokens: int | None,
+    val_frac: float,
+    test_frac: float,
+    eval_seqs: int,
+    eval_seq_len: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Build the dataset in a hidden sibling directory of ``out``, then rename it into place."""
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     writer = None
@@ -966,7 +1027,6 @@ def prepare_data(
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)  # best effort: the original error is the one to report
         raise
-    return out
 
 
 def _train_tokenizer(
