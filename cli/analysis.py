@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import reports_errors
+from cli.common import out_option, reports_errors
 from cli.surgery import surgery
 from spectra import gamma, plots, stats
 from spectra import report as lib
@@ -43,12 +43,8 @@ def _data_class_options(func):
 @click.argument(
     "inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="CUBE..."
 )
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="FILE.png: writes FILE.png and FILE.svg.",
+@out_option(
+    "FILE.png: writes FILE.png and FILE.svg.", required=True, type=click.Path(dir_okay=False, path_type=Path)
 )
 @click.option(
     "--site",
@@ -75,7 +71,7 @@ def _data_class_options(func):
 def plot(
     kind: str,
     inputs: tuple[Path, ...],
-    output: Path,
+    out: Path,
     site: str | None,
     convention: str | None,
     centering: str | None,
@@ -94,7 +90,7 @@ def plot(
     written = lib.render_plot(
         kind,
         list(inputs),
-        output,
+        out,
         site=site,
         convention=convention,
         centering=centering,
@@ -112,13 +108,10 @@ def plot(
 @click.argument(
     "inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="RUN_OR_CUBE..."
 )
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
+@out_option(
+    "Report directory (created, or a report directory to update).",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Report directory (created).",
 )
 @click.option(
     "--site",
@@ -166,7 +159,7 @@ def plot(
 @reports_errors
 def report(
     inputs: tuple[Path, ...],
-    out_dir: Path,
+    out: Path,
     site: str,
     convention: str,
     centering: str,
@@ -183,7 +176,7 @@ def report(
     """
     path = lib.build_report(
         list(inputs),
-        out_dir,
+        out,
         site=site,
         convention=convention,
         centering=centering,

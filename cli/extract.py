@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import reports_errors
+from cli.common import device_option, no_progress_option, out_option, reports_errors
 from spectra.extract import extract as extract_cube
 
 
@@ -18,13 +18,12 @@ from spectra.extract import extract as extract_cube
     default=None,
     help="Eval batch file (eval_batch.safetensors) or its dataset directory [default: the one the checkpoints record].",
 )
-@click.option(
-    "--out",
+@out_option(
+    "Cube to create or extend [default: spectra.nc in the run directory].",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Cube to create or extend [default: spectra.nc in the run directory].",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option(help="Where the forward passes and the SVDs run.")
 @click.option(
     "--drop-first",
     type=click.IntRange(min=0),
@@ -35,7 +34,7 @@ from spectra.extract import extract as extract_cube
 @click.option(
     "--force", is_flag=True, help="Accept an eval batch whose sha256 differs from the recorded one."
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_progress_option
 @reports_errors
 def extract(
     path: Path,
@@ -49,7 +48,7 @@ def extract(
     """Add the Q/K singular-value spectra of every checkpoint of a run to its cube.
 
     PATH is a run directory, its checkpoints/ directory or one checkpoint file. Checkpoints already
-    in the cube are skipped; the cube is rewritten atomically.
+    in the cube are skipped; the cube is rewritten atomically, by one process at a time.
     """
     result = extract_cube(
         path,

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import torch
 
-from cli.common import reports_errors
+from cli.common import device_option, reports_errors
 from trainer.config import load_config, preset_description, preset_names
 from trainer.model import LLM
 from trainer.train import train
@@ -64,12 +64,7 @@ def run_overrides(
     metavar="KEY=VALUE",
     help="Override a config field, e.g. --set optim.lr=3e-3 (repeatable; types are checked).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default=None,
-    help="Where to train (overrides train.device; cuda:N through --set train.device=cuda:N). [default: the config's]",
-)
+@device_option(default=None, help="Where to train (overrides train.device). [default: the config's, auto]")
 @click.option(
     "--resume",
     is_flag=True,

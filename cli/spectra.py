@@ -1,24 +1,40 @@
 """``collapse-spectra``: extract Q/K spectra from checkpoints and analyse them. Each command lives in
-its own module and makes one library call."""
+its own module, imported only when it is used, and makes one library call."""
 
 import click
 
-from cli.analysis import plot, report, surgery
-from cli.extract import extract
-from cli.metrics import metrics
+from cli.common import LazyGroup
+
+COMMANDS = {
+    "extract": (
+        "cli.extract:extract",
+        "Add the Q/K singular-value spectra of every checkpoint of a run to its cube.",
+    ),
+    "metrics": (
+        "cli.metrics:metrics",
+        "Summarise METRIC over heads for each run, step and layer of the CUBES.",
+    ),
+    "surgery": (
+        "cli.surgery:surgery",
+        "Prune key dimensions of CHECKPOINT and write the test loss per strategy and fraction to surgery.nc.",
+    ),
+    "plot": ("cli.analysis:plot", "Draw one figure of KIND from CUBE... and write it as PNG and SVG."),
+    "report": (
+        "cli.analysis:report",
+        "Write the HTML and Markdown report over RUN_OR_CUBE... into a directory and print its path.",
+    ),
+}
+"""Command name -> (where it is defined, its one-line summary for ``--help``)."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=LazyGroup,
+    commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="collapse")
 def main() -> None:
     """Measure the singular-value spectra of attention queries and keys, offline."""
-
-
-main.add_command(extract)
-main.add_command(metrics)
-main.add_command(surgery)
-main.add_command(plot)
-main.add_command(report)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import reports_errors
+from cli.common import device_option, no_progress_option, out_option, reports_errors
 from spectra import surgery as lib
 
 
@@ -68,18 +68,18 @@ def _fractions(ctx: click.Context, param: click.Parameter, value: str) -> tuple[
     default=lib.DEFAULT_BATCH_SIZE,
     help="Sequences per forward pass.",
 )
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@device_option(help="Where the model runs.")
 @click.option(
     "--force",
     is_flag=True,
     help="Proceed although the dataset's eval-batch hash differs from the checkpoint's.",
 )
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-@click.option(
-    "--out",
+@no_progress_option
+@out_option(
+    "Surgery file to create or extend (it must be one of the same experiment). "
+    "[default: RUN/surgery.nc for RUN/checkpoints/tokens_X.safetensors]",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Output file. [default: RUN/surgery.nc for RUN/checkpoints/tokens_X.safetensors]",
 )
 @reports_errors
 def surgery(
@@ -95,14 +95,16 @@ def surgery(
     batch_size: int,
     device: str,
     force: bool,
-    progress: bool,
+    no_progress: bool,
     out: Path | None,
 ) -> None:
     """Prune key dimensions of CHECKPOINT and write the test loss per strategy and fraction to surgery.nc.
 
     Every pruned key head loses the same number of dimensions under each strategy; the loss is measured
     on the dataset's held-out test split, never used for any SVD. A strategy that does not apply (gamma
-    on a model without a learned QK-norm gain) is reported and left NaN in the file.
+    on a model without a learned QK-norm gain) is reported and left NaN in the file. An existing --out must
+    hold the surgery of the same experiment: its results are kept and only the cells this call adds are
+    measured; any other file is left as it is and refused.
     """
     path = lib.surgery(
         checkpoint,
@@ -118,7 +120,7 @@ def surgery(
         batch_size=batch_size,
         device=device,
         force=force,
-        progress=progress,
+        progress=not no_progress,
         echo=click.echo,
     )
     click.echo(f"wrote {path}")

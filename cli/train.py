@@ -1,21 +1,32 @@
-"""``collapse-train``: prepare datasets and train models. Each command lives in its own module and
-makes one library call."""
+"""``collapse-train``: prepare datasets and train models. Each command lives in its own module, imported
+only when it is used, and makes one library call."""
 
 import click
 
-from cli.prepare import prepare_data
-from cli.run import presets, run
+from cli.common import LazyGroup
+
+COMMANDS = {
+    "prepare-data": (
+        "cli.prepare:prepare_data",
+        "Prepare a dataset directory: token memmaps split by document, a tokenizer and a fixed eval batch.",
+    ),
+    "run": (
+        "cli.run:run",
+        "Train PRESET_OR_TOML (a preset name or a TOML file) on --data, writing checkpoints to --out.",
+    ),
+    "presets": ("cli.run:presets", "List the shipped presets: name, parameter count, description."),
+}
+"""Command name -> (where it is defined, its one-line summary for ``--help``)."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=LazyGroup,
+    commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="collapse")
 def main() -> None:
     """Train small Llama-style LLMs and write self-describing safetensors checkpoints."""
-
-
-main.add_command(prepare_data)
-main.add_command(run)
-main.add_command(presets)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,15 @@ import xarray as xr
 
 from spectra.errors import SpectraError
 
-__all__ = ["CUBE_FILENAME", "CUBE_FORMAT", "CUBE_FORMAT_VERSION", "RUN_COORDS", "open_cube", "open_cubes"]
+__all__ = [
+    "CUBE_FILENAME",
+    "CUBE_FORMAT",
+    "CUBE_FORMAT_VERSION",
+    "RUN_COORDS",
+    "open_cube",
+    "open_cubes",
+    "read_netcdf",
+]
 
 CUBE_FORMAT = "collapse-spectra-cube"
 """Value of the cube's global attribute ``format``."""
@@ -37,6 +45,19 @@ _RUN_COORD_ATTRS = {
 }
 
 PathLike = str | os.PathLike[str]
+
+
+def read_netcdf(file: Path) -> xr.Dataset:
+    """Load a NetCDF file fully into memory (file closed on return); unreadable bytes are a SpectraError.
+
+    netCDF4 raises ``OSError`` for a file that is not NetCDF at all, xarray ``ValueError`` for one it
+    cannot decode, and ``RuntimeError: NetCDF: HDF error`` when the bytes of a variable are damaged
+    (a disk error, a partial copy): each becomes one line naming the file.
+    """
+    try:
+        return xr.load_dataset(file, engine="netcdf4")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SpectraError(f"{file}: not a readable NetCDF file, damaged or truncated? ({e})") from None
 
 
 def _cube_file(path: PathLike) -> Path:
@@ -80,10 +101,7 @@ def open_cube(path: PathLike) -> xr.Dataset:
     ('step', 'layer', 'kv_head', 'sv')
     """
     file = _cube_file(path)
-    try:
-        ds = xr.load_dataset(file, engine="netcdf4")
-    except (OSError, ValueError) as e:  # netCDF4 raises OSError for a non-NetCDF file, xarray ValueError
-        raise SpectraError(f"{file}: not a readable NetCDF file ({e})") from e
+    ds = read_netcdf(file)
     fmt = ds.attrs.get("format")
     if fmt != CUBE_FORMAT:
         raise SpectraError(

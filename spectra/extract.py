@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from spectra.capture import SITES, LayerQK, capture_qk, check_batch
 from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
 from spectra.errors import SpectraError
-from spectra.fileio import atomic_write
+from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from spectra.load import (
     Checkpoint,
     checkpoints_dir,
@@ -446,8 +446,58 @@ def extract(
     """
     dev = resolve_device(device)
     paths = find_checkpoints(path)
-    out = Path(out) if out is not None else run_dir_of(path) / DEFAULT_CUBE_NAME
+    out = check_writable(Path(out) if out is not None else run_dir_of(path) / DEFAULT_CUBE_NAME, "cube")
+    first_path, first, steps = _run_headers(paths)
+    batch_file = _batch_file(batch, first_path, first)
+    input_ids = load_eval_batch(batch_file, expected_sha256=first["eval_batch_sha256"], force=force)
+    batch_sha = eval_batch_sha256(input_ids)
 
+    with ExclusiveLock(out, f"cube {out}"):
+        remove_stale_temporaries(out)  # under the lock: debris of a killed extraction of this cube
+        existing = _read_cube(out) if out.exists() else None
+        done: set[int] = set()
+        if existing is not None:
+            _check_compatible(out, existing, first["run_name"], first["model_config"], batch_sha, drop_first)
+            done = {int(s) for s in existing.step.values}
+        todo = [(s, p) for s, p in sorted(steps.items()) if s not in done]
+        skipped = tuple(s for s in sorted(steps) if s in done)
+        if not todo:
+            return ExtractResult(path=out, added=(), skipped=skipped)
+
+        forced = (
+            ""
+            if batch_sha == first["eval_batch_sha256"]
+            else f", forced over the recorded {first['eval_batch_sha256']}"
+        )
+        source = (checkpoints_dir(path) if Path(path).is_dir() else Path(path)).resolve()
+
+        def history(added: list[int]) -> str:
+            return (
+                f"collapse-spectra extract: added steps {', '.join(map(str, added))} from {source} "
+                f"on {dev}, drop_first={drop_first}, eval batch {batch_file.resolve()} (sha256 {batch_sha}{forced}); "
+                f"collapse {_package_version()}"
+            )
+
+        new: list[xr.Dataset] = []
+        model = None
+        last_flush = time.monotonic()
+        bar = tqdm(todo, desc=f"extract {first['run_name']}", unit="ckpt", disable=not progress)
+        for step, p in bar:
+            bar.set_postfix(step=step)
+            ckpt = load_checkpoint(p, dev, model=model)
+            model = ckpt.model
+            new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=dev))
+            if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
+                write_cube(_combine(existing, new, history([int(d.step[0]) for d in new])), out)
+                last_flush = time.monotonic()
+        bar.close()
+        added = [int(d.step[0]) for d in new]
+        write_cube(_combine(existing, new, history(added)), out)
+    return ExtractResult(path=out, added=tuple(added), skipped=skipped)
+
+
+def _run_headers(paths: list[Path]) -> tuple[Path, dict[str, str], dict[int, Path]]:
+    """Read every checkpoint's header; check they are one run; return the first and ``{step: path}``."""
     headers = [(p, read_metadata(p)) for p in paths]
     first_path, first = headers[0]
     steps: dict[int, Path] = {}
@@ -466,64 +516,24 @@ def extract(
         if step in steps:
             raise SpectraError(f"{p} and {steps[step]} both hold step {step}")
         steps[step] = p
+    return first_path, first, steps
 
-    if batch is None:
-        data_dir = first.get("data_dir")
-        if not data_dir:
-            raise SpectraError(
-                f"{first_path}: the checkpoint records no data_dir; pass the eval batch with --batch"
-            )
-        batch_file = eval_batch_path(data_dir)
-        if not batch_file.is_file():
-            raise SpectraError(
-                f"{batch_file}: the eval batch the checkpoints record does not exist here; pass it with --batch"
-            )
-    else:
-        batch_file = eval_batch_path(batch)
-    input_ids = load_eval_batch(batch_file, expected_sha256=first["eval_batch_sha256"], force=force)
-    batch_sha = eval_batch_sha256(input_ids)
 
-    existing = _read_cube(out) if out.exists() else None
-    done: set[int] = set()
-    if existing is not None:
-        _check_compatible(out, existing, first["run_name"], first["model_config"], batch_sha, drop_first)
-        done = {int(s) for s in existing.step.values}
-    todo = [(s, p) for s, p in sorted(steps.items()) if s not in done]
-    skipped = tuple(s for s in sorted(steps) if s in done)
-    if not todo:
-        return ExtractResult(path=out, added=(), skipped=skipped)
-
-    forced = (
-        ""
-        if batch_sha == first["eval_batch_sha256"]
-        else f", forced over the recorded {first['eval_batch_sha256']}"
-    )
-
-    source = (checkpoints_dir(path) if Path(path).is_dir() else Path(path)).resolve()
-
-    def history(added: list[int]) -> str:
-        return (
-            f"collapse-spectra extract: added steps {', '.join(map(str, added))} from {source} "
-            f"on {dev}, drop_first={drop_first}, eval batch {batch_file.resolve()} (sha256 {batch_sha}{forced}); "
-            f"collapse {_package_version()}"
+def _batch_file(batch: str | os.PathLike | None, first_path: Path, first: dict[str, str]) -> Path:
+    """The eval batch to use: the one given, else the one in the dataset the checkpoints record."""
+    if batch is not None:
+        return eval_batch_path(batch)
+    data_dir = first.get("data_dir")
+    if not data_dir:
+        raise SpectraError(
+            f"{first_path}: the checkpoint records no data_dir; pass the eval batch with --batch"
         )
-
-    new: list[xr.Dataset] = []
-    model = None
-    last_flush = time.monotonic()
-    bar = tqdm(todo, desc=f"extract {first['run_name']}", unit="ckpt", disable=not progress)
-    for step, p in bar:
-        bar.set_postfix(step=step)
-        ckpt = load_checkpoint(p, dev, model=model)
-        model = ckpt.model
-        new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=dev))
-        if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
-            write_cube(_combine(existing, new, history([int(d.step[0]) for d in new])), out)
-            last_flush = time.monotonic()
-    bar.close()
-    added = [int(d.step[0]) for d in new]
-    write_cube(_combine(existing, new, history(added)), out)
-    return ExtractResult(path=out, added=tuple(added), skipped=skipped)
+    batch_file = eval_batch_path(data_dir)
+    if not batch_file.is_file():
+        raise SpectraError(
+            f"{batch_file}: the eval batch the checkpoints record does not exist here; pass it with --batch"
+        )
+    return batch_file
 
 
 __all__ = [

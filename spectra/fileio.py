@@ -1,17 +1,39 @@
-"""Atomic file writes: a temporary file beside the target, fsync, then ``os.replace``.
+"""How spectra writes files: atomically, under an exclusive lock, checked before any computing.
 
-A reader (or a later run) sees either the previous file or the complete new one, never a partial
-write: ``os.replace`` is atomic on POSIX when source and target are on the same file system, which a
-temporary file in the target's own directory guarantees. A process killed before the rename leaves
-at most a hidden ``.<name>.<random>.tmp`` file beside the target, never a damaged target.
+- :func:`atomic_write`: a temporary file beside the target, fsync, then ``os.replace``. A reader (or a
+  later run) sees either the previous file or the complete new one, never a partial write:
+  ``os.replace`` is atomic on POSIX when source and target are on the same file system, which a
+  temporary file in the target's own directory guarantees. A process killed before the rename leaves
+  at most a hidden ``.<name>.<random>.tmp`` file beside the target, never a damaged target, and the
+  next run of the same command removes it (:func:`remove_stale_temporaries`, under the lock).
+- :class:`ExclusiveLock`: an ``fcntl.flock`` on ``.<name>.lock`` beside the output, so that two
+  extractions (or surgeries, or reports) never write the same file at once; the kernel releases it
+  when the process dies, and the lock file names its holder for the process that is refused.
+- :func:`check_writable`: an output path that cannot be written is an error before hours of computing,
+  not after.
+
+The trainer has a twin of these helpers (``trainer/fileio.py``): the two halves of the project share
+file formats (the lock file's JSON included, docs/recovery.md), not code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import glob
+import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from spectra.errors import SpectraError
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -62,11 +84,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would have given (or the
+    # mode of the file it replaces), after the write: some writers recreate the file with their own mode
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have given
-        # (or the mode of the file it replaces), since writers like HDF5 truncate it in place
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,3 +99,141 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
         raise
     fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporaries ``.<name>.*.tmp`` that a killed :func:`atomic_write` of ``path`` left.
+
+    Only this target's own pattern, and only while its :class:`ExclusiveLock` is held, so that no live
+    writer owns them.
+    """
+    path = Path(path)
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check, before any computing, that ``path`` can be created or replaced; return it.
+
+    The nearest existing ancestor must be a directory this process may write into, and ``path`` itself,
+    if it exists, must be a regular file (not a directory).
+
+    Raises
+    ------
+    SpectraError
+        Naming the path and why (a regular file where a directory is needed, no permission, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SpectraError(f"cannot write the {what} {path}: it is a directory")
+    parent = path.parent
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link: mkdir would fail on it
+            raise SpectraError(f"cannot write the {what} {path}: {parent} is a broken symbolic link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SpectraError(f"cannot write the {what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpectraError(f"cannot write the {what} {path}: no permission to write in {parent}")
+    return path
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of an output: ``.<name>.lock`` beside it."""
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+class ExclusiveLock:
+    """An exclusive, non-blocking ``flock`` on ``.<name>.lock`` beside an output, for a ``with`` block.
+
+    Parameters
+    ----------
+    target
+        The output the lock protects (its directory is created if needed).
+    what
+        How to name it in the message of a process that is refused (``cube runs/a/spectra.nc``).
+
+    Raises
+    ------
+    SpectraError
+        On entry, when another process holds the lock: the message names the holder (pid, host, start
+        time and command line, as it recorded them in the lock file).
+
+    Notes
+    -----
+    The lock file is removed on release. A process that opened it just before would then lock an
+    unlinked file; it sees that the path no longer names its file and tries again, so two processes
+    never both hold the lock.
+    """
+
+    def __init__(self, target: str | os.PathLike, what: str):
+        self.path = lock_path(target)
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self) -> ExclusiveLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise SpectraError(
+                    f"{self.what} is being written by {_describe(holder)}; wait for it to finish or stop it"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        self._fd = fd
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _describe(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "another process (it recorded no details)"
+    text = f"process pid {info.get('pid', '?')}"
+    if info.get("host"):
+        text += f" on {info['host']}"
+    if info.get("since"):
+        text += f" since {info['since']}"
+    return f"{text} ({info['command']})" if info.get("command") else text

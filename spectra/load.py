@@ -165,7 +165,10 @@ def model_config_from_metadata(path: str | os.PathLike, meta: dict[str, str]) ->
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``torch.device(device)``, refusing a CUDA device when CUDA is not available."""
+    """``torch.device(device)``, refusing a CUDA device when CUDA is not available; ``auto`` is ``cuda``
+    when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:

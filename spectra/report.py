@@ -37,7 +37,7 @@ import xarray as xr
 
 from spectra import gamma as gamma_analysis
 from spectra import plots, stats
-from spectra.cube_io import CUBE_FILENAME, open_cube, open_cubes
+from spectra.cube_io import CUBE_FILENAME, open_cube, open_cubes, read_netcdf
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
 
@@ -130,10 +130,7 @@ def load_surgery(path: PathLike) -> xr.Dataset:
         p = p / SURGERY_FILENAME
     if not p.is_file():
         raise SpectraError(f"{p}: no such surgery file (run `collapse-spectra surgery CHECKPOINT` first)")
-    try:
-        ds = xr.load_dataset(p, engine="netcdf4")
-    except (OSError, ValueError) as e:
-        raise SpectraError(f"{p}: not a readable NetCDF file ({e})") from e
+    ds = read_netcdf(p)
     fmt = ds.attrs.get("format", SURGERY_FORMAT)
     if fmt != SURGERY_FORMAT:
         raise SpectraError(

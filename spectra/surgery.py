@@ -45,7 +45,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from spectra.errors import SpectraError
-from spectra.fileio import atomic_write
+from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from spectra.load import (
     Checkpoint,
     eval_batch_sha256,
@@ -406,11 +406,17 @@ def loss_windows(
 
 
 @torch.inference_mode()
-def evaluate_loss(model: LLM, windows: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> float:
+def evaluate_loss(
+    model: LLM,
+    windows: torch.Tensor,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], object] | None = None,
+) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` over ``windows`` (n, T+1).
 
     Per-token losses come from the model's own dtype (float32) and are summed in float64, in a fixed
-    order, so the same model and windows always give the same number.
+    order, so the same model and windows always give the same number. ``on_batch(1)`` is called after
+    each forward pass (a progress bar's ``update``).
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -420,17 +426,13 @@ def evaluate_loss(model: LLM, windows: torch.Tensor, batch_size: int = DEFAULT_B
         losses = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
         total += float(losses.double().sum())
         count += losses.numel()
+        if on_batch is not None:
+            on_batch(1)
     return total / count
 
 
 # ----------------------------------------------------------------------------------------------------
 # The experiment
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_device(device)
 
 
 def _run_field(ckpt: Checkpoint, section: str, key: str):
@@ -440,33 +442,128 @@ def _run_field(ckpt: Checkpoint, section: str, key: str):
         raise SpectraError(f"{ckpt.path}: run_config has no {section}.{key}") from None
 
 
-def _interval(values: np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and Student-t interval of the mean over the last axis, ignoring NaN; NaN bounds for n < 2."""
-    n = np.sum(~np.isnan(values), axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nansum(values, axis=-1) / np.where(n > 0, n, np.nan)
-        sd = np.sqrt(np.nansum((values - mean[..., None]) ** 2, axis=-1) / np.where(n > 1, n - 1, np.nan))
-        half = stats.t.ppf(0.5 + level / 2, np.where(n > 1, n - 1, np.nan)) * sd / np.sqrt(n)
-    return mean, mean - half, mean + half
+IDENTITY_ATTRS = (
+    "run_name",
+    "step",
+    "tokens",
+    "checkpoint_eval_batch_sha256",
+    "eval_batch_sha256",
+    "model_config",
+    "layers",
+    "pair_rope",
+    "seq_len",
+    "test_tokens",
+    "head_dim",
+    "mask_site",
+)
+"""Attributes two surgery results must share to be cells of one experiment (merged into one file)."""
 
 
-def _versions() -> str:
-    import netCDF4
+@dataclasses.dataclass
+class _Setup:
+    """Everything one surgery needs, checked before any loss is measured."""
 
-    try:
-        collapse = _metadata.version("collapse")
-    except _metadata.PackageNotFoundError:
-        collapse = "not installed"
-    return json.dumps(
-        {
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "xarray": xr.__version__,
-            "netCDF4": netCDF4.__version__,
-            "collapse": collapse,
-        },
-        sort_keys=True,
-    )
+    ckpt: Checkpoint
+    model: LLM
+    data_dir: Path
+    layers: tuple[int, ...]
+    removed: list[int]
+    windows: torch.Tensor
+    seq_len: int
+    status: str
+    vectors: dict
+    used_hash: str
+
+
+def _data_hash(data_dir: Path, ckpt: Checkpoint, force: bool) -> str:
+    """The eval-batch hash of the dataset's meta.json, checked against the checkpoint's (see run_surgery)."""
+    meta = read_dataset_meta(data_dir)
+    eval_meta = meta.get("eval_batch")
+    data_hash = eval_meta.get("sha256") if isinstance(eval_meta, dict) else None
+    if not isinstance(data_hash, str):
+        raise SpectraError(f"{data_dir / 'meta.json'}: eval_batch.sha256 is missing")
+    if eval_meta.get("split") == "test":
+        raise SpectraError(
+            f"{data_dir / 'meta.json'}: the eval batch was cut from the test split; the SVDs would then see "
+            "the text the loss is measured on (prepare the dataset with the eval batch from the val split)"
+        )
+    if data_hash != ckpt.eval_batch_sha256 and not force:
+        # the hash identifies the dataset: a different one may have trained on this one's test text
+        raise SpectraError(
+            f"{data_dir / 'meta.json'}: eval batch sha256 {data_hash} differs from the checkpoint's "
+            f"{ckpt.eval_batch_sha256} ({ckpt.path}): not the dataset this run was trained on, so its test split "
+            "may not be held out (use force to proceed anyway)"
+        )
+    return data_hash
+
+
+def _setup(
+    checkpoint: str | os.PathLike | Checkpoint,
+    data_dir: str | os.PathLike | None,
+    strategies: tuple[str, ...],
+    fractions: tuple[float, ...],
+    *,
+    layers: str | Sequence[int] | None,
+    pair_rope: bool,
+    test_tokens: int,
+    seq_len: int | None,
+    batch_size: int,
+    device: torch.device,
+    force: bool,
+) -> _Setup:
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=device)
+    model = ckpt.model.to(device).eval()
+    cfg = model.cfg
+    chosen = parse_layers(layers, cfg.n_layers)
+    if data_dir is None:
+        if not ckpt.data_dir:
+            raise SpectraError(f"{ckpt.path}: no dataset directory recorded; pass data_dir (--data)")
+        data_dir = ckpt.data_dir
+    data_dir = Path(data_dir)
+    used_hash = _data_hash(data_dir, ckpt, force)
+    seq_len = seq_len or int(_run_field(ckpt, "train", "seq_len"))
+    if not 0 < seq_len <= cfg.context_length:
+        raise SpectraError(
+            f"seq_len={seq_len} must be in 1..{cfg.context_length} (the model's context_length)"
+        )
+    meta = read_dataset_meta(data_dir)
+    windows = loss_windows(
+        read_test_split(data_dir, cfg.vocab_size), seq_len, test_tokens, cfg.vocab_size,
+        source=str(data_dir / meta["splits"]["test"]["file"]),
+    )  # fmt: skip
+    status = gamma_status(model, chosen) if "gamma" in strategies else "not requested"
+    vectors = {}
+    if "svd" in strategies:
+        eval_batch = load_eval_batch(data_dir, expected_sha256=ckpt.eval_batch_sha256, force=force)  # (n, T)
+        used_hash = eval_batch_sha256(eval_batch)
+        if eval_batch.shape[1] > cfg.context_length:
+            raise SpectraError(
+                f"{data_dir / 'eval_batch.safetensors'}: sequences of {eval_batch.shape[1]} tokens exceed the "
+                f"model's context_length {cfg.context_length}"
+            )
+        vectors = key_singular_vectors(model, eval_batch, chosen, batch_size)
+    removed = [removed_count(f, cfg.resolved_head_dim, pair_rope) for f in fractions]
+    return _Setup(ckpt, model, data_dir, chosen, removed, windows, seq_len, status, vectors, used_hash)
+
+
+def _interventions(
+    setup: _Setup, strategy: str, seed: int, pair_rope: bool
+) -> Iterator[tuple[int, dict, dict]]:
+    """(fraction index, key masks, W_k projections) of one strategy and seed, for every fraction."""
+    cfg = setup.model.cfg
+    if strategy == "svd":
+        for f_i, n in enumerate(setup.removed):
+            yield f_i, {}, svd_projectors(setup.vectors, n)
+        return
+    if strategy == "gamma":
+        orders = gamma_removal_orders(setup.model, setup.layers, pair_rope)
+    else:
+        orders = {
+            i: random_removal_order(seed, i, cfg.n_kv_heads, cfg.resolved_head_dim, pair_rope)
+            for i in setup.layers
+        }
+    for f_i, n in enumerate(setup.removed):
+        yield f_i, keep_masks(orders, n), {}
 
 
 def run_surgery(
@@ -485,6 +582,7 @@ def run_surgery(
     force: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    reuse: xr.Dataset | None = None,
 ) -> xr.Dataset:
     """Test loss after removing a fraction of every pruned key head's dimensions, per strategy.
 
@@ -521,9 +619,14 @@ def run_surgery(
     force
         Proceed although the dataset's eval-batch hash differs from the checkpoint's.
     progress
-        Show a progress bar over strategies x fractions x seeds.
+        Show a progress bar (on stderr) over every forward pass of the test windows, with an estimate of
+        the time left.
     echo
         Called with human-readable notes (a strategy that is not applicable and why).
+    reuse
+        An earlier result of the same experiment (same checkpoint, dataset, layers, windows: see
+        :data:`IDENTITY_ATTRS`, else :class:`SpectraError`): its cells are kept, only the missing ones are
+        measured, and the result holds the union of both grids.
 
     Returns
     -------
@@ -544,104 +647,73 @@ def run_surgery(
         raise SpectraError(f"seeds must be at least 1, got {seeds}")
     if batch_size < 1 or test_tokens < 1:
         raise SpectraError(f"batch_size and test_tokens must be positive, got {batch_size} and {test_tokens}")
-    device = _resolve_device(device)
-
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=device)
-    model = ckpt.model.to(device).eval()
-    cfg = model.cfg
-    D = cfg.resolved_head_dim
-    layers = parse_layers(layers, cfg.n_layers)
-    removed = [removed_count(f, D, pair_rope) for f in fractions]
-
-    if data_dir is None:
-        if not ckpt.data_dir:
-            raise SpectraError(f"{ckpt.path}: no dataset directory recorded; pass data_dir (--data)")
-        data_dir = ckpt.data_dir
-    data_dir = Path(data_dir)
-    meta = read_dataset_meta(data_dir)
-    eval_meta = meta.get("eval_batch")
-    data_hash = eval_meta.get("sha256") if isinstance(eval_meta, dict) else None
-    if not isinstance(data_hash, str):
-        raise SpectraError(f"{data_dir / 'meta.json'}: eval_batch.sha256 is missing")
-    if eval_meta.get("split") == "test":
-        raise SpectraError(
-            f"{data_dir / 'meta.json'}: the eval batch was cut from the test split; the SVDs would then see "
-            "the text the loss is measured on (prepare the dataset with the eval batch from the val split)"
-        )
-    if data_hash != ckpt.eval_batch_sha256 and not force:
-        # the hash identifies the dataset: a different one may have trained on this one's test text
-        raise SpectraError(
-            f"{data_dir / 'meta.json'}: eval batch sha256 {data_hash} differs from the checkpoint's "
-            f"{ckpt.eval_batch_sha256} ({ckpt.path}): not the dataset this run was trained on, so its test split "
-            "may not be held out (use force to proceed anyway)"
-        )
-    seq_len = seq_len or int(_run_field(ckpt, "train", "seq_len"))
-    if not 0 < seq_len <= cfg.context_length:
-        raise SpectraError(
-            f"seq_len={seq_len} must be in 1..{cfg.context_length} (the model's context_length)"
-        )
-    windows = loss_windows(
-        read_test_split(data_dir, cfg.vocab_size), seq_len, test_tokens, cfg.vocab_size,
-        source=str(data_dir / meta["splits"]["test"]["file"]),
+    device = resolve_device(device)
+    setup = _setup(
+        checkpoint, data_dir, strategies, fractions, layers=layers, pair_rope=pair_rope,
+        test_tokens=test_tokens, seq_len=seq_len, batch_size=batch_size, device=device, force=force,
     )  # fmt: skip
-
-    status = gamma_status(model, layers) if "gamma" in strategies else "not requested"
-    if status not in (GAMMA_OK, "not requested") and echo is not None:
-        echo(f"gamma strategy {status}")
-    vectors = {}
-    used_hash = data_hash
-    if "svd" in strategies:
-        eval_batch = load_eval_batch(
-            data_dir, expected_sha256=ckpt.eval_batch_sha256, force=force
-        )  # (n_seqs, T_eval)
-        used_hash = eval_batch_sha256(eval_batch)
-        if eval_batch.shape[1] > cfg.context_length:
-            raise SpectraError(
-                f"{data_dir / 'eval_batch.safetensors'}: sequences of {eval_batch.shape[1]} tokens exceed the "
-                f"model's context_length {cfg.context_length}"
-            )
-        vectors = key_singular_vectors(model, eval_batch, layers, batch_size)
-
-    def interventions(strategy: str, seed: int) -> Iterator[tuple[int, dict, dict]]:
-        if strategy == "svd":
-            for f_i, n in enumerate(removed):
-                yield f_i, {}, svd_projectors(vectors, n)
-            return
-        if strategy == "gamma":
-            orders = gamma_removal_orders(model, layers, pair_rope)
-        else:
-            orders = {i: random_removal_order(seed, i, cfg.n_kv_heads, D, pair_rope) for i in layers}
-        for f_i, n in enumerate(removed):
-            yield f_i, keep_masks(orders, n), {}
-
-    loss = np.full((len(strategies), len(fractions), seeds), np.nan)
-    runs = [
-        (s_i, s, seed)
-        for s_i, s in enumerate(strategies)
-        for seed in (range(seeds) if s == "random" else (0,))
-    ]
-    baseline = evaluate_loss(model, windows, batch_size)
-    with tqdm(total=len(runs) * len(fractions), desc="surgery", unit="eval", disable=not progress) as bar:
-        for s_i, strategy, seed in runs:
-            if strategy == "gamma" and status != GAMMA_OK:
-                bar.update(len(fractions))
-                continue
-            for f_i, masks, projections in interventions(strategy, seed):
-                bar.set_postfix(strategy=strategy, fraction=fractions[f_i], seed=seed)
-                with pruned_keys(model, masks=masks, projections=projections):
-                    loss[s_i, f_i, seed] = evaluate_loss(model, windows, batch_size)
-                bar.update()
-
-    mean, low, high = _interval(loss)
-    deterministic = np.array([s != "random" for s in strategies])
-    low[deterministic], high[deterministic] = np.nan, np.nan
-    history = (
-        f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} spectra.surgery.run_surgery("
-        f"checkpoint={str(ckpt.path)!r}, data_dir={str(data_dir)!r}, strategies={list(strategies)}, "
-        f"fractions={list(fractions)}, seeds={seeds}, layers={list(layers)}, pair_rope={pair_rope}, "
-        f"test_tokens={test_tokens}, seq_len={seq_len}, batch_size={batch_size}, device={str(device)!r}, force={force})"
+    if setup.status not in (GAMMA_OK, "not requested") and echo is not None:
+        echo(f"gamma strategy {setup.status}")
+    request = _surgery_dataset(
+        setup, strategies, fractions, seeds, pair_rope, np.nan, force, batch_size, device
     )
-    dims = ("strategy", "fraction")
+    if reuse is not None:
+        check_same_experiment(reuse, request)
+        request = merge_surgeries(reuse, request)
+    loss = request["loss"].values.copy()
+    todo = _missing_cells(request, strategies, fractions, seeds, setup.status)
+    baseline = float(reuse["baseline_loss"]) if reuse is not None else None
+    n_batches = math.ceil(setup.windows.shape[0] / batch_size)
+    total = n_batches * (len(todo) + (baseline is None))  # forward passes: a bar with an estimate
+    with tqdm(total=total, desc="surgery", unit="batch", disable=not progress or not total) as bar:
+        if baseline is None:
+            bar.set_postfix_str("unpruned model")
+            baseline = evaluate_loss(setup.model, setup.windows, batch_size, on_batch=bar.update)
+        index = {name: i for i, name in enumerate(request["strategy"].values)}
+        fraction_index = {float(f): i for i, f in enumerate(request["fraction"].values)}
+        for strategy, seed in dict.fromkeys((s, seed) for s, _, seed in todo):
+            wanted = {f for s, f, sd in todo if s == strategy and sd == seed}
+            for f_i, masks, projections in _interventions(setup, strategy, seed, pair_rope):
+                if fractions[f_i] not in wanted:
+                    continue
+                bar.set_postfix_str(f"{strategy} {fractions[f_i]:g} seed {seed}")
+                with pruned_keys(setup.model, masks=masks, projections=projections):
+                    value = evaluate_loss(setup.model, setup.windows, batch_size, on_batch=bar.update)
+                loss[index[strategy], fraction_index[fractions[f_i]], seed] = value
+    return _with_loss(request, loss, baseline)
+
+
+def _missing_cells(
+    ds: xr.Dataset, strategies: Sequence[str], fractions: Sequence[float], seeds: int, status: str
+) -> list[tuple[str, float, int]]:
+    """The requested (strategy, fraction, seed) cells that ``ds`` holds no loss for (and that apply)."""
+    cells = []
+    for strategy in strategies:
+        if strategy == "gamma" and status != GAMMA_OK:
+            continue  # not applicable: NaN by definition, nothing to measure
+        for f in fractions:
+            for seed in range(seeds) if strategy == "random" else (0,):
+                if np.isnan(float(ds["loss"].sel(strategy=strategy, fraction=f, seed=seed))):
+                    cells.append((strategy, f, seed))
+    return cells
+
+
+def _history_line(setup: _Setup, strategies, fractions, seeds, pair_rope, force, batch_size, device) -> str:
+    return (
+        f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} spectra.surgery.run_surgery("
+        f"checkpoint={str(setup.ckpt.path)!r}, data_dir={str(setup.data_dir)!r}, strategies={list(strategies)}, "
+        f"fractions={list(fractions)}, seeds={seeds}, layers={list(setup.layers)}, pair_rope={pair_rope}, "
+        f"test_tokens={int(setup.windows.shape[0] * setup.seq_len)}, seq_len={setup.seq_len}, "
+        f"batch_size={batch_size}, device={str(device)!r}, force={force})"
+    )
+
+
+def _surgery_dataset(
+    setup: _Setup, strategies, fractions, seeds, pair_rope, baseline, force, batch_size, device
+) -> xr.Dataset:
+    """The surgery dataset of this setup with every loss NaN (filled in by :func:`run_surgery`)."""
+    ckpt, cfg = setup.ckpt, setup.model.cfg
+    loss = np.full((len(strategies), len(fractions), seeds), np.nan)
     ds = xr.Dataset(
         {
             "loss": (
@@ -652,24 +724,6 @@ def run_surgery(
                     "units": "nats/token",
                     "comment": "deterministic strategies (gamma, svd) fill seed 0 only, NaN elsewhere; "
                     "a strategy that is not applicable is NaN everywhere",
-                },
-            ),
-            "loss_mean": (dims, mean, {"long_name": "loss averaged over seeds", "units": "nats/token"}),
-            "loss_ci_low": (
-                dims,
-                low,
-                {
-                    "long_name": "lower bound of the 95% Student-t interval of the mean loss over seeds",
-                    "units": "nats/token",
-                    "comment": "NaN for deterministic strategies and for fewer than 2 seeds",
-                },
-            ),
-            "loss_ci_high": (
-                dims,
-                high,
-                {
-                    "long_name": "upper bound of the 95% Student-t interval of the mean loss over seeds",
-                    "units": "nats/token",
                 },
             ),
             "baseline_loss": (
@@ -699,7 +753,7 @@ def run_surgery(
             ),
             "removed_dims": (
                 "fraction",
-                np.array(removed, dtype=np.int64),
+                np.array(setup.removed, dtype=np.int64),
                 {"long_name": "key coordinates (or SVD directions) removed per pruned head", "units": "1"},
             ),
         },
@@ -708,7 +762,9 @@ def run_surgery(
             "title": f"Pruning surgery of the attention keys of run {ckpt.run_name}",
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "history": history,
+            "history": _history_line(
+                setup, strategies, fractions, seeds, pair_rope, force, batch_size, device
+            ),
             "source": "collapse-spectra surgery",
             "run_name": ckpt.run_name,
             "qk_norm": cfg.qk_norm,
@@ -717,23 +773,123 @@ def run_surgery(
             "step": int(ckpt.step),
             "tokens": int(ckpt.tokens),
             "checkpoint": str(Path(ckpt.path).resolve()),
-            "data_dir": str(data_dir.resolve()),
-            "layers": ",".join(map(str, layers)),
-            "head_dim": D,
-            "seq_len": seq_len,
-            "test_tokens": int(windows.shape[0] * seq_len),
+            "data_dir": str(setup.data_dir.resolve()),
+            "layers": ",".join(map(str, setup.layers)),
+            "head_dim": cfg.resolved_head_dim,
+            "seq_len": setup.seq_len,
+            "test_tokens": int(setup.windows.shape[0] * setup.seq_len),
             "pair_rope": int(pair_rope),
             "mask_site": "output of k_norm (QK-normed keys, gamma applied, before RoPE)",
             "svd_site": "proj (k_proj output), uncentred, on the fixed eval batch; W_k head blocks projected",
             "interval": f"{INTERVAL_LEVEL:.0%} Student-t interval of the mean over seeds",
-            "gamma_status": status,
-            "eval_batch_sha256": used_hash,
+            "gamma_status": setup.status,
+            "eval_batch_sha256": setup.used_hash,
             "checkpoint_eval_batch_sha256": ckpt.eval_batch_sha256,
             "model_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
             "versions": _versions(),
         },
     )
     return ds
+
+
+def _with_loss(ds: xr.Dataset, loss: np.ndarray, baseline: float) -> xr.Dataset:
+    """``ds`` with its losses, their seed mean and interval, and the baseline filled in."""
+    mean, low, high = _interval(loss)
+    deterministic = np.array([s != "random" for s in ds["strategy"].values])
+    low[deterministic], high[deterministic] = np.nan, np.nan
+    dims = ("strategy", "fraction")
+    out = ds.copy()
+    out["loss"] = (ds["loss"].dims, loss, ds["loss"].attrs)
+    out["baseline_loss"] = ((), baseline, ds["baseline_loss"].attrs)
+    out["loss_mean"] = (dims, mean, {"long_name": "loss averaged over seeds", "units": "nats/token"})
+    out["loss_ci_low"] = (
+        dims,
+        low,
+        {
+            "long_name": "lower bound of the 95% Student-t interval of the mean loss over seeds",
+            "units": "nats/token",
+            "comment": "NaN for deterministic strategies and for fewer than 2 seeds",
+        },
+    )
+    out["loss_ci_high"] = (
+        dims,
+        high,
+        {
+            "long_name": "upper bound of the 95% Student-t interval of the mean loss over seeds",
+            "units": "nats/token",
+        },
+    )
+    return out
+
+
+def check_same_experiment(existing: xr.Dataset, new: xr.Dataset) -> None:
+    """Refuse to merge surgery results of different experiments, naming the first attribute that differs."""
+    where = existing.encoding.get("source", "the existing surgery result")  # the file it was read from
+    for key in IDENTITY_ATTRS:
+        have, want = str(existing.attrs.get(key)), str(new.attrs.get(key))
+        if have != want:
+            raise SpectraError(
+                f"{where} holds another experiment ({key} = {have}, this one has {want}): results measured "
+                "differently cannot share a file; choose another --out"
+            )
+
+
+def merge_surgeries(existing: xr.Dataset, new: xr.Dataset) -> xr.Dataset:
+    """The union of two results of one experiment: strategies in first-seen order, fractions sorted, seeds
+    up to the larger count; where both hold a cell, ``existing`` wins (it was measured first)."""
+    strategies = list(existing["strategy"].values) + [
+        s for s in new["strategy"].values if s not in existing["strategy"].values
+    ]
+    fractions = sorted(set(map(float, existing["fraction"].values)) | set(map(float, new["fraction"].values)))
+    seeds = max(existing.sizes["seed"], new.sizes["seed"])
+    grid = dict(
+        strategy=np.array(strategies, dtype=object), fraction=np.array(fractions), seed=np.arange(seeds)
+    )
+    a = existing["loss"].reindex(grid)
+    b = new["loss"].reindex(grid)
+    loss = a.where(~np.isnan(a), b)
+    head_dim, pair_rope = int(new.attrs["head_dim"]), bool(int(new.attrs["pair_rope"]))
+    merged = new.reindex(grid).copy()
+    merged = merged.assign_coords(
+        removed_dims=(
+            "fraction",
+            np.array([removed_count(f, head_dim, pair_rope) for f in fractions], dtype=np.int64),
+            new["removed_dims"].attrs,
+        )
+    )
+    merged["loss"] = (("strategy", "fraction", "seed"), loss.values, new["loss"].attrs)
+    merged["baseline_loss"] = existing["baseline_loss"]
+    merged.attrs["history"] = f"{existing.attrs.get('history', '')}\n{new.attrs['history']}".strip()
+    return merged
+
+
+def _interval(values: np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and Student-t interval of the mean over the last axis, ignoring NaN; NaN bounds for n < 2."""
+    n = np.sum(~np.isnan(values), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nansum(values, axis=-1) / np.where(n > 0, n, np.nan)
+        sd = np.sqrt(np.nansum((values - mean[..., None]) ** 2, axis=-1) / np.where(n > 1, n - 1, np.nan))
+        half = stats.t.ppf(0.5 + level / 2, np.where(n > 1, n - 1, np.nan)) * sd / np.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def _versions() -> str:
+    import netCDF4
+
+    try:
+        collapse = _metadata.version("collapse")
+    except _metadata.PackageNotFoundError:
+        collapse = "not installed"
+    return json.dumps(
+        {
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "xarray": xr.__version__,
+            "netCDF4": netCDF4.__version__,
+            "collapse": collapse,
+        },
+        sort_keys=True,
+    )
 
 
 def default_output_path(checkpoint_path: str | os.PathLike) -> Path:
@@ -749,6 +905,28 @@ def write_surgery(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     )
 
 
+def read_surgery(path: str | os.PathLike) -> xr.Dataset:
+    """Read a surgery file written by :func:`write_surgery`; anything else is a :class:`SpectraError`.
+
+    A file of another format at the path (a cube, metrics, a user's file) is never replaced: the error says so.
+    """
+    path = Path(path)
+    from spectra.cube_io import read_netcdf
+
+    try:
+        ds = read_netcdf(path)
+    except SpectraError as e:
+        raise SpectraError(
+            f"{e}; {path} is not a surgery file, so it is left as it is: choose another --out"
+        ) from None
+    if ds.attrs.get("format") != FORMAT:
+        raise SpectraError(
+            f"{path}: not a surgery file (global attribute format = {ds.attrs.get('format')!r}), so it is left "
+            "as it is: choose another --out"
+        )
+    return ds
+
+
 def surgery(
     checkpoint: str | os.PathLike | Checkpoint,
     data_dir: str | os.PathLike | None = None,
@@ -756,11 +934,19 @@ def surgery(
     out: str | os.PathLike | None = None,
     **kwargs,
 ) -> Path:
-    """Run :func:`run_surgery` and write ``surgery.nc``; returns its path.
+    """Run :func:`run_surgery` and write its result to ``out`` (default ``RUN/surgery.nc``); returns the path.
 
     ``out`` defaults to the run directory of the checkpoint (``RUN/checkpoints/tokens_X.safetensors``
-    -> ``RUN/surgery.nc``). Keyword arguments are those of :func:`run_surgery`.
+    -> ``RUN/surgery.nc``). If ``out`` exists it must be a surgery file of the same experiment (same
+    checkpoint, dataset, layers and test windows): its results are kept and only the cells this call adds
+    are measured; a file of another format or experiment is refused and left as it is. One process at a
+    time writes ``out`` (a lock beside it), and temporaries of a killed surgery of ``out`` are removed.
+    Keyword arguments are those of :func:`run_surgery`.
     """
-    ds = run_surgery(checkpoint, data_dir, **kwargs)
-    target = Path(out) if out is not None else default_output_path(ds.attrs["checkpoint"])
-    return write_surgery(ds, target)
+    path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+    target = check_writable(Path(out) if out is not None else default_output_path(path), "surgery file")
+    with ExclusiveLock(target, f"surgery file {target}"):
+        remove_stale_temporaries(target)
+        existing = read_surgery(target) if target.exists() else None
+        ds = run_surgery(checkpoint, data_dir, reuse=existing, **kwargs)
+        return write_surgery(ds, target)
