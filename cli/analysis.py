@@ -172,7 +172,9 @@ def report(
     """Write the HTML and Markdown report over RUN_OR_CUBE... into a directory and print its path.
 
     RUN_OR_CUBE... are run directories (their spectra.nc, and surgery.nc when present), directories of
-    run directories, or spectra.nc files. Only the report's own files in the directory are replaced.
+    run directories, or spectra.nc files; a run without a cube is skipped with a line saying so. The
+    directory must be new, empty, or an earlier report's: the report is built beside it and swapped in
+    whole, keeping files it did not write and never replacing one.
     """
     path = lib.build_report(
         list(inputs),
@@ -185,5 +187,6 @@ def report(
         complex_data=complex_data,
         n_resamples=n_resamples,
         seed=bootstrap_seed,
+        echo=lambda line: click.echo(line, err=True),
     )
     click.echo(str(path))

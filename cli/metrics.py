@@ -52,11 +52,18 @@ def metrics(
 ):
     """Summarise METRIC over heads for each run, step and layer of the CUBES.
 
-    CUBES are spectra.nc files, run directories, or directories of run directories. Each row gives the mean
+    CUBES are spectra.nc files, run directories, or directories of run directories; a run without a cube
+    is skipped with a line on stderr saying so. Each row gives the mean
     over the heads of one layer, the lowest and highest head, and the number of heads with a defined value;
     the row with layer "all" covers every head of every layer.
     """
-    table = summary_table(open_cubes(cubes), metric=metric, var=var, site=site, centering=centering)
+    table = summary_table(
+        open_cubes(cubes, on_skip=lambda line: click.echo(line, err=True)),
+        metric=metric,
+        var=var,
+        site=site,
+        centering=centering,
+    )
     if fmt == "csv":
         click.echo(table.to_csv(index=False), nl=False)
         return

@@ -6,8 +6,9 @@ Reading needs only xarray and netCDF4, never torch, so a notebook opens cubes on
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = [
     "CUBE_FORMAT",
     "CUBE_FORMAT_VERSION",
     "RUN_COORDS",
+    "find_cubes",
     "open_cube",
     "open_cubes",
     "read_netcdf",
@@ -122,14 +124,70 @@ def open_cube(path: PathLike) -> xr.Dataset:
     return ds
 
 
-def _expand(path: PathLike) -> list[Path]:
-    """Cube files of one argument: a cube, a run directory, or a directory of run directories."""
-    p = Path(path)
-    if p.is_dir() and not (p / CUBE_FILENAME).is_file():
-        found = sorted(child / CUBE_FILENAME for child in p.iterdir() if (child / CUBE_FILENAME).is_file())
-        if found:
-            return found
-    return [_cube_file(p)]
+def _is_run_dir(p: Path) -> bool:
+    """A directory the trainer made (or one holding a cube): what a directory of runs holds."""
+    return p.is_dir() and any((p / name).exists() for name in (CUBE_FILENAME, "checkpoints", "run.json"))
+
+
+def _no_cube_reason(run: Path) -> str:
+    return f"no {CUBE_FILENAME} (run `collapse-spectra extract {run}`)"
+
+
+def find_cubes(paths: PathLike | Iterable[PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The cube files of the given paths, and the runs skipped because they have none.
+
+    Parameters
+    ----------
+    paths
+        Cube files, run directories, or directories of run directories (each child run directory, sorted by
+        name; children that are not runs are ignored).
+
+    Returns
+    -------
+    files, skipped
+        The cube files in order, and ``(run directory, reason)`` for every run without a cube, whether it
+        was named itself or found in a directory of runs: both are treated the same way.
+
+    Raises
+    ------
+    SpectraError
+        For a path that does not exist, a directory that is neither a run nor holds runs, or when no cube
+        is left at all (the message lists what was skipped and why).
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise SpectraError(f"{p}: no such cube file or run directory")
+        if not p.is_dir():
+            files.append(p)
+        elif (p / CUBE_FILENAME).is_file():
+            files.append(p / CUBE_FILENAME)
+        elif _is_run_dir(p):
+            skipped.append((p, _no_cube_reason(p)))
+        else:
+            runs = sorted(child for child in p.iterdir() if _is_run_dir(child))
+            if not runs:
+                raise SpectraError(
+                    f"{p}: neither a run directory nor a directory of run directories (no {CUBE_FILENAME}, "
+                    "checkpoints/ or run.json in it or its sub-directories)"
+                )
+            for run in runs:
+                if (run / CUBE_FILENAME).is_file():
+                    files.append(run / CUBE_FILENAME)
+                else:
+                    skipped.append((run, _no_cube_reason(run)))
+    if not files:
+        reasons = "; ".join(f"{run}: {why}" for run, why in skipped)
+        raise SpectraError(f"no cubes to read ({reasons})" if reasons else "no cubes given")
+    return files, skipped
+
+
+def _warn_skipped(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _unique_labels(names: list[str], seeds: list[int], files: list[Path]) -> list[str]:
@@ -179,14 +237,19 @@ def _along_run(ds: xr.Dataset, label: str, file: Path) -> xr.Dataset:
     return ds
 
 
-def open_cubes(paths: PathLike | Iterable[PathLike]) -> xr.Dataset:
+def open_cubes(
+    paths: PathLike | Iterable[PathLike], *, on_skip: Callable[[str], object] | None = _warn_skipped
+) -> xr.Dataset:
     """Open several cubes as one Dataset along a new ``run`` dimension.
 
     Parameters
     ----------
     paths : path-like or iterable of path-like
         Cube files, run directories (their ``spectra.nc``), or directories of run directories (every
-        ``*/spectra.nc`` in them, sorted by name).
+        ``*/spectra.nc`` in them, sorted by name), see :func:`find_cubes`.
+    on_skip : callable, optional
+        Called with one line per run that has no cube yet (``skipped runs/b: no spectra.nc ...``); by
+        default a warning, so that a notebook never loses a run silently.
 
     Returns
     -------
@@ -213,11 +276,10 @@ def open_cubes(paths: PathLike | Iterable[PathLike]) -> xr.Dataset:
     >>> pr = keys.spectra.participation_ratio()  # doctest: +SKIP
     >>> pr.mean(["layer", "kv_head"]).groupby("optimizer").mean()  # doctest: +SKIP
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files = [file for p in paths for file in _expand(p)]
-    if not files:
-        raise SpectraError("no cubes given")
+    files, skipped = find_cubes(paths)
+    for run, why in skipped:
+        if on_skip is not None:
+            on_skip(f"skipped {run}: {why}")
     repeated = [str(f) for f, n in Counter(f.resolve() for f in files).items() if n > 1]
     if repeated:
         raise SpectraError(f"the same cube is given more than once: {', '.join(repeated)}")

@@ -237,3 +237,54 @@ def _describe(info: dict[str, Any] | None) -> str:
     if info.get("since"):
         text += f" since {info['since']}"
     return f"{text} ({info['command']})" if info.get("command") else text
+
+
+def exchange_directories(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported.
+
+    A reader sees one directory or the other under each name at every moment. Where the system call is
+    missing (not Linux, an old C library) or the file system refuses it, nothing is changed and False is
+    returned, so that the caller can fall back to two renames.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
+def replace_directory(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the complete directory ``new`` in the place of ``target`` and delete the old one.
+
+    Both must be in the same directory. With :func:`exchange_directories` the swap is atomic: a kill at any
+    moment leaves either the old or the new directory at ``target`` (the other one, under ``new``'s hidden
+    name, is debris that :func:`remove_stale_temporaries` of ``target`` removes). Without it, ``target`` is
+    renamed aside and ``new`` renamed into place: two atomic steps with ``target`` briefly absent.
+    """
+    new, target = Path(new), Path(target)
+    for root, _dirs, names in os.walk(new):  # everything on disk before the swap makes it visible
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+    if not target.exists():
+        os.rename(new, target)
+    elif exchange_directories(new, target):
+        shutil.rmtree(new)  # now the old directory
+    else:
+        aside = target.parent / f".{target.name}.{os.getpid()}.old.tmp"
+        os.rename(target, aside)
+        os.rename(new, target)
+        shutil.rmtree(aside)
+    fsync_dir(target.parent)

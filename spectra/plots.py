@@ -52,6 +52,9 @@ FIGURE_KINDS = (
     "pr-vs-loss",
 )
 DPI = 150
+FIGURE_SOFTWARE = "collapse-spectra (matplotlib)"
+"""Software tag in every figure's metadata (PNG ``Software``, SVG ``Creator``): how a later ``plot`` knows
+a file at its output path is a figure it may replace, and not a user's."""
 SEED_BAND = ("pi", 100)
 """Band over seeds in line plots: the full range (min to max) of the per-seed values."""
 STRATEGY_COLORS = {"svd": "#1b9e77", "gamma": "#d95f02", "random": "#7570b3"}
@@ -90,22 +93,35 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> list[Path]:
     >>> [p.suffix for p in save_figure(fig, tempfile.mkdtemp() + "/x.png")]  # doctest: +SKIP
     ['.png', '.svg']
     """
+    written = []
+    for target in figure_paths(path):
+        fmt = target.suffix[1:]
+        meta = {"Software": FIGURE_SOFTWARE} if fmt == "png" else {"Creator": FIGURE_SOFTWARE}
+        # the format is given explicitly: the temporary name's suffix is not .png/.svg
+        atomic_write(
+            target, lambda tmp, fmt=fmt, meta=meta: fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta), suffix=".tmp"
+        )
+        written.append(target)
+    return written
+
+
+def figure_paths(path: str | os.PathLike) -> list[Path]:
+    """The PNG and SVG files :func:`save_figure` writes for ``path`` (``.png``, ``.svg`` or no suffix)."""
     path = Path(path)
     if path.suffix.lower() in (".png", ".svg"):
         stem = path.with_suffix("")
     elif path.suffix == "":
         stem = path
     else:
-        raise SpectraError(
-            f"{path}: a figure is written as .png and .svg; give a path ending in .png or .svg"
-        )
-    written = []
-    for fmt in ("png", "svg"):
-        target = stem.with_name(f"{stem.name}.{fmt}")
-        # the format is given explicitly: the temporary name's suffix is not .png/.svg
-        atomic_write(target, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI), suffix=".tmp")
-        written.append(target)
-    return written
+        raise SpectraError(f"{path}: a figure is written as .png and .svg; give a path ending in .png or .svg")
+    return [stem.with_name(f"{stem.name}.{fmt}") for fmt in ("png", "svg")]
+
+
+def is_own_figure(path: str | os.PathLike) -> bool:
+    """Whether an existing PNG or SVG was written by :func:`save_figure` (its software tag says so)."""
+    path = Path(path)
+    head = path.read_bytes()[:8192]
+    return FIGURE_SOFTWARE.encode() in head
 
 
 def label_palette(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:

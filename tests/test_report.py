@@ -119,16 +119,16 @@ def test_rerun_replaces_only_the_reports_own_files(built, runs, tmp_path):
 
 
 def test_resolve_inputs(runs, tmp_path):
-    by_dir = rep.resolve_inputs([runs[0]])
-    assert by_dir == [rep.RunInput(runs[0] / "spectra.nc", runs[0] / "surgery.nc")]
-    parent = rep.resolve_inputs([runs[0].parent])
+    by_dir, skipped = rep.resolve_inputs([runs[0]])
+    assert by_dir == [rep.RunInput(runs[0] / "spectra.nc", runs[0] / "surgery.nc")] and skipped == []
+    parent, _ = rep.resolve_inputs([runs[0].parent])
     assert [r.cube.parent.name for r in parent] == ["a1-s0", "a2-s0"]
     # a cube file picks up a surgery.nc beside it only if it is the same run's
     shared = tmp_path / "cubes"
     cube = write_cube(shared / "other.nc", synthetic_cube("other"))
     surgery_result("a1-s0").to_netcdf(shared / "surgery.nc")
-    assert rep.resolve_inputs([cube]) == [rep.RunInput(cube, None)]
-    with pytest.raises(SpectraError, match="no such run directory or cube file"):
+    assert rep.resolve_inputs([cube]) == ([rep.RunInput(cube, None)], [])
+    with pytest.raises(SpectraError, match="no such cube file or run directory"):
         rep.resolve_inputs([tmp_path / "missing"])
     with pytest.raises(SpectraError, match="neither a run directory"):
         rep.resolve_inputs([tmp_path / "cubes"])

@@ -1,0 +1,95 @@
+"""``collapse-spectra report``: every section over a set of runs, as HTML and Markdown, in one directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from spectra import gamma as gamma_analysis
+from spectra import stats
+from spectra.fileio import ExclusiveLock, remove_stale_temporaries
+from spectra.report.context import check_options, load_context
+from spectra.report.document import Block, to_html, to_markdown
+from spectra.report.inputs import resolve_inputs
+from spectra.report.output import REPORT_HTML, REPORT_MD, ReportWriter, check_target, commit, new_staging
+from spectra.report.sections import SECTIONS
+
+PathLike = str | os.PathLike[str]
+TITLE = "Key-collapse report"
+
+
+def build_report(
+    inputs: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    site: str = stats.DEFAULT_SITE,
+    convention: str = "sv",
+    centering: str = "uncentered",
+    gamma_site: str = gamma_analysis.DEFAULT_GAMMA_SITE,
+    simple_data: Iterable[str] = (),
+    complex_data: Iterable[str] = (),
+    n_resamples: int = stats.N_RESAMPLES,
+    seed: int = stats.BOOTSTRAP_SEED,
+    echo: Callable[[str], object] | None = None,
+) -> Path:
+    """Write the report over ``inputs`` into ``out_dir``; returns the path of ``report.html``.
+
+    Parameters
+    ----------
+    inputs
+        Run directories, directories of run directories, or cube files (see
+        :func:`spectra.report.inputs.resolve_inputs`); runs without a cube are skipped and listed in the
+        report's caveats.
+    out_dir
+        A new or empty directory, or one a previous report wrote (it holds ``report-files.json``). The
+        report is built complete beside it and swapped into place, so a kill at any moment leaves the
+        previous report or the new one; files a report did not write are kept, and one the new report
+        would need to replace is refused (see :mod:`spectra.report.output`).
+    site, convention, centering
+        The headline measurement: read-out site of the keys, participation-ratio convention and centring.
+        The sensitivity table varies all three regardless.
+    gamma_site
+        Where the gamma analysis reads the coordinate energy: ``unit`` (before gamma) or ``normed``.
+    simple_data, complex_data
+        Dataset names forced into the simple / complex class (see :func:`spectra.stats.data_class`).
+    n_resamples, seed
+        Bootstrap resamples and the seed of their generator.
+    echo
+        Called with one line per run skipped (no cube yet).
+
+    Examples
+    --------
+    >>> build_report(["runs/A1-s0", "runs/A2-s0"], "report")  # doctest: +SKIP
+    PosixPath('report/report.html')
+    """
+    check_options(site, convention, centering, gamma_site)
+    runs_in, skipped = resolve_inputs(inputs)
+    out = Path(out_dir)
+    out = out.resolve() if out.is_symlink() else out  # replace the directory the link points to, not the link
+    check_target(out)  # before anything is computed or created
+    for run, why in skipped:
+        if echo is not None:
+            echo(f"skipped {run}: {why}")
+    ctx = load_context(
+        runs_in, skipped, site=site, convention=convention, centering=centering, gamma_site=gamma_site,
+        simple_data=simple_data, complex_data=complex_data, n_resamples=n_resamples, seed=seed,
+    )  # fmt: skip
+    with ExclusiveLock(out, f"report directory {out}"):
+        remove_stale_temporaries(out)  # staging directories of killed reports into this directory
+        previous = check_target(out)  # again, under the lock
+        staging = new_staging(out)
+        try:
+            w = ReportWriter(staging)
+            blocks: list[Block] = []
+            for section in SECTIONS:
+                blocks += section(ctx, w)
+            w.text(REPORT_MD, to_markdown(TITLE, blocks))
+            w.text(REPORT_HTML, to_html(TITLE, blocks, w.images))
+            w.manifest()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        commit(staging, out, previous)
+    return out / REPORT_HTML

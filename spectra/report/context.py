@@ -1,0 +1,123 @@
+"""What every section of the report reads: the runs, their cubes and surgery results, the headline
+measurement, and the statistics computed once for all sections."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import xarray as xr
+
+from spectra import gamma as gamma_analysis
+from spectra import stats
+from spectra.cube_io import open_cube, open_cubes
+from spectra.errors import SpectraError
+from spectra.report.inputs import RunInput, load_surgery
+
+
+@dataclass
+class ReportContext:
+    """The inputs of every section function ``section(ctx, writer) -> list[Block]``."""
+
+    runs_in: list[RunInput]
+    """The runs, as found on the command line."""
+    skipped: list[tuple[Path, str]]
+    """Runs that were skipped (no cube yet), with the reason."""
+    cubes: list[xr.Dataset]
+    """Each run's cube as written (its own attributes)."""
+    ds: xr.Dataset
+    """All cubes along ``run`` (:func:`spectra.cube_io.open_cubes`)."""
+    run_names: list[str]
+    """The ``run`` labels of ``ds``, in input order."""
+    surgeries: dict[str, xr.Dataset]
+    """Surgery results by run label, for the runs that have one."""
+    site: str
+    convention: str
+    centering: str
+    gamma_site: str
+    labels_kw: dict
+    """``simple_data`` / ``complex_data`` for the configuration labels (:func:`spectra.stats.data_class`)."""
+    n_resamples: int
+    seed: int
+    runs: pd.DataFrame = field(init=False)
+    coverage: pd.DataFrame = field(init=False)
+    summaries: pd.DataFrame = field(init=False)
+    configs: pd.DataFrame = field(init=False)
+    comparisons: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        kw = self.labels_kw
+        self.runs = stats.run_table(self.ds, **kw)
+        self.coverage = stats.plan_coverage(self.runs)
+        self.summaries = stats.run_summaries(
+            self.ds, **self.measure, **kw, n_resamples=self.n_resamples, seed=self.seed
+        )
+        self.configs = stats.configuration_summaries(
+            self.summaries, n_resamples=self.n_resamples, seed=self.seed
+        )
+        self.comparisons = stats.compare_configurations(
+            self.summaries, n_resamples=self.n_resamples, seed=self.seed
+        )
+
+    @property
+    def measure(self) -> dict[str, str]:
+        """The headline measurement as keyword arguments of the stats and plot functions."""
+        return {"site": self.site, "convention": self.convention, "centering": self.centering}
+
+    @property
+    def measurement(self) -> str:
+        """The headline measurement in words."""
+        return (
+            f"keys at site `{self.site}`, {self.centering.replace('centered', 'centred')}, participation ratio "
+            f"in the {stats.CONVENTION_NAMES[self.convention]}"
+        )
+
+
+def check_options(site: str, convention: str, centering: str, gamma_site: str) -> None:
+    """Refuse an unknown measurement choice before anything is read."""
+    stats._check_choice("site", site, stats.SITES)
+    stats._check_choice("convention", convention, stats.CONVENTIONS)
+    stats._check_choice("centering", centering, stats.CENTERINGS)
+    if gamma_site not in gamma_analysis.GAMMA_SITES:
+        raise SpectraError(
+            f"gamma site must be one of {list(gamma_analysis.GAMMA_SITES)}, got {gamma_site!r}"
+        )
+
+
+def load_context(
+    runs_in: Sequence[RunInput],
+    skipped: Sequence[tuple[Path, str]],
+    *,
+    site: str,
+    convention: str,
+    centering: str,
+    gamma_site: str,
+    simple_data: Iterable[str],
+    complex_data: Iterable[str],
+    n_resamples: int,
+    seed: int,
+) -> ReportContext:
+    """Open every cube and surgery file and compute the shared statistics."""
+    cubes = [open_cube(r.cube) for r in runs_in]
+    ds = open_cubes([r.cube for r in runs_in], on_skip=None)
+    run_names = [str(r) for r in ds["run"].values]
+    surgeries = {
+        name: load_surgery(r.surgery) for name, r in zip(run_names, runs_in) if r.surgery is not None
+    }
+    return ReportContext(
+        runs_in=list(runs_in),
+        skipped=list(skipped),
+        cubes=cubes,
+        ds=ds,
+        run_names=run_names,
+        surgeries=surgeries,
+        site=site,
+        convention=convention,
+        centering=centering,
+        gamma_site=gamma_site,
+        labels_kw={"simple_data": list(simple_data), "complex_data": list(complex_data)},
+        n_resamples=n_resamples,
+        seed=seed,
+    )

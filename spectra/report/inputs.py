@@ -1,0 +1,94 @@
+"""What a report (or a figure) is made of: the runs' cubes and their surgery results, found from the paths
+given on the command line, and the surgery files read and checked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import xarray as xr
+
+from spectra.cube_io import CUBE_FILENAME, find_cubes, open_cube, read_netcdf
+from spectra.errors import SpectraError
+
+SURGERY_FILENAME = "surgery.nc"
+SURGERY_FORMAT = "collapse-surgery"
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """One run of the report: its cube and, when there is one, its surgery results."""
+
+    cube: Path
+    surgery: Path | None = None
+
+
+def resolve_inputs(inputs: Iterable[PathLike]) -> tuple[list[RunInput], list[tuple[Path, str]]]:
+    """Turn the command line's RUN_OR_CUBE arguments into cubes and surgery files.
+
+    - a run directory (holding ``spectra.nc``): its cube, and its ``surgery.nc`` if present;
+    - a directory of run directories: each of them, sorted by name;
+    - a ``.nc`` cube file: itself, and a ``surgery.nc`` beside it if that file's ``run_name`` is the cube's
+      (a directory of cubes may hold other runs' results).
+
+    Returns the runs and the runs skipped because they have no cube yet, with the reason
+    (:func:`spectra.cube_io.find_cubes`: the same rule as ``collapse-spectra metrics``). Raises
+    :class:`SpectraError` for a path that is none of these, naming it, or when no cube is left.
+    """
+    cubes, skipped = find_cubes(list(inputs))
+    runs = []
+    for cube in cubes:
+        if cube.name == SURGERY_FILENAME:
+            raise SpectraError(
+                f"{cube}: a surgery file, not a cube; give the run directory or its {CUBE_FILENAME}"
+            )
+        runs.append(_run_input(cube))
+    seen: set[Path] = set()
+    for r in runs:
+        key = r.cube.resolve()
+        if key in seen:
+            raise SpectraError(f"the same cube is given more than once: {r.cube}")
+        seen.add(key)
+    return runs, skipped
+
+
+def _run_input(cube: Path) -> RunInput:
+    sibling = cube.parent / SURGERY_FILENAME
+    if not sibling.is_file():
+        return RunInput(cube)
+    if cube.name == CUBE_FILENAME:  # a run directory's own cube: its surgery.nc is the run's
+        return RunInput(cube, sibling)
+    run_name = open_cube(cube).attrs.get("run_name")
+    return RunInput(cube, sibling if load_surgery(sibling).attrs.get("run_name") == run_name else None)
+
+
+def load_surgery(path: PathLike) -> xr.Dataset:
+    """Read a ``surgery.nc`` (written by ``collapse-spectra surgery``) into memory and check its schema.
+
+    A run directory means its ``surgery.nc``. Raises :class:`SpectraError` naming the file if it is
+    missing, unreadable, or lacks ``loss(strategy, fraction, seed)`` and ``baseline_loss``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / SURGERY_FILENAME
+    if not p.is_file():
+        raise SpectraError(f"{p}: no such surgery file (run `collapse-spectra surgery CHECKPOINT` first)")
+    ds = read_netcdf(p)
+    fmt = ds.attrs.get("format", SURGERY_FORMAT)
+    if fmt != SURGERY_FORMAT:
+        raise SpectraError(
+            f"{p}: not a surgery file (global attribute format = {fmt!r}, expected {SURGERY_FORMAT!r})"
+        )
+    if (
+        "loss" not in ds
+        or set(ds["loss"].dims) != {"strategy", "fraction", "seed"}
+        or "baseline_loss" not in ds
+    ):
+        raise SpectraError(f"{p}: a surgery file needs loss(strategy, fraction, seed) and baseline_loss")
+    ds.attrs.setdefault("run_name", p.parent.name)
+    ds.attrs["path"] = str(p)
+    return ds

@@ -1,0 +1,73 @@
+"""``collapse-spectra plot``: one figure on its own, from cubes or surgery files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from spectra import plots
+from spectra.cube_io import open_cubes
+from spectra.errors import SpectraError
+from spectra.fileio import check_writable
+from spectra.report.inputs import load_surgery
+
+PathLike = str | os.PathLike[str]
+
+_MEASUREMENT = ("site", "convention", "centering", "which")
+_LABELS = ("simple_data", "complex_data")
+KIND_OPTIONS = {
+    "trajectory": (*_MEASUREMENT, *_LABELS),
+    "heatmap": (*_MEASUREMENT, "run", *_LABELS),
+    "waterfall": ("site", "centering", "which", "layer", *_LABELS),
+    "data-complexity": (*_MEASUREMENT, *_LABELS),
+    "surgery": (),
+    "gamma": ("site", "which", "run", *_LABELS),
+    "loss": _LABELS,
+    "pr-vs-loss": (*_MEASUREMENT, *_LABELS),
+}
+"""Options each figure kind accepts; ``site`` of ``gamma`` is where the coordinate energy is read."""
+
+
+def render_plot(kind: str, inputs: Sequence[PathLike], output: PathLike, **options) -> list[Path]:
+    """Draw one figure of kind ``kind`` from ``inputs`` and write it as PNG and SVG; returns both paths.
+
+    Parameters
+    ----------
+    kind
+        One of :data:`spectra.plots.FIGURE_KINDS`.
+    inputs
+        Cube files or run directories; for ``surgery``, surgery files or run directories.
+    output
+        ``FILE.png``, ``FILE.svg`` or ``FILE``: both ``FILE.png`` and ``FILE.svg`` are written.
+    **options
+        Options of the figure function (``site``, ``convention``, ``centering``, ``which``, ``layer``,
+        ``run``, ``simple_data``, ``complex_data``); ``None`` means the default. An option the kind does
+        not use is an error, so that nothing given is silently ignored.
+
+    Examples
+    --------
+    >>> render_plot("trajectory", ["runs/A1-s0", "runs/A2-s0"], "trajectory.png", site="rope")  # doctest: +SKIP
+    [PosixPath('trajectory.png'), PosixPath('trajectory.svg')]
+    """
+    if kind not in plots.PLOTTERS:
+        raise SpectraError(f"unknown figure kind {kind!r}; kinds: {', '.join(plots.FIGURE_KINDS)}")
+    given = {k: v for k, v in options.items() if v is not None and v != ()}
+    unused = sorted(set(given) - set(KIND_OPTIONS[kind]))
+    if unused:
+        names = ", ".join("--" + u.replace("_", "-") for u in unused)
+        raise SpectraError(f"{names} does not apply to the {kind} figure")
+    if not inputs:
+        raise SpectraError("no inputs given")
+    for target in plots.figure_paths(output):  # suffix errors first, then a user's file at either path
+        check_writable(target, "figure")
+        if target.is_file() and not plots.is_own_figure(target):
+            raise SpectraError(
+                f"{target} exists and was not written by collapse-spectra: refusing to replace it; choose another -o"
+            )
+    if kind == "surgery":
+        fig = plots.surgery_curves([load_surgery(p) for p in inputs])
+    else:
+        ds = open_cubes(list(inputs))
+        fig = plots.PLOTTERS[kind](ds, **given)
+    return plots.save_figure(fig, output)
