@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 import seaborn as sns
 import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -61,7 +60,7 @@ STRATEGY_COLORS = {"svd": "#1b9e77", "gamma": "#d95f02", "random": "#7570b3"}
 STRATEGY_NAMES = {
     "svd": "SVD: smallest singular directions of the keys",
     "gamma": "gamma: smallest |gamma_j|",
-    "random": "random coordinates (mean, 95% CI over seeds)",
+    "random": "random coordinates (mean of the draws)",
 }
 _WHAT = {"k": "keys", "q": "queries"}
 _ONE = {"k": "key", "q": "query"}
@@ -99,7 +98,9 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> list[Path]:
         meta = {"Software": FIGURE_SOFTWARE} if fmt == "png" else {"Creator": FIGURE_SOFTWARE}
         # the format is given explicitly: the temporary name's suffix is not .png/.svg
         atomic_write(
-            target, lambda tmp, fmt=fmt, meta=meta: fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta), suffix=".tmp"
+            target,
+            lambda tmp, fmt=fmt, meta=meta: fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta),
+            suffix=".tmp",
         )
         written.append(target)
     return written
@@ -113,7 +114,9 @@ def figure_paths(path: str | os.PathLike) -> list[Path]:
     elif path.suffix == "":
         stem = path
     else:
-        raise SpectraError(f"{path}: a figure is written as .png and .svg; give a path ending in .png or .svg")
+        raise SpectraError(
+            f"{path}: a figure is written as .png and .svg; give a path ending in .png or .svg"
+        )
     return [stem.with_name(f"{stem.name}.{fmt}") for fmt in ("png", "svg")]
 
 
@@ -134,8 +137,15 @@ def label_palette(labels: Iterable[str]) -> dict[str, tuple[float, float, float]
     return colors
 
 
-def _legend_names(labels: Iterable[str]) -> dict[str, str]:
-    return {lab: stats.describe_label(lab) for lab in labels}
+def _legend_names(labels: Iterable[str], seeds: dict[str, int] | None = None) -> dict[str, str]:
+    """Legend entries; with ``seeds``, each says how many seeds its line is the mean of (``n=2 seeds``)."""
+    names = {}
+    for lab in labels:
+        name = stats.describe_label(lab)
+        if seeds is not None and lab in seeds:
+            name += f" (n={seeds[lab]} seed{'s' if seeds[lab] != 1 else ''})"
+        names[lab] = name
+    return names
 
 
 def _subtitle(which: str, site: str, centering: str, convention: str | None = None, extra: str = "") -> str:
@@ -176,9 +186,14 @@ def _labelled(ds: xr.Dataset, simple_data: Iterable[str], complex_data: Iterable
     return stats.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
 
 
-def _seed_lineplot(ax, df: pd.DataFrame, x: str, y: str, labels: Sequence[str], **kwargs) -> None:
-    """Line per configuration (mean over its seeds) with the seed range as a band."""
-    names = _legend_names(labels)
+def _seed_lineplot(ax, df: pd.DataFrame, x: str, y: str, labels: Sequence[str], **kwargs) -> str:
+    """Line per configuration (mean over its seeds) with the seed range as a band; returns the legend title.
+
+    A configuration with one seed has no band (seaborn draws none for a single value), and the legend
+    says so: every entry carries its number of seeds, and the title names the band only where there is one.
+    """
+    seeds = df.groupby("label")["run"].nunique().to_dict() if "run" in df else None
+    names = _legend_names(labels, seeds)
     palette = label_palette(labels)
     sns.lineplot(
         data=df.assign(configuration=df["label"].map(names)),
@@ -192,9 +207,12 @@ def _seed_lineplot(ax, df: pd.DataFrame, x: str, y: str, labels: Sequence[str], 
         ax=ax,
         **kwargs,
     )
+    if seeds and max(seeds.values()) >= 2:
+        return "configuration: mean over seeds (band: range over the seeds)"
+    return "configuration (one seed each: no band)" if seeds else "configuration"
 
 
-def _legend_below(ax, title: str = "configuration (band: range over seeds)") -> None:
+def _legend_below(ax, title: str = "configuration") -> None:
     """Move the axes' legend under the plot, where it hides no data."""
     legend = ax.get_legend()
     if legend is not None:
@@ -242,10 +260,10 @@ def trajectory(
     labels = stats.label_order(table["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
-    _seed_lineplot(ax, table, "tokens", y, labels)
+    title = _seed_lineplot(ax, table, "tokens", y, labels)
     _tokens_axis(ax)
     ax.set_ylabel(f"mean {_pr_label(convention)}\nover layers and heads")
-    _legend_below(ax)
+    _legend_below(ax, title)
     _title(
         fig,
         f"Effective rank of the {_WHAT[which]} during training",
@@ -366,12 +384,12 @@ def waterfall(
     labels = stats.label_order(df["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
-    _seed_lineplot(ax, df, "index", "ratio", labels, markersize=4)
+    title = _seed_lineplot(ax, df, "index", "ratio", labels, markersize=4)
     ax.set_yscale("log")
     ax.set_xlabel("singular value index i (descending)")
     ax.set_ylabel("σ_i / σ_1 (mean over heads)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend_below(ax)
+    _legend_below(ax, title)
     where = f"layer {layer}" if layer is not None else "mean over layers"
     _title(
         fig,
@@ -421,11 +439,11 @@ def data_complexity(
     df["label"] = df["run"].map(runs["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
-    _seed_lineplot(ax, df, "layer", "pr", ["C1", "C2"])
+    title = _seed_lineplot(ax, df, "layer", "pr", ["C1", "C2"])
     ax.set_xlabel("layer")
     ax.set_ylabel(f"{_pr_label(convention)}\nmean over heads")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend_below(ax)
+    _legend_below(ax, title)
     _title(
         fig,
         "Does data complexity change the rank? C1 (simple) vs C2 (complex), per layer",
@@ -461,10 +479,12 @@ def loss_curves(
     labels = stats.label_order(df["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
-    _seed_lineplot(ax, df, "tokens", "loss", labels, style="split", style_order=["train", "validation"])
+    title = _seed_lineplot(
+        ax, df, "tokens", "loss", labels, style="split", style_order=["train", "validation"]
+    )
     _tokens_axis(ax)
     ax.set_ylabel("loss (nats/token)")
-    _legend_below(ax, "configuration / split (band: range over seeds)")
+    _legend_below(ax, title.replace("configuration", "configuration / split", 1))
     _title(
         fig,
         "Training and validation loss",
@@ -620,34 +640,79 @@ def gamma_scatter(
 
 
 def surgery_curve(surgery: xr.Dataset, strategy: str) -> pd.DataFrame:
-    """Mean loss over seeds per fraction and, where there are >= 2 seed values, a 95% Student-t interval."""
+    """One strategy's test loss per fraction: the mean over its draws, their range and their number.
+
+    ``min`` and ``max`` are the lowest and highest draw (equal to the mean for the deterministic
+    strategies, which have one draw); no interval is estimated from so few draws.
+    """
     loss = surgery["loss"].sel(strategy=strategy).transpose("fraction", "seed").values
     n = np.sum(~np.isnan(loss), axis=1)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN fraction: NaN mean
-        mean = np.nanmean(loss, axis=1)
-        sd = np.nanstd(loss, axis=1, ddof=1)
-    half = np.where(
-        n >= 2, scipy.stats.t.ppf(0.975, np.maximum(n - 1, 1)) * sd / np.sqrt(np.maximum(n, 1)), np.nan
-    )
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN fraction: NaN everywhere
+        mean, low, high = np.nanmean(loss, axis=1), np.nanmin(loss, axis=1), np.nanmax(loss, axis=1)
     return pd.DataFrame(
-        {
-            "fraction": surgery["fraction"].values,
-            "mean": mean,
-            "low": mean - half,
-            "high": mean + half,
-            "n": n,
-        }
+        {"fraction": surgery["fraction"].values, "mean": mean, "min": low, "max": high, "n": n}
     )
+
+
+def _surgery_strategies(s: xr.Dataset) -> list[str]:
+    known = [st for st in ("svd", "gamma", "random") if st in s["strategy"].values]
+    return known + [str(st) for st in s["strategy"].values if st not in STRATEGY_COLORS]
+
+
+def _not_drawn_note(s: xr.Dataset, strategy: str) -> str:
+    status = s.attrs.get("gamma_status", "") if strategy == "gamma" else ""
+    if status.startswith("not applicable"):  # surgery's status already says so
+        return f"{strategy}: {status}"
+    return f"{strategy}: not applicable" + (f" ({status})" if status else "")
+
+
+def _surgery_panel(ax, s: xr.Dataset, handles: dict[str, object]) -> None:
+    """One run's panel: a line per strategy; for random every draw as a dot and their range as a band."""
+    notes = []
+    for strategy in _surgery_strategies(s):
+        curve = surgery_curve(s, strategy).dropna(subset=["mean"])
+        if curve.empty:
+            notes.append(_not_drawn_note(s, strategy))
+            continue
+        color = STRATEGY_COLORS.get(strategy, "grey")
+        x = 100 * curve["fraction"]
+        (line,) = ax.plot(x, curve["mean"], marker="o", markersize=4, color=color)
+        handles.setdefault(STRATEGY_NAMES.get(strategy, strategy), line)
+        draws = s["loss"].sel(strategy=strategy).transpose("fraction", "seed").values
+        n_max = int(curve["n"].max())
+        if n_max >= 2:
+            xs = np.repeat(100 * s["fraction"].values[:, None], draws.shape[1], axis=1)
+            dots = ax.scatter(xs.ravel(), draws.ravel(), s=9, color=color, alpha=0.6, linewidths=0, zorder=3)
+            band = ax.fill_between(x, curve["min"], curve["max"], color=color, alpha=0.15, linewidth=0)
+            handles.setdefault(f"{strategy}: each draw (n = {n_max} seeds)", dots)
+            handles.setdefault(f"{strategy}: range of the draws", band)
+    if not ax.lines:
+        raise SpectraError(
+            f"nothing to plot for the surgery figure: run {s.attrs.get('run_name', '?')!r} has no finite loss"
+        )
+    base = ax.axhline(float(s["baseline_loss"]), color="black", linestyle="--", linewidth=1)
+    handles.setdefault("unpruned model", base)
+    head = f"{s.attrs.get('run_name', '?')}"
+    if s.attrs.get("tokens") is not None:
+        head += f", {format_tokens(s.attrs['tokens'])} tokens"
+    if notes:
+        # wrapped to the panel's width so that neighbouring titles never overlap
+        head += "\n" + "\n".join(textwrap.fill(n, width=60) for n in notes)
+    ax.set_title(head, fontsize=9)
+    ax.set_xlabel("key dimensions removed per head (%)")
+    ax.set_ylabel("test loss (nats/token)")
 
 
 def surgery_curves(surgeries: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
     """Test loss against the fraction of key dimensions pruned, one line per strategy; a panel per run.
 
     Input: datasets written by ``collapse-spectra surgery`` (``loss(strategy, fraction, seed)``,
-    ``baseline_loss``). Deterministic strategies (gamma, svd) are drawn from their seed values (identical
-    or NaN beyond the first); random shows the mean and its 95% Student-t interval over seeds. A
-    strategy with no finite loss (gamma without QK-norm) is left out and its ``gamma_status`` shown.
+    ``baseline_loss``). Deterministic strategies (gamma, svd) have one value per fraction. For random,
+    every draw is shown as a dot, the line goes through their mean and the band is their range (lowest to
+    highest draw), labelled with the number of draws: with a handful of seeds no interval of the mean is
+    drawn, because one would claim more than the draws show. A strategy with no finite loss (gamma without
+    QK-norm) is left out and its ``gamma_status`` shown.
     """
     items = [surgeries] if isinstance(surgeries, xr.Dataset) else list(surgeries)
     if not items:
@@ -661,51 +726,20 @@ def surgery_curves(surgeries: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
             )
     ncols = min(3, len(items))
     nrows = math.ceil(len(items) / ncols)
-    fig, axes = new_figure(4.6 * ncols + 0.6, 3.9 * nrows + 1.0, nrows=nrows, ncols=ncols)
+    fig, axes = new_figure(max(4.6 * ncols + 0.6, 7.0), 3.9 * nrows + 1.4, nrows=nrows, ncols=ncols)
     handles: dict[str, object] = {}
     for k, s in enumerate(items):
-        ax = axes[k // ncols, k % ncols]
-        drawn = []
-        notes = []
-        for strategy in [st for st in ("svd", "gamma", "random") if st in s["strategy"].values] + [
-            st for st in s["strategy"].values if st not in STRATEGY_COLORS
-        ]:
-            curve = surgery_curve(s, str(strategy))
-            curve = curve.dropna(subset=["mean"])
-            if curve.empty:
-                status = s.attrs.get("gamma_status", "") if strategy == "gamma" else ""
-                if status.startswith("not applicable"):  # surgery's status already says so
-                    notes.append(f"{strategy}: {status}")
-                else:
-                    notes.append(f"{strategy}: not applicable" + (f" ({status})" if status else ""))
-                continue
-            color = STRATEGY_COLORS.get(str(strategy), "grey")
-            (line,) = ax.plot(100 * curve["fraction"], curve["mean"], marker="o", markersize=4, color=color)
-            if curve["low"].notna().any():
-                ax.fill_between(
-                    100 * curve["fraction"], curve["low"], curve["high"], color=color, alpha=0.2, linewidth=0
-                )
-            handles.setdefault(STRATEGY_NAMES.get(str(strategy), str(strategy)), line)
-            drawn.append(strategy)
-        if not drawn:
-            raise SpectraError(
-                f"nothing to plot for the surgery figure: run {s.attrs.get('run_name', '?')!r} has no finite loss"
-            )
-        base = ax.axhline(float(s["baseline_loss"]), color="black", linestyle="--", linewidth=1)
-        handles.setdefault("unpruned model", base)
-        tokens = s.attrs.get("tokens")
-        head = f"{s.attrs.get('run_name', '?')}"
-        if tokens is not None:
-            head += f", {format_tokens(tokens)} tokens"
-        if notes:
-            # wrapped to the panel's width so that neighbouring titles never overlap
-            head += "\n" + "\n".join(textwrap.fill(n, width=60) for n in notes)
-        ax.set_title(head, fontsize=9)
-        ax.set_xlabel("key dimensions removed per head (%)")
-        ax.set_ylabel("test loss (nats/token)")
+        _surgery_panel(axes[k // ncols, k % ncols], s, handles)
     for k in range(len(items), nrows * ncols):
         axes[k // ncols, k % ncols].set_visible(False)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=2, fontsize=8)
+    # as many legend columns as fit the figure's width: a single panel's legend must not be clipped
+    fig.legend(
+        list(handles.values()),
+        list(handles.keys()),
+        loc="outside lower center",
+        ncols=min(2, ncols),
+        fontsize=8,
+    )
     test_tokens = {s.attrs.get("test_tokens") for s in items}
     sub = "loss on the held-out test split (never used for any SVD)"
     if len(test_tokens) == 1 and None not in test_tokens:

@@ -75,15 +75,29 @@ def test_waterfall_of_one_layer(cubes):
         plots.waterfall(cubes, layer=7)
 
 
-def test_surgery_curves_one_line_per_strategy_with_a_band_for_random():
+def test_surgery_curves_show_every_random_draw_and_their_range():
     fig = plots.surgery_curves([surgery_result("a1-s0"), surgery_result("a2-s0", gamma_applicable=False)])
     assert_readable(fig)
     first, second = fig.axes[0], fig.axes[1]
     # svd, gamma, random, then the baseline
     assert len(first.lines) == 4 and len(second.lines) == 3
     assert np.allclose(first.lines[0].get_ydata(), 4.0 + np.array([0.0, 0.25, 0.5, 0.75]))
-    assert len(first.collections) == 1  # the random band
+    dots, band = first.collections  # the random draws, then their range
+    assert len(dots.get_offsets()) == 4 * 3  # every draw of every fraction
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    draws = surgery_result()["loss"].sel(strategy="random").values
+    assert np.isclose(low, draws.min()) and np.isclose(high, draws.max())  # never beyond what was measured
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "random: each draw (n = 3 seeds)" in legend and "random: range of the draws" in legend
+    assert not any("CI" in t or "interval" in t for t in legend)
     assert "not applicable (model has no QK-norm)" in second.get_title()
+
+
+def test_a_single_runs_surgery_legend_fits_the_figure():
+    fig = plots.surgery_curves(surgery_result("a1-s0"))
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width  # not clipped at either side
 
 
 def test_surgery_without_any_finite_loss_is_an_error():
@@ -142,3 +156,19 @@ def test_query_figures(cubes, kind):
     fig = plots.PLOTTERS[kind](cubes.sel(run=["a1-s0", "a2-s0"]), which="q")
     assert_readable(fig)
     assert "quer" in fig._suptitle.get_text()
+
+
+def _legend(fig) -> tuple[str, list[str]]:
+    legend = fig.legends[0]
+    return legend.get_title().get_text(), [t.get_text() for t in legend.get_texts()]
+
+
+def test_legends_say_how_many_seeds_and_announce_a_band_only_where_there_is_one(cubes):
+    title, entries = _legend(plots.trajectory(cubes))
+    assert title == "configuration: mean over seeds (band: range over the seeds)"
+    assert any(e.startswith("A1") and e.endswith("(n=2 seeds)") for e in entries)
+    assert any(e.startswith("A2") and e.endswith("(n=1 seed)") for e in entries)
+    one_seed = cubes.sel(run=["a1-s0", "a2-s0"])
+    for fig in (plots.trajectory(one_seed), plots.waterfall(one_seed), plots.loss_curves(one_seed)):
+        title, entries = _legend(fig)
+        assert "band" not in title.replace("no band", "") and "one seed each" in title

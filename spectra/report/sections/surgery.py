@@ -24,8 +24,8 @@ def surgery_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     blocks.append(
         Paragraph(
             "Test loss after removing a fraction of each key head's dimensions: by smallest |gamma| (the "
-            "source documents' method), by smallest singular directions of the keys, or at random (mean and "
-            "95% Student-t interval over seeds). If gamma ≈ SVD and both beat random, gamma is a usable proxy "
+            "source documents' method), by smallest singular directions of the keys, or at random (every draw "
+            "shown, the line through their mean, the band their range; the number of draws is in the legend). If gamma ≈ SVD and both beat random, gamma is a usable proxy "
             "for what the keys use; if SVD beats gamma, gamma misleads. The loss is measured on the held-out "
             "test split, never used for any SVD."
         )
