@@ -654,8 +654,9 @@ def run_surgery(
     )  # fmt: skip
     if setup.status not in (GAMMA_OK, "not requested") and echo is not None:
         echo(f"gamma strategy {setup.status}")
+    grid_seeds = seeds if "random" in strategies else 1  # the deterministic strategies fill seed 0 only
     request = _surgery_dataset(
-        setup, strategies, fractions, seeds, pair_rope, np.nan, force, batch_size, device
+        setup, strategies, fractions, grid_seeds, pair_rope, np.nan, force, batch_size, device
     )
     if reuse is not None:
         check_same_experiment(reuse, request)

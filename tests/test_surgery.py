@@ -434,3 +434,106 @@ def test_surgery_on_cuda_matches_cpu(trained, data_dir):
     for strategy in ("gamma", "svd", "random"):
         assert float(gpu.loss.sel(strategy=strategy, fraction=0.0, seed=0)) == float(gpu.baseline_loss)
     np.testing.assert_allclose(gpu.loss.values, cpu.loss.values, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- recovery
+
+
+def _listing(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("victim", ["spectra.nc", "metrics.jsonl", "notes.txt"])
+def test_out_never_replaces_a_file_that_is_not_a_surgery_file(tmp_path, trained, data_dir, victim):
+    from helpers import make_cube
+
+    run = tmp_path / "run"
+    run.mkdir()
+    target = run / victim
+    if victim == "spectra.nc":
+        make_cube(qk_norm="learned").to_netcdf(target)
+    else:
+        target.write_text('{"step": 1}\n' if victim.endswith(".jsonl") else "my notes\n")
+    before = _listing(run)
+    result = CliRunner().invoke(
+        cli.surgery.surgery,
+        [str(trained), "--data", str(data_dir), "--strategies", "svd", "--fractions", "0,0.5", "--out", str(target),
+         "--test-tokens", "512", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "choose another --out" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert _listing(run) == before
+
+
+def test_a_second_call_adds_cells_and_keeps_the_first_ones(tmp_path, trained, data_dir):
+    out = tmp_path / "surgery.nc"
+    first = xr.load_dataset(surgery(trained, data_dir, out=out, fractions=(0.0, 0.5), seeds=2, **QUICK))
+    calls = []
+    import spectra.surgery as surgery_mod
+
+    real = surgery_mod.evaluate_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(surgery_mod, "evaluate_loss", counting)
+        # a gamma-only call (which on its own would be a much smaller result) merges into the full file
+        merged = xr.load_dataset(
+            surgery(trained, data_dir, out=out, strategies=["gamma"], fractions=(0.25,), **QUICK)
+        )
+    assert len(calls) == 1  # only the one new cell: no baseline, nothing already measured
+    assert list(merged.strategy.values) == ["gamma", "svd", "random"]
+    assert merged.fraction.values.tolist() == [0.0, 0.25, 0.5]
+    kept = merged.loss.sel(fraction=[0.0, 0.5])
+    assert np.array_equal(kept.values, first.loss.values, equal_nan=True)
+    assert float(merged.baseline_loss) == float(first.baseline_loss)
+    assert merged.attrs["history"].count("run_surgery(") == 2
+    again = _listing(tmp_path)
+    surgery(trained, data_dir, out=out, strategies=["gamma"], fractions=(0.25,), **QUICK)  # nothing new to do
+    assert xr.load_dataset(out).loss.equals(merged.loss) and set(_listing(tmp_path)) == set(again)
+
+
+def test_another_experiment_in_the_same_file_is_refused(tmp_path, trained, data_dir):
+    out = tmp_path / "surgery.nc"
+    surgery(trained, data_dir, out=out, strategies=["svd"], fractions=(0.0,), **QUICK)
+    before = out.read_bytes()
+    with pytest.raises(
+        SpectraError, match=r"holds another experiment \(test_tokens = 512, this one has 256\)"
+    ):
+        surgery(
+            trained, data_dir, out=out, strategies=["svd"], fractions=(0.0,), **{**QUICK, "test_tokens": 256}
+        )
+    with pytest.raises(SpectraError, match=r"holds another experiment \(layers = 0,1, this one has 1\)"):
+        surgery(trained, data_dir, out=out, strategies=["svd"], fractions=(0.0,), layers="1", **QUICK)
+    assert out.read_bytes() == before
+
+
+def test_an_unwritable_out_is_refused_before_computing(tmp_path, trained, data_dir, monkeypatch):
+    import spectra.surgery as surgery_mod
+
+    monkeypatch.setattr(
+        surgery_mod, "run_surgery", lambda *a, **k: pytest.fail("computed before checking --out")
+    )
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(
+        SpectraError, match=rf"cannot write the surgery file {blocker}/s.nc: {blocker} is a file"
+    ):
+        surgery(trained, data_dir, out=blocker / "s.nc", **QUICK)
+
+
+def test_stale_temporaries_of_this_file_are_removed_and_a_lock_is_respected(tmp_path, trained, data_dir):
+    from spectra.fileio import ExclusiveLock
+
+    out = tmp_path / "surgery.nc"
+    ours, theirs = tmp_path / ".surgery.nc.k1ll3d.tmp", tmp_path / ".spectra.nc.k1ll3d.tmp"
+    ours.write_bytes(b"half"), theirs.write_bytes(b"someone else's")
+    with ExclusiveLock(out, "x"):
+        with pytest.raises(SpectraError, match=rf"surgery file {out} is being written by process pid"):
+            surgery(trained, data_dir, out=out, strategies=["svd"], fractions=(0.0,), **QUICK)
+        assert ours.exists() and not out.exists()
+    surgery(trained, data_dir, out=out, strategies=["svd"], fractions=(0.0,), **QUICK)
+    assert not ours.exists() and theirs.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".spectra.nc.k1ll3d.tmp", "surgery.nc"]
