@@ -131,3 +131,44 @@ def test_nccl_on_every_visible_gpu(tmp_path, tiny_data_dir, tiny_vocab):
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and run["world_size"] == n and run["device"]["type"] == "cuda"
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+RANK_1_DIES_AT_THE_END = """
+import os, sys
+import trainer.train as train_mod
+
+calls = {"n": 0}
+barrier = train_mod.barrier
+
+
+def barrier_or_die(info):
+    calls["n"] += 1
+    if info.rank == 1 and calls["n"] == 2:  # the barrier after the last step: rank 1 never gets there
+        os._exit(3)
+    barrier(info)
+
+
+train_mod.barrier = barrier_or_die
+from cli.train import main
+
+main(sys.argv[1:])
+"""
+
+
+def test_a_run_whose_ranks_did_not_all_finish_is_not_recorded_completed(tmp_path, tiny_data_dir, tiny_vocab):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(RANK_1_DIES_AT_THE_END)
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+         "run", "tiny", "--data", str(tiny_data_dir), "--out", str(out), "--no-progress",
+         *(f"--set={s}" for s in overrides(tiny_vocab, batch_size=4, optim="adamw"))],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] in ("failed", "interrupted"), run["status"]
+    assert run["final_step"] == 5  # every step was taken: only the ranks' agreement at the end is missing
