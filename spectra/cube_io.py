@@ -139,8 +139,9 @@ def find_cubes(paths: PathLike | Iterable[PathLike]) -> tuple[list[Path], list[t
     Parameters
     ----------
     paths
-        Cube files, run directories, or directories of run directories (each child run directory, sorted by
-        name; children that are not runs are ignored).
+        Cube files, run directories, directories of run directories (each child run directory, sorted by
+        name; children that are not runs are ignored), or study directories (their main runs, in the
+        study's order, see docs/studies.md).
 
     Returns
     -------
@@ -164,6 +165,14 @@ def find_cubes(paths: PathLike | Iterable[PathLike]) -> tuple[list[Path], list[t
             raise SpectraError(f"{p}: no such cube file or run directory")
         if not p.is_dir():
             files.append(p)
+        elif (p / "study.json").is_file():  # a study directory: its main runs (docs/studies.md)
+            from spectra.study import read_study
+
+            for run in read_study(p).run_dirs("main"):
+                if (run / CUBE_FILENAME).is_file():
+                    files.append(run / CUBE_FILENAME)
+                else:
+                    skipped.append((run, _no_cube_reason(run) if run.is_dir() else "not trained yet"))
         elif (p / CUBE_FILENAME).is_file():
             files.append(p / CUBE_FILENAME)
         elif _is_run_dir(p):
