@@ -5,6 +5,7 @@ import click
 
 from cli.prepare import prepare_data
 from cli.run import presets, run
+from cli.study import study
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -16,6 +17,7 @@ def main() -> None:
 main.add_command(prepare_data)
 main.add_command(run)
 main.add_command(presets)
+main.add_command(study)
 
 
 if __name__ == "__main__":
