@@ -15,7 +15,7 @@ COMMANDS = [(prog, name) for prog, group in PROGRAMS.items() for name in group.c
 
 
 def test_both_programs_have_their_commands():
-    assert set(train_main.commands) == {"prepare-data", "run", "presets"}
+    assert set(train_main.commands) == {"prepare-data", "run", "presets", "study"}
     assert set(spectra_main.commands) == {"extract", "metrics", "surgery", "plot", "report"}
 
 

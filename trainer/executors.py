@@ -6,8 +6,8 @@ output appended to its own log. A crash, an out-of-memory kill or a segfault of 
 ends that process only; the runner reads the outcome from the exit status and ``run.json``.
 
 - :class:`LocalExecutor`: at most ``jobs`` runs at a time on this machine. With GPUs, each run gets one
-  (``CUDA_VISIBLE_DEVICES``) and at most one run uses a GPU; on the CPU the cores are split evenly
-  between the runs (``OMP_NUM_THREADS`` and ``torch.set_num_threads`` in each child).
+  (``CUDA_VISIBLE_DEVICES``) and at most one run uses a GPU; the CPU cores are split evenly between
+  the runs (``OMP_NUM_THREADS`` and ``torch.set_num_threads`` in each child).
 - :class:`SlurmExecutor`: one SLURM job array per batch of runs through ``submitit`` (an optional
   extra: ``pip install 'collapse[slurm]'``), with partition, time limit, GPUs and CPUs per job and the
   array parallelism as options. The job on the compute node launches the same worker (under
@@ -247,25 +247,22 @@ class LocalExecutor:
             raise TrainerError(f"--jobs must be at least 1, got {jobs}")
         wanted = jobs if jobs is not None else (len(self.gpus) or 1)
         self.jobs = min(wanted, len(self.gpus)) if self.gpus else wanted
-        cpus = cpus or available_cpus()
-        self.threads_per_job = None if self.gpus else max(1, cpus // self.jobs)
+        # on GPUs too: eight runs of torch's default thread count each would oversubscribe the cores
+        self.threads_per_job = max(1, (cpus or available_cpus()) // self.jobs)
         self.launch = launch
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
 
     def describe(self) -> str:
-        if self.gpus:
-            return f"local: {self.jobs} run(s) at a time, one GPU each ({', '.join(self.gpus[: self.jobs])})"
-        return f"local: {self.jobs} run(s) at a time on the CPU, {self.threads_per_job} thread(s) each"
+        where = f"one GPU each ({', '.join(self.gpus[: self.jobs])})" if self.gpus else "on the CPU"
+        return f"local: {self.jobs} run(s) at a time {where}, {self.threads_per_job} CPU thread(s) each"
 
     def run(self, tasks: Sequence[RunTask], report: Report) -> list[RunOutcome]:
         slots: queue.SimpleQueue[dict[str, str]] = queue.SimpleQueue()
         for i in range(self.jobs):
-            if self.gpus:
-                slots.put({"CUDA_VISIBLE_DEVICES": self.gpus[i]})
-            else:
-                n = str(self.threads_per_job)
-                slots.put({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n})
+            n = str(self.threads_per_job)
+            slot = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+            slots.put({**slot, "CUDA_VISIBLE_DEVICES": self.gpus[i]} if self.gpus else slot)
         reported = threading.Lock()
 
         def safe_report(event: RunEvent) -> None:
@@ -398,7 +395,10 @@ class SlurmExecutor:
     def _executor(self) -> Any:
         submitit = _import_submitit()
         o = self.options
-        ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.cluster)
+        try:
+            ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.cluster)
+        except RuntimeError as e:  # e.g. no srun on this machine
+            raise TrainerError(f"--executor slurm: {e}") from None
         params: dict[str, Any] = {
             "name": "collapse-study",
             "timeout_min": o.time_min,

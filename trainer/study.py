@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -241,8 +242,6 @@ def load_study(source: str | Path, data_root: str | Path | None = None) -> Study
 def _read_source(source: str | Path) -> tuple[dict[str, Any], Path, str]:
     """(plain data, directory relative paths are resolved against, default name)."""
     if isinstance(source, str) and source in study_names():
-        import tomllib
-
         text = resources.files("trainer").joinpath("studies", f"{source}.toml").read_text()
         return tomllib.loads(text), Path.cwd(), source
     path = Path(source)
