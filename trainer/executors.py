@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -282,7 +282,7 @@ class LocalExecutor:
                     threads=self.threads_per_job,
                     on_start=self._track,
                 )
-                outcome = RunOutcome(**{**outcome.__dict__, "where": where})
+                outcome = replace(outcome, where=where)
                 safe_report(RunEvent("end", task, outcome=outcome, where=where))
                 return outcome
             finally:
@@ -348,7 +348,7 @@ def run_on_node(task: RunTask, gpus: int, cpus: int | None) -> RunOutcome:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     where = f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')} on {os.uname().nodename}"
     outcome = launch_worker(task, env, threads=threads, nproc=max(gpus, 1))
-    return RunOutcome(**{**outcome.__dict__, "where": where})
+    return replace(outcome, where=where)
 
 
 def _import_submitit() -> Any:

@@ -210,7 +210,8 @@ def load_study(source: str | Path, data_root: str | Path | None = None) -> Study
     Parameters
     ----------
     source
-        A name from :func:`study_names` (e.g. ``"plan-25m"``) or a path to a study TOML file.
+        A name from :func:`study_names` (e.g. ``"plan-25m"`` or ``"plan-25m.toml"``) or a path to a
+        study TOML file (an existing file wins over a shipped study of the same name).
     data_root
         Replaces the file's ``data_root`` (relative: to the working directory), e.g. to point a
         shipped study at where the datasets are.
@@ -240,11 +241,16 @@ def load_study(source: str | Path, data_root: str | Path | None = None) -> Study
 
 
 def _read_source(source: str | Path) -> tuple[dict[str, Any], Path, str]:
-    """(plain data, directory relative paths are resolved against, default name)."""
-    if isinstance(source, str) and source in study_names():
-        text = resources.files("trainer").joinpath("studies", f"{source}.toml").read_text()
-        return tomllib.loads(text), Path.cwd(), source
+    """(plain data, directory relative paths are resolved against, default name).
+
+    A shipped study is named with or without ``.toml`` (``plan-25m``, ``plan-25m.toml``); an existing
+    file of that name wins.
+    """
     path = Path(source)
+    name = path.name.removesuffix(".toml")
+    if str(source) in (name, f"{name}.toml") and name in study_names() and not path.is_file():
+        text = resources.files("trainer").joinpath("studies", f"{name}.toml").read_text()
+        return tomllib.loads(text), Path.cwd(), name
     if path.suffix != ".toml" and not path.exists():
         raise ConfigError(
             f"{str(source)!r} is neither a shipped study ({', '.join(study_names())}) nor an existing TOML file"
