@@ -15,6 +15,10 @@ COMMANDS = {
         "Train PRESET_OR_TOML (a preset name or a TOML file) on --data, writing checkpoints to --out.",
     ),
     "presets": ("cli.run:presets", "List the shipped presets: name, parameter count, description."),
+    "study": (
+        "cli.study:study",
+        "Run STUDY_FILE (a shipped study's name or a TOML file) into the study directory --out.",
+    ),
 }
 """Command name -> (where it is defined, its one-line summary for ``--help``)."""
 

@@ -22,7 +22,7 @@ def command(prog: str, name: str) -> click.Command:
 
 
 def test_both_programs_have_their_commands():
-    assert [n for p, n in COMMANDS if p == "collapse-train"] == ["prepare-data", "run", "presets"]
+    assert [n for p, n in COMMANDS if p == "collapse-train"] == ["prepare-data", "run", "presets", "study"]
     assert [n for p, n in COMMANDS if p == "collapse-spectra"] == [
         "extract",
         "metrics",

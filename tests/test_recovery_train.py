@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
-from trainer.errors import TrainerError
+from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import ExclusiveLock, LockedError, default_mode
 from trainer.resume import list_resume_states
 from trainer.train import TrainingInterrupted, train
@@ -199,7 +199,7 @@ def test_a_locked_run_directory_is_refused_naming_the_holder(tmp_path, tiny_data
         assert holder.stdout.readline().strip() == "held"
         before = listing(out)
         with pytest.raises(
-            LockedError, match=rf"run directory {out} is in use by process pid {holder.pid} on "
+            RunLockedError, match=rf"run directory {out} is in use by process pid {holder.pid} on "
         ):
             train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
         assert listing(out) == before

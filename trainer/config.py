@@ -246,6 +246,8 @@ def _to_plain(value: Any) -> Any:
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (e.g. list -> tuple, int -> float)."""
+    if dataclasses.is_dataclass(tp):  # a table, e.g. one element of a list of tables
+        return _build(tp, value, f"{key}.")
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -302,15 +304,33 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         names = ", ".join(f"{prefix}{k}" for k in unknown)
         raise ConfigError(f"unknown config key(s): {names}; valid keys here: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{key}.")
-        else:
-            kwargs[name] = _coerce(key, tp, value)
-    return cls(**kwargs)
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"missing config key(s): {', '.join(prefix + k for k in missing)}")
+    return cls(**{name: _coerce(f"{prefix}{name}", hints[name], value) for name, value in data.items()})
+
+
+def from_plain(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build the frozen dataclass ``cls`` from plain nested data (TOML, JSON), checking every key and type.
+
+    This is the one validator of the package's typed files: run configs and study files alike. An
+    unknown key, a missing required key or a value of the wrong type raises :class:`ConfigError`
+    naming the key, with ``prefix`` in front (e.g. ``"configurations[2]."``). Nested dataclasses are
+    tables, and ``tuple[SomeDataclass, ...]`` fields are arrays of tables.
+
+    >>> from_plain(TrainConfig, {"tokens": 1e6, "seed": 3}).tokens
+    1000000
+    >>> from_plain(TrainConfig, {"tokenz": 1}, "train.")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    trainer.config.ConfigError: unknown config key(s): train.tokenz; valid keys here: ...
+    """
+    return _build(cls, data, prefix)
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -396,7 +416,8 @@ def preset_description(name: str) -> str:
     return ""
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The plain data of a TOML file; a missing file or invalid TOML is a :class:`ConfigError` naming it."""
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -421,7 +442,7 @@ def load_config(preset_or_path: str, overrides: list[str] | tuple[str, ...] = ()
             raise ConfigError(
                 f"{preset_or_path!r} is neither a preset ({', '.join(preset_names())}) nor an existing TOML file"
             )
-        data = _read_toml(path)
+        data = read_toml(path)
         base = data.get("preset")
         if base:
             if base not in preset_names():

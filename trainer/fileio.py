@@ -132,6 +132,8 @@ class ExclusiveLock:
         The lock file (created if needed; removed on release).
     what
         What the lock protects, for the message of the process that is refused (``run directory runs/a``).
+    error
+        The exception class raised to the process that is refused (a :class:`TrainerError`).
 
     Raises
     ------
@@ -146,9 +148,10 @@ class ExclusiveLock:
     processes never both believe they hold the lock.
     """
 
-    def __init__(self, path: str | os.PathLike, what: str):
+    def __init__(self, path: str | os.PathLike, what: str, error: type[TrainerError] | None = None):
         self.path = Path(path)
         self.what = what
+        self.error = error or LockedError
         self._fd: int | None = None
 
     def __enter__(self) -> ExclusiveLock:
@@ -159,7 +162,7 @@ class ExclusiveLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise LockedError(
+                raise self.error(
                     f"{self.what} is in use by {_holder_description(holder)}; wait for it to finish or stop it"
                 ) from None
             try:

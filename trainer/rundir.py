@@ -32,7 +32,7 @@ from typing import Any, Literal
 from trainer.checkpoint import list_checkpoints
 from trainer.config import RunConfig
 from trainer.data import TokenDataset
-from trainer.errors import TrainerError
+from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import ExclusiveLock, remove_stale_temporaries
 from trainer.resume import ResumeError, config_differences, list_resume_states
 
@@ -63,8 +63,12 @@ class StartPlan:
 
 
 def lock_run_dir(out_dir: Path) -> ExclusiveLock:
-    """The lock of a run directory (enter it to hold it; the directory must exist)."""
-    return ExclusiveLock(out_dir / LOCK_FILE, f"run directory {out_dir}")
+    """The lock of a run directory (enter it to hold it; the directory must exist).
+
+    A second process is refused with :class:`trainer.errors.RunLockedError`, which a study's worker reads
+    as "running elsewhere".
+    """
+    return ExclusiveLock(out_dir / LOCK_FILE, f"run directory {out_dir}", RunLockedError)
 
 
 def prepare_run_dir(out_dir: Path, resume: bool) -> None:

@@ -1,0 +1,116 @@
+"""``collapse-train study``: a thin skin over :mod:`trainer.study_runner` (run, --dry-run, --status)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.common import reports_errors
+from trainer.executors import SlurmOptions
+from trainer.study_runner import plan_text, run_study, status_text
+
+
+@click.command("study")
+@click.argument("study_file")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Study directory (required unless --dry-run).",
+)
+@click.option(
+    "--jobs",
+    type=int,
+    default=None,
+    help="Runs at a time [local: one per GPU, or 1 on the CPU; slurm: no cap].",
+)
+@click.option(
+    "--executor", type=click.Choice(["local", "slurm"]), default="local", help="Where the runs execute."
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print every run with its config changes from the base; run nothing."
+)
+@click.option(
+    "--status", is_flag=True, help="Print the study's progress (done, running, failed, to do); run nothing."
+)
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="LABEL",
+    help="Run only these configurations (repeatable or comma-separated).",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory the study's relative dataset paths are under (replaces its data_root).",
+)
+@click.option("--partition", default=None, help="slurm: the partition of the jobs [the cluster's default].")
+@click.option(
+    "--time", "time_min", type=int, default=24 * 60, help="slurm: time limit of each job, in minutes."
+)
+@click.option(
+    "--gpus-per-job", type=int, default=1, help="slurm: GPUs per job (more than one: DDP on one node)."
+)
+@click.option("--cpus-per-job", type=int, default=None, help="slurm: CPU cores per job [8 per GPU].")
+@click.option(
+    "--mem-gb", type=float, default=None, help="slurm: memory per job in GB [the partition's default]."
+)
+@click.option(
+    "--slurm-setup",
+    multiple=True,
+    metavar="LINE",
+    help="slurm: a shell line run before each job (repeatable).",
+)
+@reports_errors
+def study(
+    study_file: str,
+    out_dir: Path | None,
+    jobs: int | None,
+    executor: str,
+    dry_run: bool,
+    status: bool,
+    only: tuple[str, ...],
+    data_root: Path | None,
+    partition: str | None,
+    time_min: int,
+    gpus_per_job: int,
+    cpus_per_job: int | None,
+    mem_gb: float | None,
+    slurm_setup: tuple[str, ...],
+) -> None:
+    """Run STUDY_FILE (a shipped study's name or a TOML file) into the study directory --out.
+
+    Phase 1 trains each configuration's learning-rate sweep and records the choice; phase 2 trains
+    configurations x seeds at the chosen rates. Re-running continues where it stopped.
+    """
+    if dry_run and status:
+        raise click.UsageError("--dry-run and --status are exclusive")
+    if dry_run:
+        click.echo(plan_text(study_file, out_dir, data_root=data_root, only=only))
+        return
+    if out_dir is None:
+        raise click.UsageError("--out is required (unless --dry-run)")
+    if status:
+        click.echo(status_text(study_file, out_dir, data_root=data_root))
+        return
+    slurm = SlurmOptions(
+        partition=partition,
+        time_min=time_min,
+        gpus_per_job=gpus_per_job,
+        cpus_per_job=cpus_per_job,
+        mem_gb=mem_gb,
+        setup=slurm_setup,
+    )
+    run_study(
+        study_file,
+        out_dir,
+        data_root=data_root,
+        only=only,
+        jobs=jobs,
+        executor=executor,
+        slurm=slurm,
+        echo=click.echo,
+    )

@@ -1,0 +1,74 @@
+"""``python -m trainer.worker``: train one run of a study in this process (what the executors launch).
+
+It decides from the run directory alone how to train it, so a retry, a re-run of the study or a
+SLURM requeue does the right thing without being told: a ``completed`` run is left alone, an
+existing run directory is resumed (``resume=True``), a missing or empty one is started. The exit
+status tells the executor how it ended: 0 completed, :data:`trainer.executors.EXIT_DIVERGED`,
+:data:`trainer.executors.EXIT_LOCKED` (another process holds the run directory), 1 any other error
+(its message on the last ``error: ...`` line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError, run_config_from_dict
+from trainer.errors import RunLockedError, TrainerError
+from trainer.executors import EXIT_DIVERGED, EXIT_LOCKED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--config-json", required=True, help="the full run config as JSON")
+    parser.add_argument("--data", required=True, help="dataset directory")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from trainer.study_dir import read_run_state
+    from trainer.train import DivergedError, TrainingInterrupted, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    try:
+        cfg = run_config_from_dict(json.loads(args.config_json))
+    except (json.JSONDecodeError, ConfigError) as e:
+        print(f"error: --config-json: {e}", flush=True)
+        return 1
+    state = read_run_state(out)
+    if state.status == "completed":
+        print(f"{cfg.name}: already completed, nothing to do", flush=True)
+        return 0
+    resume = out.exists() and not (out.is_dir() and not any(out.iterdir()))
+    print(
+        f"{'resuming' if resume else 'starting'} {cfg.name} (run.json: {state.status}) in {out}", flush=True
+    )
+    try:
+        train(cfg, args.data, out, resume=resume, progress=False)
+    except DivergedError as e:
+        print(f"error: {e}", flush=True)
+        return EXIT_DIVERGED
+    except RunLockedError as e:
+        print(f"error: {e}", flush=True)
+        return EXIT_LOCKED
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: a resume state is written, run.json says why
+        print(f"error: {e}", flush=True)
+        return TrainingInterrupted.exit_code
+    except TrainerError as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    except KeyboardInterrupt:  # run.json already says interrupted; the next attempt resumes
+        print("error: interrupted", flush=True)
+        return 130
+    print(f"completed {cfg.name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
