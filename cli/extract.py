@@ -8,6 +8,7 @@ import click
 
 from cli.common import device_option, no_progress_option, out_option, reports_errors
 from spectra.extract import extract as extract_cube
+from spectra.extract_runs import extract_runs, is_collection
 
 
 @click.command("extract")
@@ -34,6 +35,16 @@ from spectra.extract import extract as extract_cube
 @click.option(
     "--force", is_flag=True, help="Accept an eval batch whose sha256 differs from the recorded one."
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Study directory or directory of runs: runs extracted at a time (the CPU threads are split).",
+)
+@click.option(
+    "--include-sweep", is_flag=True, help="Study directory: also extract the learning-rate sweep's runs."
+)
 @no_progress_option
 @reports_errors
 def extract(
@@ -43,13 +54,32 @@ def extract(
     device: str,
     drop_first: int,
     force: bool,
+    jobs: int,
+    include_sweep: bool,
     no_progress: bool,
 ) -> None:
     """Add the Q/K singular-value spectra of every checkpoint of a run to its cube.
 
-    PATH is a run directory, its checkpoints/ directory or one checkpoint file. Checkpoints already
-    in the cube are skipped; the cube is rewritten atomically, by one process at a time.
+    PATH is a run directory, its checkpoints/ directory or one checkpoint file; or a study directory or
+    a directory of run directories, whose runs are extracted each into its own cube (--jobs at a time).
+    Checkpoints already in a cube are skipped; a cube is rewritten atomically, by one process at a time.
     """
+    if is_collection(path):
+        if out is not None or batch is not None or force:
+            raise click.UsageError(
+                "--out, --batch and --force apply to one run, not to a study or directory of runs"
+            )
+        done = extract_runs(
+            path, jobs=jobs, include_sweep=include_sweep, device=device, drop_first=drop_first,
+            progress=not no_progress, echo=click.echo,
+        )  # fmt: skip
+        if done.failed:
+            raise click.ClickException(
+                f"{len(done.failed)} run(s) failed: " + "; ".join(f"{r}: {e}" for r, e in done.failed)
+            )
+        return
+    if jobs != 1 or include_sweep:
+        raise click.UsageError("--jobs and --include-sweep apply to a study directory or a directory of runs")
     result = extract_cube(
         path,
         batch=batch,

@@ -415,7 +415,7 @@ def data_complexity(
     """
     ds = stats.as_runs(ds)
     runs = _labelled(ds, simple_data, complex_data)
-    present = set(runs["label"])
+    present = set(runs["plan_cell"])  # a study's own labels count for the plan's cells
     if not {"C1", "C2"} <= present:
         missing = sorted({"C1", "C2"} - present)
         raise SpectraError(
@@ -423,7 +423,7 @@ def data_complexity(
             f"on complex data); missing: {', '.join(missing)}. Runs' datasets: "
             f"{', '.join(sorted(set(runs['data'])))} (name them with --simple-data / --complex-data)"
         )
-    keep = runs.index[runs["label"].isin(["C1", "C2"])].tolist()
+    keep = runs.index[runs["plan_cell"].isin(["C1", "C2"])].tolist()
     sub = ds.sel(run=keep)
     values = stats.head_values(sub, site=site, convention=convention, centering=centering, which=which)
     with warnings.catch_warnings():
@@ -439,7 +439,12 @@ def data_complexity(
     df["label"] = df["run"].map(runs["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
-    title = _seed_lineplot(ax, df, "layer", "pr", ["C1", "C2"])
+    pair = [
+        lab
+        for cell in ("C1", "C2")
+        for lab in stats.label_order(runs.loc[runs["plan_cell"] == cell, "label"])
+    ]
+    title = _seed_lineplot(ax, df, "layer", "pr", pair)
     ax.set_xlabel("layer")
     ax.set_ylabel(f"{_pr_label(convention)}\nmean over heads")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -215,8 +215,15 @@ def run_table(
 ) -> pd.DataFrame:
     """One row per run: its metadata, data class and configuration label.
 
+    The label and data class of a run that came from a study directory are the study's (``label`` and
+    ``data_class`` coordinates on ``run``, set by the report from ``study.json``); otherwise the data
+    class comes from the dataset's name (:func:`data_class`) and the label from the plan
+    (:func:`configuration_label`). ``plan_cell`` is the plan's configuration (``A1`` … ``C2``, or an
+    "extra" description) that the run's QK-norm, optimizer and data class make, whatever its label: it
+    is how the plan's comparisons find a study's configurations.
+
     Columns: ``run``, ``qk_norm``, ``optimizer``, ``seed``, ``data``, ``data_class``, ``label``,
-    ``in_plan``, ``final_step``, ``final_tokens``, ``n_checkpoints``.
+    ``plan_cell``, ``in_plan``, ``final_step``, ``final_tokens``, ``n_checkpoints``.
     """
     ds = as_runs(ds)
     simple_data, complex_data = list(simple_data), list(complex_data)
@@ -224,8 +231,11 @@ def run_table(
     rows = []
     for i, run in enumerate(ds["run"].values):
         meta = {k: ds[k].values[i].item() for k in ("qk_norm", "optimizer", "seed", "data")}
-        cls = data_class(str(meta["data"]), simple_data=simple_data, complex_data=complex_data)
-        label = configuration_label(str(meta["qk_norm"]), str(meta["optimizer"]), cls)
+        cls = _coord_at(ds, "data_class", i) or data_class(
+            str(meta["data"]), simple_data=simple_data, complex_data=complex_data
+        )
+        cell = configuration_label(str(meta["qk_norm"]), str(meta["optimizer"]), cls)
+        label = _coord_at(ds, "label", i) or cell
         present = measured.isel(run=i)
         steps = ds["step"].values[present.values]
         final_step = int(steps[-1]) if len(steps) else None
@@ -237,7 +247,8 @@ def run_table(
                 **{k: (int(v) if k == "seed" else str(v)) for k, v in meta.items()},
                 "data_class": cls,
                 "label": label,
-                "in_plan": label in PLAN_BY_LABEL,
+                "plan_cell": cell,
+                "in_plan": cell in PLAN_BY_LABEL,
                 "final_step": final_step,
                 "final_tokens": final_tokens,
                 "n_checkpoints": len(steps),
@@ -246,19 +257,60 @@ def run_table(
     return pd.DataFrame(rows)
 
 
+def _coord_at(ds: xr.Dataset, name: str, i: int) -> str:
+    """A string ``run`` coordinate's value for run ``i`` ("" where absent or empty)."""
+    if name not in ds.coords:
+        return ""
+    value = ds[name].values[i]
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def resolve_pairs(runs: pd.DataFrame, pairs: Sequence[PlannedPair] = PLAN_PAIRS) -> list[PlannedPair]:
+    """The plan's pairs in terms of the runs' own labels.
+
+    A study may name its configurations as it likes (``muon-qk``); the plan's comparison A1 vs A2 is
+    then between the configurations whose QK-norm, optimizer and data class make the cells A1 and A2
+    (``plan_cell`` of :func:`run_table`). A pair keeps the plan's labels where no run maps onto a cell,
+    or where several labels do (so that it is reported as not possible rather than guessed).
+
+    Examples
+    --------
+    >>> runs = pd.DataFrame({"label": ["muon-qk", "muon-noqk"], "plan_cell": ["A1", "A2"]})
+    >>> [p.name for p in resolve_pairs(runs)][:1]
+    ['muon-qk vs muon-noqk']
+    """
+    by_cell: dict[str, set[str]] = {}
+    for label, cell in zip(runs["label"], runs["plan_cell"]):
+        by_cell.setdefault(str(cell), set()).add(str(label))
+
+    def label_of(cell: str) -> str:
+        labels = by_cell.get(cell, set())
+        return next(iter(labels)) if len(labels) == 1 else cell
+
+    out = []
+    for p in pairs:
+        a, b = label_of(p.a), label_of(p.b)
+        question = p.question if (a, b) == (p.a, p.b) else f"{p.question} (the plan's {p.a} vs {p.b})"
+        out.append(PlannedPair(a, b, question))
+    return out
+
+
 def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
     """Which configurations of the plan's matrix are present (with their seeds) and which are missing.
 
-    ``runs`` is :func:`run_table`'s output. One row per planned configuration, then one per extra
-    configuration found among the runs. Columns: ``label``, ``qk_norm``, ``optimizer``, ``data_class``,
-    ``purpose``, ``status`` (``present``, ``missing`` or ``extra``), ``n_seeds``, ``seeds``, ``runs``.
+    ``runs`` is :func:`run_table`'s output. One row per planned configuration (matched by ``plan_cell``, so
+    a study's own labels count), then one per extra configuration found among the runs. Columns:
+    ``label`` (the runs' labels, or the plan's where none), ``plan_cell``, ``qk_norm``, ``optimizer``,
+    ``data_class``, ``purpose``, ``status`` (``present``, ``missing`` or ``extra``), ``n_seeds``, ``seeds``,
+    ``runs``.
     """
     rows = []
     for c in PLAN:
-        sel = runs[runs["label"] == c.label]
+        sel = runs[runs["plan_cell"] == c.label]
         rows.append(
             {
-                "label": c.label,
+                "label": ", ".join(sorted(set(sel["label"]))) or c.label,
+                "plan_cell": c.label,
                 "qk_norm": c.qk_norm,
                 "optimizer": c.optimizer,
                 "data_class": c.data_class,
@@ -276,6 +328,7 @@ def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append(
             {
                 "label": label,
+                "plan_cell": first["plan_cell"],
                 "qk_norm": first["qk_norm"],
                 "optimizer": first["optimizer"],
                 "data_class": first["data_class"],
@@ -457,6 +510,7 @@ def run_summaries(
             {
                 "run": str(run),
                 "label": meta["label"],
+                "plan_cell": meta["plan_cell"],
                 "seed": int(meta["seed"]),
                 "qk_norm": meta["qk_norm"],
                 "optimizer": meta["optimizer"],
@@ -716,6 +770,8 @@ def compare_configurations(
     """
     rows = []
     present = set(summaries["label"])
+    if "plan_cell" in summaries:
+        pairs = resolve_pairs(summaries, pairs)
     for pair in pairs:
         base = {"pair": pair.name, "question": pair.question}
         missing = [lab for lab in (pair.a, pair.b) if lab not in present]
@@ -767,7 +823,7 @@ def sensitivity_table(
     ds = as_runs(ds)
     runs = run_table(ds, simple_data=simple_data, complex_data=complex_data)
     present = set(runs["label"])
-    active = [p for p in pairs if p.a in present and p.b in present]
+    active = [p for p in resolve_pairs(runs, pairs) if p.a in present and p.b in present]
     labels = label_order(present)
     heads = ["layer", head_dim_name(which)]
     rows = []

@@ -54,7 +54,9 @@ def _read_json(path: Path, fmt: str, newest: int) -> dict[str, Any]:
         raise SpectraError(f"{path}: not a {fmt} file (format = {got!r})")
     version = data.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= newest:
-        raise SpectraError(f"{path}: {fmt} format_version {version!r} is not readable here (it reads 1 to {newest})")
+        raise SpectraError(
+            f"{path}: {fmt} format_version {version!r} is not readable here (it reads 1 to {newest})"
+        )
     return data
 
 
@@ -82,7 +84,10 @@ class Study:
             choice = c.get("choice") or {}
             rows.append(
                 {
-                    **{k: c.get(k) for k in ("label", "description", "qk_norm", "optimizer", "data_class", "data_dir")},
+                    **{
+                        k: c.get(k)
+                        for k in ("label", "description", "qk_norm", "optimizer", "data_class", "data_dir")
+                    },
                     "sweep": bool(c.get("sweep")),
                     "status": choice.get("status"),
                     "multiplier": choice.get("multiplier"),
@@ -116,7 +121,17 @@ class Study:
         ``final_val_loss``, ``status``, ``chosen``, ``reason``; empty when the study has no sweep yet."""
         if self.sweep is None:
             return pd.DataFrame(
-                columns=["label", "run", "multiplier", "muon_lr", "lr", "final_val_loss", "status", "chosen", "reason"]
+                columns=[
+                    "label",
+                    "run",
+                    "multiplier",
+                    "muon_lr",
+                    "lr",
+                    "final_val_loss",
+                    "status",
+                    "chosen",
+                    "reason",
+                ]
             )
         rows = []
         for r in self.sweep.get("table", []):
@@ -141,7 +156,9 @@ class Study:
         """Absolute run directory -> its ``label``, ``data_class``, ``phase``, ``seed`` and ``description``."""
         table = self.runs()
         keys = ("label", "data_class", "phase", "seed", "description")
-        return {row["path"]: {k: row.get(k) for k in keys} for _, row in table.iterrows()} if len(table) else {}
+        return (
+            {row["path"]: {k: row.get(k) for k in keys} for _, row in table.iterrows()} if len(table) else {}
+        )
 
 
 def read_study(path: PathLike) -> Study:
@@ -154,7 +171,9 @@ def read_study(path: PathLike) -> Study:
     """
     path = Path(path)
     if not is_study_dir(path):
-        raise SpectraError(f"{path}: not a study directory (no {MANIFEST}; `collapse-train study` writes one)")
+        raise SpectraError(
+            f"{path}: not a study directory (no {MANIFEST}; `collapse-train study` writes one)"
+        )
     manifest = _read_json(path / MANIFEST, STUDY_FORMAT, STUDY_FORMAT_VERSION)
     sweep_path = path / SWEEP_FILE
     sweep = _read_json(sweep_path, SWEEP_FORMAT, SWEEP_FORMAT_VERSION) if sweep_path.is_file() else None
