@@ -831,7 +831,7 @@ def _gamma_section(ds: xr.Dataset, w: _Writer, gamma_site: str, labels_kw: dict)
                 "run": run,
                 "label": runs.loc[run, "label"],
                 "qk_norm": runs.loc[run, "qk_norm"],
-                "tokens": int(frame["tokens"].iloc[0]),
+                "tokens": stats.token_count(frame["tokens"].iloc[0]),
                 "heads": len(heads),
                 "median_rho": float(ok["rho"].median()) if len(ok) else np.nan,
                 "positive_p<0.05": int(((ok["rho"] > 0) & (ok["pvalue"] < 0.05)).sum()),
