@@ -741,10 +741,9 @@ def summary_table(
     )
     df = pd.concat([rows_layer, rows_all], ignore_index=True)
     tok = tokens.values.astype(np.float64)[df["_r"], df["_s"]]
-    # NaN tokens and no value: the run has no checkpoint at this step (an outer join's gap); NaN tokens
-    # with values: a checkpoint whose token count is unknown (a public model without a tokens rule)
-    has_values = ~np.isnan(v).all(axis=(2, 3))[df["_r"], df["_s"]]
-    present = ~np.isnan(tok) | has_values
+    # NaN tokens and nothing measured: the run has no checkpoint at this step (an outer join's gap); NaN
+    # tokens with measured keys: a checkpoint whose token count is unknown (a public model without a tokens rule)
+    present = ~np.isnan(tok) | _measured(ds, values)[df["_r"], df["_s"]]
     df, tok = df[present].copy(), tok[present]
     df.insert(0, "run", values["run"].values[df["_r"]].astype(str))
     df.insert(1, "step", values["step"].values[df["_s"]].astype(np.int64))
@@ -754,6 +753,20 @@ def summary_table(
     df = df.reset_index(drop=True)
     df.attrs = {"metric": metric, "var": var, "site": site, "centering": centering}
     return df
+
+
+def _measured(ds: xr.Dataset, values: xr.DataArray) -> np.ndarray:
+    """(run, step) booleans: whether the run has a checkpoint there, from its keys at ``proj`` (measured for
+    every model) when the dataset has them, else from ``values``."""
+    k = ds.get("k_sv")
+    if k is not None and "site" in k.dims and "proj" in k["site"].values:
+        k = k.sel(site="proj")
+        found = k.notnull().any([d for d in k.dims if d not in ("run", "step")])
+    else:
+        found = values.notnull().any([d for d in values.dims if d not in ("run", "step")])
+    if "run" not in found.dims:
+        found = found.expand_dims(run=values["run"].values)
+    return found.transpose("run", "step").values
 
 
 def _extremes(v: np.ndarray) -> dict[str, np.ndarray]:
