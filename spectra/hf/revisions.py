@@ -13,8 +13,8 @@ Each revision becomes a ``step`` of the cube, with ``tokens`` by the first rule 
 (:func:`tokens_for`): ``--tokens-per-step`` times the step; the token count in an OLMo-2-style name
 (``tokens5B``: 5e9, as rounded by the publisher); Pythia's 2,097,152 tokens per step (1024 sequences
 of 2048 tokens, for a model whose name starts with ``pythia-``); else NaN. The step comes from
-``step<N>`` in the name, or ``REV:STEP`` when the name has none (``main:0`` is a lie; give the step
-the model was released at).
+``step<N>`` in the name, or from ``REV:STEP`` when the name has none (``main:143000``: the step the
+checkpoint was taken at).
 
 Hub files are fetched with ``huggingface_hub.hf_hub_download`` (its cache, its offline mode, its token
 for gated models) into a local snapshot directory, after which a hub revision is read exactly like a
