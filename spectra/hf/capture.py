@@ -40,7 +40,7 @@ from torch import nn
 
 from spectra.capture import LayerQK, heads_first_bhtd, heads_first_bthd
 from spectra.errors import SpectraError
-from spectra.hf.adapters import Architecture, architecture_for, head_layout
+from spectra.hf.adapters import Architecture, HeadLayout, architecture_for, head_layout
 
 CAPTURE_ATTENTION = "collapse_capture"
 """Name of the recording attention function in ``transformers``' ``AttentionInterface``."""
@@ -156,6 +156,53 @@ def check_public_batch(model: nn.Module, input_ids: torch.Tensor, drop_first: in
     return n_seqs * (seq_len - drop_first)
 
 
+def _site_hooks(
+    attn: nn.Module,
+    arch: Architecture,
+    dims: HeadLayout,
+    q: dict[str, torch.Tensor],
+    k: dict[str, torch.Tensor],
+    drop_first: int,
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Forward hooks filling ``q`` and ``k`` with one layer's ``proj`` (and ``unit``, ``normed``) vectors."""
+    H, Hkv, D = dims.n_heads, dims.n_kv_heads, dims.head_dim
+
+    def on_proj(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            store["proj"] = heads_first_bthd(out, heads, drop_first)  # (heads, N, D)
+
+        return hook
+
+    def on_fused(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        per_head = out.view(*out.shape[:2], H, 3 * D)  # (B, T, H, [q_h, k_h, v_h])
+        q["proj"] = heads_first_bthd(per_head[..., :D], H, drop_first)
+        k["proj"] = heads_first_bthd(per_head[..., D : 2 * D], H, drop_first)
+
+    def on_norm(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
+        def to_heads(x: torch.Tensor) -> torch.Tensor:
+            if arch.norm_input == "bhtd":
+                return heads_first_bhtd(x, drop_first)
+            return heads_first_bthd(x, heads, drop_first)  # (B, T, H, D) or the full width (B, T, H*D)
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            store["unit"] = to_heads(_unit_rms(args[0], float(getattr(module, arch.norm_eps))))
+            store["normed"] = to_heads(out)
+
+        return hook
+
+    if arch.qkv_proj is not None:
+        handles = [getattr(attn, arch.qkv_proj).register_forward_hook(on_fused)]
+    else:
+        handles = [
+            getattr(attn, arch.q_proj).register_forward_hook(on_proj(q, H)),
+            getattr(attn, arch.k_proj).register_forward_hook(on_proj(k, Hkv)),
+        ]
+    if arch.has_qk_norm:
+        handles.append(attn.q_norm.register_forward_hook(on_norm(q, H)))
+        handles.append(attn.k_norm.register_forward_hook(on_norm(k, Hkv)))
+    return handles
+
+
 def capture_public_qk(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -201,33 +248,6 @@ def capture_public_qk(
     results: dict[int, Any] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def on_proj(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            store["proj"] = heads_first_bthd(out, heads, drop_first)  # (heads, N, D)
-
-        return hook
-
-    def on_fused(q: dict[str, torch.Tensor], k: dict[str, torch.Tensor]) -> Callable[..., None]:
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-            per_head = out.view(*out.shape[:2], H, 3 * D)  # (B, T, H, [q_h, k_h, v_h])
-            q["proj"] = heads_first_bthd(per_head[..., :D], H, drop_first)
-            k["proj"] = heads_first_bthd(per_head[..., D : 2 * D], H, drop_first)
-
-        return hook
-
-    def on_norm(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
-        to_heads = (
-            (lambda x: heads_first_bhtd(x, drop_first))
-            if arch.norm_input == "bhtd"
-            else (lambda x: heads_first_bthd(x, heads, drop_first))
-        )
-
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            store["unit"] = to_heads(_unit_rms(args[0], float(getattr(module, arch.norm_eps))))
-            store["normed"] = to_heads(out)
-
-        return hook
-
     def record(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
         i = layer_of.get(id(module))
         if i is None:
@@ -249,15 +269,7 @@ def capture_public_qk(
             raise _StopForward
 
     for i in wanted:
-        attn, (q, k) = attns[i], stores[i]
-        if arch.qkv_proj is not None:
-            handles.append(getattr(attn, arch.qkv_proj).register_forward_hook(on_fused(q, k)))
-        else:
-            handles.append(getattr(attn, arch.q_proj).register_forward_hook(on_proj(q, H)))
-            handles.append(getattr(attn, arch.k_proj).register_forward_hook(on_proj(k, Hkv)))
-        if arch.has_qk_norm:
-            handles.append(attn.q_norm.register_forward_hook(on_norm(q, H)))
-            handles.append(attn.k_norm.register_forward_hook(on_norm(k, Hkv)))
+        handles += _site_hooks(attns[i], arch, dims, *stores[i], drop_first)
     device = next(model.parameters()).device
     token = _RECORDER.set(record)
     try:
