@@ -1,4 +1,6 @@
-"""``collapse-spectra extract``: compute a run's spectra cube from its checkpoints (one library call)."""
+"""``collapse-spectra extract``: compute a run's spectra cube from its checkpoints, or a public model's from
+its revisions (one library call either way: :func:`spectra.extract.extract` or
+:func:`spectra.hf.extract.extract_public`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import click
 from cli.common import device_option, no_progress_option, out_option, reports_errors
 from spectra.extract import extract as extract_cube
 from spectra.extract_runs import extract_runs, is_collection
+from spectra.hf.revisions import is_public_source
+
+_PUBLIC_ONLY = ("--revisions", "--tokens-per-step", "--dtype")
 
 
 @click.command("extract")
@@ -33,7 +38,29 @@ from spectra.extract_runs import extract_runs, is_collection
     help="Positions dropped at the start of every sequence (attention sinks) before the SVDs.",
 )
 @click.option(
-    "--force", is_flag=True, help="Accept an eval batch whose sha256 differs from the recorded one."
+    "--force",
+    is_flag=True,
+    help="Accept an eval batch whose sha256 differs from the recorded one (public models: whose tokenizer "
+    "differs from the model's).",
+)
+@click.option(
+    "--revisions",
+    default=None,
+    metavar="REV[:STEP],...",
+    help="Public models: the revisions to read, comma-separated [default: main on the hub, every revision "
+    "sub-directory, or . for a model directory].",
+)
+@click.option(
+    "--tokens-per-step",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Public models: training tokens per optimizer step, where no family rule gives the token counts.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Public models: precision of the weights and the forward pass (spectra are float64). [default: float32]",
 )
 @click.option(
     "--jobs",
@@ -56,6 +83,9 @@ def extract(
     force: bool,
     jobs: int,
     include_sweep: bool,
+    revisions: str | None,
+    tokens_per_step: int | None,
+    dtype: str | None,
     no_progress: bool,
 ) -> None:
     """Add the Q/K singular-value spectra of every checkpoint of a run to its cube.
@@ -63,8 +93,34 @@ def extract(
     PATH is a run directory, its checkpoints/ directory or one checkpoint file; or a study directory or
     a directory of run directories, whose runs are extracted each into its own cube (--jobs at a time).
     Checkpoints already in a cube are skipped; a cube is rewritten atomically, by one process at a time.
+
+    PATH may also be a public model (docs: Public models): hf:ORG/NAME, a transformers model directory,
+    or a directory of revision sub-directories; --batch (a dataset directory in the model's vocabulary)
+    and --out are then required.
     """
-    if is_collection(path):
+    public_options = [o for o, v in zip(_PUBLIC_ONLY, (revisions, tokens_per_step, dtype)) if v is not None]
+    if is_public_source(path):
+        if batch is None or out is None:
+            raise click.UsageError("a public model needs --batch DATA_DIR and --out CUBE.nc")
+        from spectra.hf.extract import extract_public
+
+        result = extract_public(
+            str(path),
+            batch=batch,
+            out=out,
+            revisions=[r for r in revisions.split(",") if r.strip()] if revisions else None,
+            device=device,
+            dtype=dtype or "float32",
+            drop_first=drop_first,
+            tokens_per_step=tokens_per_step,
+            force=force,
+            progress=not no_progress,
+        )
+    elif public_options:
+        raise click.UsageError(
+            f"{', '.join(public_options)}: only for public models, and {path} is a collapse run"
+        )
+    elif is_collection(path):
         if out is not None or batch is not None or force:
             raise click.UsageError(
                 "--out, --batch and --force apply to one run, not to a study or directory of runs"
@@ -78,17 +134,20 @@ def extract(
                 f"{len(done.failed)} run(s) failed: " + "; ".join(f"{r}: {e}" for r, e in done.failed)
             )
         return
-    if jobs != 1 or include_sweep:
-        raise click.UsageError("--jobs and --include-sweep apply to a study directory or a directory of runs")
-    result = extract_cube(
-        path,
-        batch=batch,
-        out=out,
-        device=device,
-        drop_first=drop_first,
-        force=force,
-        progress=not no_progress,
-    )
+    else:
+        if jobs != 1 or include_sweep:
+            raise click.UsageError(
+                "--jobs and --include-sweep apply to a study directory or a directory of runs"
+            )
+        result = extract_cube(
+            path,
+            batch=batch,
+            out=out,
+            device=device,
+            drop_first=drop_first,
+            force=force,
+            progress=not no_progress,
+        )
     click.echo(str(result.path))
     click.echo(f"added steps: {', '.join(map(str, result.added)) or 'none'}")
     click.echo(f"skipped steps (already in the cube): {', '.join(map(str, result.skipped)) or 'none'}")

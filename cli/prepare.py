@@ -35,10 +35,14 @@ from trainer.data import prepare_data as prepare_dataset
     "--tokenizer",
     default=None,
     metavar="PATH_OR_NAME",
-    help="Use this tokenizer instead of training one: a tokenizer.json, a dataset directory, or a hub name.",
+    help="Use this tokenizer instead of training one: a tokenizer.json, a dataset directory, a model "
+    "directory, or a hub name.",
 )
 @click.option(
-    "--eot-token", default=None, help="End-of-text token [default: <|endoftext|>, or the reused dataset's]."
+    "--eot-token",
+    default=None,
+    help="End-of-text token [default: <|endoftext|>, or the reused dataset's; for a model directory whose "
+    "tokenizer lacks <|endoftext|>, its tokenizer_config.json eos_token].",
 )
 @click.option(
     "--text-field", default="text", show_default=True, help="Text field of .jsonl/.json/.parquet/hf records."

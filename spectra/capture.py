@@ -65,14 +65,14 @@ class _StopForward(Exception):
     """Raised by the last hook to end the forward pass once every requested layer is recorded."""
 
 
-def _heads_first_bthd(x: torch.Tensor, n_heads: int, drop_first: int) -> torch.Tensor:
+def heads_first_bthd(x: torch.Tensor, n_heads: int, drop_first: int) -> torch.Tensor:
     """(B, T, H*D) or (B, T, H, D) -> (H, N, D) with the first ``drop_first`` positions dropped."""
     b, t = x.shape[:2]
     x = x.view(b, t, n_heads, -1)[:, drop_first:]  # (B, T', H, D)
     return x.permute(2, 0, 1, 3).reshape(n_heads, -1, x.shape[-1])  # (H, B*T', D)
 
 
-def _heads_first_bhtd(x: torch.Tensor, drop_first: int) -> torch.Tensor:
+def heads_first_bhtd(x: torch.Tensor, drop_first: int) -> torch.Tensor:
     """(B, H, T, D) -> (H, N, D) with the first ``drop_first`` positions dropped."""
     x = x[:, :, drop_first:]  # (B, H, T', D)
     return x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])  # (H, B*T', D)
@@ -171,7 +171,7 @@ def capture_qk(
 
         def on_proj(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
             def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-                store["proj"] = _heads_first_bthd(out, heads, drop_first)  # (heads, N, D)
+                store["proj"] = heads_first_bthd(out, heads, drop_first)  # (heads, N, D)
 
             return hook
 
@@ -181,14 +181,14 @@ def capture_qk(
                 if isinstance(module, nn.RMSNorm):
                     # the norm's own arithmetic without the gain: unit RMS over head_dim
                     unit = F.rms_norm(x, module.normalized_shape, weight=None, eps=module.eps)
-                    store["unit"] = _heads_first_bthd(unit, heads, drop_first)
-                store["normed"] = _heads_first_bthd(out, heads, drop_first)
+                    store["unit"] = heads_first_bthd(unit, heads, drop_first)
+                store["normed"] = heads_first_bthd(out, heads, drop_first)
 
             return hook
 
         def on_rotary(_module: nn.Module, _args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-            q["rope"] = _heads_first_bhtd(out[0], drop_first)  # (H, N, D)
-            k["rope"] = _heads_first_bhtd(out[1], drop_first)  # (Hkv, N, D)
+            q["rope"] = heads_first_bhtd(out[0], drop_first)  # (H, N, D)
+            k["rope"] = heads_first_bhtd(out[1], drop_first)  # (Hkv, N, D)
             layer = LayerQK(layer=i, q=dict(q), k=dict(k))
             q.clear()
             k.clear()

@@ -119,8 +119,12 @@ class ExtractResult:
     """Steps of the run's checkpoints that the cube already held."""
 
 
-def _layer_reducer(n_heads: int, n_kv_heads: int, head_dim: int):
-    """A ``capture_qk`` reducer: one layer's activations -> float64 spectra and energies (numpy)."""
+def layer_reducer(n_heads: int, n_kv_heads: int, head_dim: int):
+    """A ``capture_qk`` reducer: one layer's activations -> float64 spectra and energies (numpy).
+
+    The reduced layer is a dict of ``q_sv`` ``(H, site, centering, D)``, ``k_sv`` ``(Hkv, site, centering, D)``,
+    ``q_energy`` ``(H, site, D)`` and ``k_energy`` ``(Hkv, site, D)``, NaN at the sites the layer lacks.
+    """
     n_sites, n_cent = len(SITES), len(CENTERINGS)
 
     def reduce(lq: LayerQK) -> dict[str, np.ndarray]:
@@ -271,15 +275,14 @@ def spectra_for_checkpoint(
     dev = resolve_device(device)
     model = ckpt.model.to(dev)
     cfg = ckpt.model_config
-    H, Hkv, D, L = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.n_layers
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
     n_tokens = check_batch(model, input_ids, drop_first)
     if n_tokens < D:
         raise SpectraError(
             f"the eval batch gives N={n_tokens} tokens per head after drop_first={drop_first}, fewer than "
             f"head_dim={D}: every spectrum would be rank-deficient by construction"
         )
-    per_layer = capture_qk(model, input_ids, drop_first=drop_first, reduce=_layer_reducer(H, Hkv, D))
-    acts = {name: np.stack([per_layer[i][name] for i in range(L)]) for name in per_layer[0]}  # (L, ...)
+    per_layer = capture_qk(model, input_ids, drop_first=drop_first, reduce=layer_reducer(H, Hkv, D))
 
     attns = [block.attn for block in model.blocks]
     with torch.no_grad():
@@ -290,6 +293,43 @@ def spectra_for_checkpoint(
     q_gamma = np.stack([_gamma(a.q_norm, D) for a in attns])  # (L, D)
     k_gamma = np.stack([_gamma(a.k_norm, D) for a in attns])
 
+    return step_dataset(
+        per_layer,
+        wq_sv=wq_sv,
+        wk_sv=wk_sv,
+        q_gamma=q_gamma,
+        k_gamma=k_gamma,
+        step=ckpt.step,
+        tokens=ckpt.tokens,
+        train_loss=ckpt.metadata_float("train_loss"),
+        val_loss=ckpt.metadata_float("val_loss"),
+        attrs=run_attrs(ckpt, input_ids, drop_first, n_tokens),
+    )
+
+
+def step_dataset(
+    per_layer: dict[int, dict[str, np.ndarray]],
+    *,
+    wq_sv: np.ndarray,
+    wk_sv: np.ndarray,
+    q_gamma: np.ndarray,
+    k_gamma: np.ndarray,
+    step: int,
+    tokens: float,
+    train_loss: float,
+    val_loss: float,
+    attrs: dict[str, Any],
+) -> xr.Dataset:
+    """One step of a cube from its per-layer reductions (:func:`layer_reducer`) and weight-side arrays.
+
+    ``wq_sv`` is ``(L, H, D)``, ``wk_sv`` ``(L, Hkv, D)``, ``q_gamma`` and ``k_gamma`` ``(L, D)``;
+    ``tokens`` is an integer, or NaN where unknown (the coordinate is then float64). Every variable and
+    coordinate gets its ``long_name`` and ``units`` (docs/cube.md); ``attrs`` become the global attributes.
+    """
+    L = len(per_layer)
+    acts = {name: np.stack([per_layer[i][name] for i in range(L)]) for name in per_layer[0]}  # (L, ...)
+    H, Hkv, D = wq_sv.shape[1], wk_sv.shape[1], wq_sv.shape[2]
+    tokens_dtype = np.int64 if np.isfinite(tokens) else np.float64
     one = np.newaxis  # the step dimension, length 1
     data_vars = {
         "q_sv": (("step", "layer", "head", "site", "centering", "sv"), acts["q_sv"][one]),
@@ -300,12 +340,12 @@ def spectra_for_checkpoint(
         "k_gamma": (("step", "layer", "dim"), k_gamma[one]),
         "q_energy": (("step", "layer", "head", "site", "dim"), acts["q_energy"][one]),
         "k_energy": (("step", "layer", "kv_head", "site", "dim"), acts["k_energy"][one]),
-        "train_loss": (("step",), np.array([ckpt.metadata_float("train_loss")])),
-        "val_loss": (("step",), np.array([ckpt.metadata_float("val_loss")])),
+        "train_loss": (("step",), np.array([train_loss], dtype=np.float64)),
+        "val_loss": (("step",), np.array([val_loss], dtype=np.float64)),
     }
     coords = {
-        "step": ("step", np.array([ckpt.step], dtype=np.int64)),
-        "tokens": ("step", np.array([ckpt.tokens], dtype=np.int64)),
+        "step": ("step", np.array([step], dtype=np.int64)),
+        "tokens": ("step", np.array([tokens], dtype=tokens_dtype)),
         "layer": ("layer", np.arange(L, dtype=np.int64)),
         "head": ("head", np.arange(H, dtype=np.int64)),
         "kv_head": ("kv_head", np.arange(Hkv, dtype=np.int64)),
@@ -314,9 +354,9 @@ def spectra_for_checkpoint(
         "sv": ("sv", np.arange(D, dtype=np.int64)),
         "dim": ("dim", np.arange(D, dtype=np.int64)),
     }
-    ds = xr.Dataset(data_vars, coords=coords, attrs=run_attrs(ckpt, input_ids, drop_first, n_tokens))
-    for name, attrs in {**_VARIABLE_ATTRS, **_COORD_ATTRS}.items():
-        ds[name].attrs.update(attrs)
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    for name, var_attrs in {**_VARIABLE_ATTRS, **_COORD_ATTRS}.items():
+        ds[name].attrs.update(var_attrs)
     return ds
 
 
@@ -372,7 +412,9 @@ def write_cube(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     )
 
 
-def _combine(existing: xr.Dataset | None, new: list[xr.Dataset], history_line: str) -> xr.Dataset:
+def combine_steps(existing: xr.Dataset | None, new: list[xr.Dataset], history_line: str) -> xr.Dataset:
+    """The cube holding ``existing``'s steps and the ``new`` one-step Datasets, sorted by step, with
+    ``history_line`` appended to its history and the current ``versions``."""
     parts = ([existing] if existing is not None else []) + new
     ds = xr.concat(parts, dim="step", data_vars="all", coords="minimal", compat="equals", join="exact")
     ds = ds.sortby("step")
@@ -488,11 +530,11 @@ def extract(
             model = ckpt.model
             new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=dev))
             if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
-                write_cube(_combine(existing, new, history([int(d.step[0]) for d in new])), out)
+                write_cube(combine_steps(existing, new, history([int(d.step[0]) for d in new])), out)
                 last_flush = time.monotonic()
         bar.close()
         added = [int(d.step[0]) for d in new]
-        write_cube(_combine(existing, new, history(added)), out)
+        write_cube(combine_steps(existing, new, history(added)), out)
     return ExtractResult(path=out, added=tuple(added), skipped=skipped)
 
 
@@ -541,9 +583,12 @@ __all__ = [
     "CUBE_FORMAT",
     "CUBE_FORMAT_VERSION",
     "ExtractResult",
+    "combine_steps",
     "extract",
+    "layer_reducer",
     "run_attrs",
     "software_versions",
     "spectra_for_checkpoint",
+    "step_dataset",
     "write_cube",
 ]

@@ -35,7 +35,15 @@ import scipy.stats
 import xarray as xr
 
 from spectra.errors import SpectraError
-from spectra.stats import as_runs, final_checkpoint, head_dim_name, measured_steps, run_table, tokens_of
+from spectra.stats import (
+    as_runs,
+    final_checkpoint,
+    head_dim_name,
+    measured_steps,
+    run_table,
+    token_count,
+    tokens_of,
+)
 
 GAMMA_SITES = ("unit", "normed")
 DEFAULT_GAMMA_SITE = "unit"
@@ -201,7 +209,7 @@ def correlation_table(result: xr.Dataset, ds: xr.Dataset, **label_options: Itera
     runs = run_table(ds, **label_options).set_index("run")
     df["label"] = df["run"].map(runs["label"])
     tokens = tokens_of(ds).to_series()  # indexed by (run, step)
-    df["tokens"] = [int(tokens.loc[(r, s)]) for r, s in zip(df["run"], df["step"])]
+    df["tokens"] = [token_count(tokens.loc[(r, s)]) for r, s in zip(df["run"], df["step"])]
     df["which"] = result.attrs["which"]
     df["site"] = result.attrs["site"]
     df["n"] = int(result["n"])
@@ -250,7 +258,7 @@ def layer_summary(result: xr.Dataset, ds: xr.Dataset, *, alpha: float = 0.05) ->
                 {
                     "run": str(run),
                     "step": int(final["step"].values[i]),
-                    "tokens": int(final["tokens"].values[i]),
+                    "tokens": token_count(final["tokens"].values[i]),
                     "layer": int(layer),
                     "median_rho": float(med),
                     "min_rho": float(lo),
@@ -309,9 +317,11 @@ def gamma_points(
         )
         frame.insert(0, "run", str(r))
         frame.insert(1, "step", int(energy["step"].values[i]))
-        frame.insert(2, "tokens", int(energy["tokens"].values[i]))
+        frame.insert(2, "tokens", token_count(energy["tokens"].values[i]))
         frames.append(frame)
     cols = ["run", "step", "tokens", "layer", "head", "dim", "abs_gamma", "energy", "energy_fraction"]
     if not frames:
         return pd.DataFrame(columns=cols)
-    return pd.concat(frames, ignore_index=True)[cols].dropna()
+    return pd.concat(frames, ignore_index=True)[cols].dropna(
+        subset=["abs_gamma", "energy", "energy_fraction"]
+    )

@@ -680,7 +680,8 @@ def summary_table(
         head of every layer); ``min`` and ``max`` with the ``min_layer, min_head`` / ``max_layer, max_head``
         where they occur; ``heads``, the number of heads with a defined (non-NaN) value, over which mean, min
         and max are taken; and ``metric, var, site, centering`` naming what was computed. Steps a run has no
-        checkpoint for (NaN tokens after an outer join) are left out. ``df.attrs`` repeats the selection.
+        checkpoint for (NaN tokens and no values, after an outer join) are left out; ``tokens`` is float with
+        NaN where a checkpoint's token count is unknown (public models). ``df.attrs`` repeats the selection.
 
     Examples
     --------
@@ -740,15 +741,32 @@ def summary_table(
     )
     df = pd.concat([rows_layer, rows_all], ignore_index=True)
     tok = tokens.values.astype(np.float64)[df["_r"], df["_s"]]
-    df = df[~np.isnan(tok)].copy()  # the run has no checkpoint at this step
+    # NaN tokens and nothing measured: the run has no checkpoint at this step (an outer join's gap); NaN
+    # tokens with measured keys: a checkpoint whose token count is unknown (a public model without a tokens rule)
+    present = ~np.isnan(tok) | _measured(ds, values)[df["_r"], df["_s"]]
+    df, tok = df[present].copy(), tok[present]
     df.insert(0, "run", values["run"].values[df["_r"]].astype(str))
     df.insert(1, "step", values["step"].values[df["_s"]].astype(np.int64))
-    df.insert(2, "tokens", tok[~np.isnan(tok)].astype(np.int64))
+    df.insert(2, "tokens", tok.astype(np.int64) if not np.isnan(tok).any() else tok)
     df = df.sort_values(["_r", "_s", "_order"], kind="stable").drop(columns=["_r", "_s", "_order"])
     df["metric"], df["var"], df["site"], df["centering"] = metric, var, site, centering
     df = df.reset_index(drop=True)
     df.attrs = {"metric": metric, "var": var, "site": site, "centering": centering}
     return df
+
+
+def _measured(ds: xr.Dataset, values: xr.DataArray) -> np.ndarray:
+    """(run, step) booleans: whether the run has a checkpoint there, from its keys at ``proj`` (measured for
+    every model) when the dataset has them, else from ``values``."""
+    k = ds.get("k_sv")
+    if k is not None and "site" in k.dims and "proj" in k["site"].values:
+        k = k.sel(site="proj")
+        found = k.notnull().any([d for d in k.dims if d not in ("run", "step")])
+    else:
+        found = values.notnull().any([d for d in values.dims if d not in ("run", "step")])
+    if "run" not in found.dims:
+        found = found.expand_dims(run=values["run"].values)
+    return found.transpose("run", "step").values
 
 
 def _extremes(v: np.ndarray) -> dict[str, np.ndarray]:

@@ -168,8 +168,10 @@ def _title(fig: Figure, title: str, *subtitles: str) -> None:
     fig.suptitle("\n".join(lines), fontsize=11)
 
 
-def format_tokens(n: float) -> str:
-    """A token count for a label: ``0``, ``500k``, ``1.5M``, ``25M``, ``65.5k``."""
+def format_tokens(n: float | None) -> str:
+    """A token count for a label: ``0``, ``500k``, ``1.5M``, ``25M``, ``65.5k``; ``?`` where unknown (NaN)."""
+    if n is None or math.isnan(float(n)):
+        return "?"
     n = float(n)
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
@@ -257,6 +259,8 @@ def trajectory(
     stats._check_choice("convention", convention, stats.CONVENTIONS)
     table = table.dropna(subset=[y])
     _require(table, "trajectory", f"no defined PR at site {site!r} ({centering}) in any run")
+    table = table.dropna(subset=["tokens"])  # public models without a tokens rule: no place on this axis
+    _require(table, "trajectory", "no checkpoint has a known token count (public models: --tokens-per-step)")
     labels = stats.label_order(table["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -301,6 +305,7 @@ def heatmap(
     pr = stats.head_pr(one, site=site, convention=convention, centering=centering, which=which)
     measured = stats.measured_steps(one).isel(run=0).values
     tokens = stats.tokens_of(one).isel(run=0).values[measured]
+    steps = one["step"].values[measured]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an undefined layer stays NaN (blank cell)
         grid = (
@@ -325,12 +330,15 @@ def heatmap(
         annot=n_layers * n_steps <= 120,
         fmt=".1f",
         annot_kws={"fontsize": 7},
-        xticklabels=[format_tokens(t) for t in tokens],
+        xticklabels=[format_tokens(t) if np.isfinite(t) else f"step {s}" for t, s in zip(tokens, steps)],
         yticklabels=[int(layer) for layer in grid["layer"].values],
         cbar_kws={"label": f"PR, {stats.CONVENTION_NAMES[convention]}"},
     )
     ax.invert_yaxis()  # layer 0 at the bottom, as in the model
-    ax.set_xlabel("training tokens at checkpoint")
+    known = np.isfinite(tokens.astype(float)).all()
+    ax.set_xlabel(
+        "training tokens at checkpoint" if known else "checkpoint (training tokens; step where unknown)"
+    )
     ax.set_ylabel("layer")
     label = runs.loc[run, "label"]
     _title(

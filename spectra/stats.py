@@ -240,7 +240,7 @@ def run_table(
         steps = ds["step"].values[present.values]
         final_step = int(steps[-1]) if len(steps) else None
         tokens = tokens_of(ds).isel(run=i)
-        final_tokens = int(tokens.sel(step=final_step).item()) if final_step is not None else None
+        final_tokens = token_count(tokens.sel(step=final_step).item()) if final_step is not None else None
         rows.append(
             {
                 "run": str(run),
@@ -352,6 +352,18 @@ def head_dim_name(which: str) -> str:
     if which not in ("k", "q"):
         raise SpectraError(f"which must be 'k' (keys) or 'q' (queries), got {which!r}")
     return "kv_head" if which == "k" else "head"
+
+
+def token_count(value: float | None) -> int | None:
+    """A checkpoint's token count as an integer, None where it is unknown (NaN or None: a public model
+    without a tokens rule, see docs/public-models.md).
+
+    >>> token_count(np.float64(2.5e7)), token_count(np.nan)
+    (25000000, None)
+    """
+    if value is None or np.isnan(float(value)):
+        return None
+    return int(value)
 
 
 def tokens_of(ds: xr.Dataset) -> xr.DataArray:
@@ -516,7 +528,7 @@ def run_summaries(
                 "optimizer": meta["optimizer"],
                 "data": meta["data"],
                 "step": int(values["step"].values[i]),
-                "tokens": int(values["tokens"].values[i]),
+                "tokens": token_count(values["tokens"].values[i]),
                 "n_heads": int(np.sum(~np.isnan(v))),
                 "mean": mean,
                 "ci_low": lo,
@@ -605,7 +617,7 @@ def checkpoint_table(
                     "label": runs.loc[str(run), "label"],
                     "seed": int(runs.loc[str(run), "seed"]),
                     "step": int(step),
-                    "tokens": int(tokens.values[i, j]),
+                    "tokens": token_count(tokens.values[i, j]),
                     "pr_sv": float(means["sv"].values[i, j]),
                     "pr_eig": float(means["eig"].values[i, j]),
                     "train_loss": _loss_at(ds, "train_loss", i, j),

@@ -46,3 +46,41 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 def tiny_vocab(tiny_data_dir) -> int:
     """The vocabulary size of :func:`tiny_data_dir`'s tokenizer (what ``model.vocab_size`` must be)."""
     return TokenDataset.open(tiny_data_dir).vocab_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# public models (spectra.hf): tiny transformers models of every family, saved as local revisions
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tmp_path_factory) -> Path:
+    """The tokenizer.json every tiny public model ships (a 300-token BPE with <|endoftext|>)."""
+    pytest.importorskip("transformers")
+    from hf_helpers import write_tokenizer
+
+    return write_tokenizer(tmp_path_factory.mktemp("hf-tokenizer") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def hf_revisions(tmp_path_factory, hf_tokenizer):
+    """``hf_revisions(family)``: a directory of ``step0/`` and ``step1000/`` revisions of that family, built once."""
+    from hf_helpers import save_revisions
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = save_revisions(
+                family, tmp_path_factory.mktemp(f"hf-{family}"), [0, 1000], hf_tokenizer
+            )
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_data_dir(tmp_path_factory, hf_revisions) -> Path:
+    """A dataset prepared with ``--tokenizer`` a tiny model's directory: eval batch 4 x 64 in its vocabulary."""
+    from hf_helpers import make_model_dataset
+
+    return make_model_dataset(tmp_path_factory.mktemp("hf-data"), hf_revisions("llama") / "step0")

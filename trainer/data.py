@@ -588,6 +588,7 @@ def _load_tokenizer(spec: str, eot_token: str | None) -> tuple[Tokenizer, bytes,
     """
     path = Path(spec).expanduser()
     info: dict[str, Any] = {"kind": "pretrained"}
+    model_eos = None
     if path.is_dir():
         file = path / TOKENIZER_FILE
         if not file.is_file():
@@ -597,6 +598,8 @@ def _load_tokenizer(spec: str, eot_token: str | None) -> tuple[Tokenizer, bytes,
             origin = _read_meta(meta_path).get("tokenizer", {})
             info["origin"] = {"dataset": str(path.resolve()), **origin}
             eot_token = eot_token or origin.get("eot_token")
+        else:  # a model directory: its eos token, the fallback when it has no <|endoftext|>
+            model_eos = _model_eos_token(path)
         path = file
     if path.is_file():
         raw = path.read_bytes()
@@ -617,12 +620,29 @@ def _load_tokenizer(spec: str, eot_token: str | None) -> tuple[Tokenizer, bytes,
             ) from e
         info["source"] = f"hf:{spec}"
         raw = tok.to_str().encode("utf-8")
+    if eot_token is None and tok.token_to_id(EOT_TOKEN) is None and model_eos is not None:
+        eot_token = model_eos
+        info["eot_from"] = "the model directory's tokenizer_config.json (eos_token)"
     eot_token = eot_token or EOT_TOKEN
     if tok.token_to_id(eot_token) is None:
         raise DataError(
             f"--tokenizer {spec}: has no end-of-text token {eot_token!r}; name it with --eot-token"
         )
     return tok, raw, _tokenizer_info(tok, raw, eot_token, info)
+
+
+def _model_eos_token(directory: Path) -> str | None:
+    """The ``eos_token`` of a transformers model directory's ``tokenizer_config.json``, if it names one."""
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise DataError(f"{config}: not a valid tokenizer_config.json ({e})") from None
+    if isinstance(eos, dict):  # serialised AddedToken
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
 
 
 def _tokenizer_info(tok: Tokenizer, raw: bytes, eot_token: str, info: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def gamma_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
                 "run": run,
                 "label": runs.loc[run, "label"],
                 "qk_norm": runs.loc[run, "qk_norm"],
-                "tokens": int(frame["tokens"].iloc[0]),
+                "tokens": stats.token_count(frame["tokens"].iloc[0]),
                 "heads": len(heads),
                 "median_rho": float(ok["rho"].median()) if len(ok) else np.nan,
                 "positive_p<0.05": int(((ok["rho"] > 0) & (ok["pvalue"] < 0.05)).sum()),
