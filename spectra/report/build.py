@@ -15,6 +15,7 @@ from spectra.report.document import Block, to_html, to_markdown
 from spectra.report.inputs import resolve_inputs
 from spectra.report.output import REPORT_HTML, REPORT_MD, ReportWriter, check_target, commit, new_staging
 from spectra.report.sections import SECTIONS
+from spectra.study import is_study_dir, read_study
 
 PathLike = str | os.PathLike[str]
 TITLE = "Key-collapse report"
@@ -39,9 +40,10 @@ def build_report(
     Parameters
     ----------
     inputs
-        Run directories, directories of run directories, or cube files (see
+        Run directories, directories of run directories, cube files, or study directories (see
         :func:`spectra.report.inputs.resolve_inputs`); runs without a cube are skipped and listed in the
-        report's caveats.
+        report's caveats. The runs of a study are labelled by the study's configuration labels (its seeds
+        are the unit of replication), and the report gains a learning-rate section from its sweep.
     out_dir
         A new or empty directory, or one a previous report wrote (it holds ``report-files.json``). The
         report is built complete beside it and swapped into place, so a kill at any moment leaves the
@@ -72,8 +74,9 @@ def build_report(
     for run, why in skipped:
         if echo is not None:
             echo(f"skipped {run}: {why}")
+    studies = [read_study(p) for p in inputs if is_study_dir(p)]
     ctx = load_context(
-        runs_in, skipped, site=site, convention=convention, centering=centering, gamma_site=gamma_site,
+        runs_in, skipped, studies=studies, site=site, convention=convention, centering=centering, gamma_site=gamma_site,
         simple_data=simple_data, complex_data=complex_data, n_resamples=n_resamples, seed=seed,
     )  # fmt: skip
     with ExclusiveLock(out, f"report directory {out}"):

@@ -15,6 +15,7 @@ from spectra import stats
 from spectra.cube_io import open_cube, open_cubes
 from spectra.errors import SpectraError
 from spectra.report.inputs import RunInput, load_surgery
+from spectra.study import Study
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ReportContext:
     """The ``run`` labels of ``ds``, in input order."""
     surgeries: dict[str, xr.Dataset]
     """Surgery results by run label, for the runs that have one."""
+    studies: list[Study]
+    """The study directories among the inputs (their runs carry the study's labels)."""
     site: str
     convention: str
     centering: str
@@ -86,10 +89,37 @@ def check_options(site: str, convention: str, centering: str, gamma_site: str) -
         )
 
 
+def with_study_labels(ds: xr.Dataset, studies: Sequence[Study]) -> xr.Dataset:
+    """Give the runs that belong to a study its configuration label and data class (``run`` coordinates).
+
+    Runs are matched by their directory (the cube's parent); runs of no study get empty strings, for
+    which :func:`spectra.stats.run_table` falls back to the plan's labels and the dataset-name rule.
+    """
+    if not studies:
+        return ds
+    known: dict[str, dict] = {}
+    for study in studies:
+        known.update(study.run_labels())
+    entries = [known.get(str(Path(str(p)).parent.resolve()), {}) for p in ds["path"].values]
+    return ds.assign_coords(
+        label=(
+            "run",
+            [str(e.get("label") or "") for e in entries],
+            {"long_name": "configuration label (study)"},
+        ),
+        data_class=(
+            "run",
+            [str(e.get("data_class") or "") for e in entries],
+            {"long_name": "data class (study)"},
+        ),
+    )
+
+
 def load_context(
     runs_in: Sequence[RunInput],
     skipped: Sequence[tuple[Path, str]],
     *,
+    studies: Sequence[Study] = (),
     site: str,
     convention: str,
     centering: str,
@@ -101,7 +131,7 @@ def load_context(
 ) -> ReportContext:
     """Open every cube and surgery file and compute the shared statistics."""
     cubes = [open_cube(r.cube) for r in runs_in]
-    ds = open_cubes([r.cube for r in runs_in], on_skip=None)
+    ds = with_study_labels(open_cubes([r.cube for r in runs_in], on_skip=None), studies)
     run_names = [str(r) for r in ds["run"].values]
     surgeries = {
         name: load_surgery(r.surgery) for name, r in zip(run_names, runs_in) if r.surgery is not None
@@ -113,6 +143,7 @@ def load_context(
         ds=ds,
         run_names=run_names,
         surgeries=surgeries,
+        studies=list(studies),
         site=site,
         convention=convention,
         centering=centering,

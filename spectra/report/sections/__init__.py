@@ -5,6 +5,7 @@
 """
 
 from spectra.report.sections.gamma import gamma_section
+from spectra.report.sections.learning_rate import learning_rate_section
 from spectra.report.sections.measurement import sensitivity_section
 from spectra.report.sections.overview import caveats_section, overview_section
 from spectra.report.sections.provenance import provenance_section
@@ -21,6 +22,7 @@ SECTIONS = (
     overview_section,
     caveats_section,
     plan_section,
+    learning_rate_section,
     headline_section,
     comparisons_section,
     sensitivity_section,

@@ -23,14 +23,23 @@ FORMAT_PR = {"mean": ".2f", "ci_low": ".2f", "ci_high": ".2f", "sd": ".2f"}
 
 
 def plan_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
+    if ctx.studies:
+        where = (
+            "The runs of a study carry the study's own configuration labels and data classes (its "
+            "`study.json`); a study configuration counts for the plan's cell its QK-norm, optimizer and data "
+            "class make, whatever its label. Other runs' data classes come from the dataset names."
+        )
+    else:
+        where = (
+            "Data classes come from the dataset names (`bbe`/`simple` → simple, `kjv`/`complex` → complex, "
+            "else standard) unless named with --simple-data / --complex-data."
+        )
     return [
         Heading(1, "Runs and the plan's matrix"),
         Paragraph(
             "The plan (seed 002) crosses QK-norm (learned / none), optimizer (Muon+AdamW / AdamW) and data "
-            "(standard / simple / complex) in six configurations, A1 … C2. Data classes come from the dataset "
-            "names (`bbe`/`simple` → simple, `kjv`/`complex` → complex, else standard) unless named with "
-            "--simple-data / --complex-data. A configuration outside the matrix (e.g. a frozen gamma) is "
-            "listed as extra."
+            f"(standard / simple / complex) in six configurations, A1 … C2. {where} A configuration outside "
+            "the matrix (e.g. a frozen gamma) is listed as extra."
         ),
         Table(
             ctx.coverage,
