@@ -1,42 +1,51 @@
 #!/usr/bin/env bash
-# The demo on the embedded offline default: prepare the Bible corpus (Basic English + King James mix),
-# train the `tiny` preset in the four configurations {muon, adamw} x {QK-norm learned, none}, extract the
-# Q/K spectra of every checkpoint, print the participation-ratio table, run pruning surgery on each final
-# checkpoint and write the report. Re-running it continues where it stopped (finished steps are skipped).
-# Environment: DEMO_DIR (default demo), DEMO_TOKENS (training tokens per run, default the preset's).
+# The demo on the embedded offline default, as a study: the six configurations of the plan (A1 ... C2) on the
+# Bible corpus (standard: both translations mixed; C1 simple: Basic English; C2 complex: King James; one
+# shared tokenizer), 2 seeds each, each configuration's learning rate chosen by a 3-point sweep
+# (trainer/studies/demo.toml: `tiny` at 4 x 256 tokens, 81,920 tokens per main run, 20,480 per sweep run);
+# then the spectra of every checkpoint, pruning surgery on each final checkpoint, and the report.
+# Re-running it continues where it stopped; after it finished, it takes seconds.
+# Environment: DEMO_DIR (default demo), DEMO_JOBS (runs at a time, default 2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 DEMO_DIR=${DEMO_DIR:-demo}
-DATA="$DEMO_DIR/data/bible-mix"
-TOKENS_OPT=()
-if [ -n "${DEMO_TOKENS:-}" ]; then TOKENS_OPT=(--tokens "$DEMO_TOKENS"); fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+JOBS=${DEMO_JOBS:-2}
+DATA="$DEMO_DIR/data"
+STUDY="$DEMO_DIR/study"
+REPORT="$DEMO_DIR/report"
 
-if [ ! -f "$DATA/meta.json" ]; then
-    collapse-train prepare-data --out "$DATA"   # fixed eval batch: 8 x 512 tokens, the tiny preset's context
+# 1. the three datasets, one tokenizer (the fixed eval batch: 8 x 512 tokens of each validation split)
+if [ ! -f "$DATA/bible-mix/meta.json" ]; then
+    collapse-train prepare-data --out "$DATA/bible-mix" --no-progress
 fi
-
-runs=()
-for optim in muon adamw; do
-    for qk in learned none; do
-        run="$DEMO_DIR/runs/tiny-${optim}-qk_${qk}"
-        runs+=("$run")
-        resume=()
-        if [ -d "$run" ]; then resume=(--resume); fi
-        collapse-train run tiny --data "$DATA" --out "$run" "${TOKENS_OPT[@]}" \
-            --set optim.name="$optim" --set model.qk_norm="$qk" "${resume[@]}"
-        collapse-spectra extract "$run"
-    done
-done
-
-collapse-spectra metrics "${runs[@]/%//spectra.nc}" --metric pr_sv
-
-for run in "${runs[@]}"; do
-    final=$(ls "$run"/checkpoints/tokens_*.safetensors | sort | tail -n 1)
-    if [ ! -f "$run/surgery.nc" ]; then
-        collapse-spectra surgery "$final" --data "$DATA" --seeds 3 --fractions 0,0.25,0.5,0.75 --test-tokens 16384
+for part in bbe kjv; do
+    if [ ! -f "$DATA/bible-$part/meta.json" ]; then
+        collapse-train prepare-data --out "$DATA/bible-$part" --source "bible:$part" \
+            --tokenizer "$DATA/bible-mix" --no-progress
     fi
 done
 
-collapse-spectra report "${runs[@]}" -o "$DEMO_DIR/report"
+# 2. the study: sweeps, then 6 configurations x 2 seeds at the chosen learning rates
+collapse-train study demo --out "$STUDY" --data-root "$DATA" --jobs "$JOBS"
+
+# 3. spectra of every checkpoint of every main run, two runs at a time
+collapse-spectra extract "$STUDY" --jobs "$JOBS" --no-progress
+
+# 4. surgery on each final checkpoint (gamma, svd, random x 3 draws; 8,192 test tokens)
+for run in "$STUDY"/runs/*/; do
+    run=${run%/}
+    if [ ! -f "$run/surgery.nc" ]; then
+        final=$(ls "$run"/checkpoints/tokens_*.safetensors | sort | tail -n 1)
+        collapse-spectra surgery "$final" --seeds 3 --fractions 0,0.25,0.5,0.75 --test-tokens 8192 --no-progress
+    fi
+done
+
+# 5. the report, unless it is newer than everything it reads
+newer=$(find "$STUDY" \( -name spectra.nc -o -name surgery.nc -o -name sweep.json \) -newer "$REPORT/report.html" \
+    2>/dev/null | head -n 1 || true)
+if [ ! -f "$REPORT/report.html" ] || [ -n "$newer" ]; then
+    collapse-spectra report "$STUDY" -o "$REPORT"
+else
+    echo "$REPORT/report.html (up to date)"
+fi
