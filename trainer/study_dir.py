@@ -346,6 +346,24 @@ def choice_entry(choice: SweepChoice) -> dict[str, Any]:
     }
 
 
+def _write_json_if_changed(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` unless the file already says the same apart from its ``updated`` time, so that a
+    re-run with nothing new leaves the study's files (and what depends on their times) as they were."""
+    previous = _read_json(path)
+    if previous is not None:
+        same = {k: v for k, v in previous.items() if k != "updated"} == {
+            k: v for k, v in json.loads(json.dumps(document)).items() if k != "updated"
+        }
+        if same:
+            return
+    atomic_write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def _write_text_if_changed(path: Path, text: str) -> None:
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        atomic_write_text(path, text)
+
+
 def write_study_json(
     out: Path, study: Study, runs: Sequence[PlannedRun], choices: dict[str, SweepChoice]
 ) -> dict[str, Any]:
@@ -378,7 +396,7 @@ def write_study_json(
         ],
         "runs": [run_entry(r, study) for r in runs],
     }
-    atomic_write_text(out / STUDY_JSON, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    _write_json_if_changed(out / STUDY_JSON, manifest)
     return manifest
 
 
@@ -416,7 +434,7 @@ def write_sweep_files(out: Path, study: Study, choices: dict[str, SweepChoice]) 
             for r in rows
         ],
     }
-    atomic_write_text(out / SWEEP_JSON, json.dumps(document, indent=2, allow_nan=False) + "\n")
+    _write_json_if_changed(out / SWEEP_JSON, document)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SWEEP_CSV_COLUMNS)
@@ -434,4 +452,4 @@ def write_sweep_files(out: Path, study: Study, choices: dict[str, SweepChoice]) 
                 r.reason,
             ]
         )
-    atomic_write_text(out / SWEEP_CSV, buffer.getvalue())
+    _write_text_if_changed(out / SWEEP_CSV, buffer.getvalue())
