@@ -6,8 +6,8 @@
 For each preset, the hidden matrices that the trainer gives to Muon (``trainer.optim.param_groups``:
 every ``nn.Linear`` weight in the blocks, 132 of them in ``paper-88m``) are built on the device with
 random gradients, and one optimizer step of each implementation is timed: ``--repeats`` steps after
-``--warmup`` untimed ones (the first compiles), the device synchronised around each, the median
-reported. Both implementations take the trainer's hyperparameters (``optim.muon_*`` of the preset,
+``--warmup`` untimed ones (the first compiles), the two implementations taking turns, the device
+synchronised around each step, the median reported. Both implementations take the trainer's hyperparameters (``optim.muon_*`` of the preset,
 ``adjust_lr_fn="original"``). ``--compile`` decides whether the batched Newton-Schulz is compiled;
 by default it is on CUDA and not on the CPU, as in the trainer. The largest difference between the
 two implementations' updated weights after the timed steps is printed as a check that they compute
@@ -45,20 +45,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(
-    opt: torch.optim.Optimizer, params: list, grads: list, device: torch.device, warmup: int, repeats: int
-) -> list[float]:
-    """Seconds of each of ``repeats`` timed ``opt.step()`` calls (after ``warmup`` untimed ones)."""
-    for p, g in zip(params, grads):
-        p.grad = g
-    times = []
+def time_steps(
+    opts: dict[str, torch.optim.Optimizer], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` timed ``step()`` calls of every optimizer, after ``warmup`` untimed ones.
+
+    The optimizers take turns, in alternating order, so that a change in the machine's load (the CPU
+    figures come from a shared machine) falls on both alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    names = list(opts)
     for i in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        opt.step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        for name in names if i % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            opts[name].step()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -90,20 +94,23 @@ def benchmark(preset: str, device: torch.device, warmup: int, repeats: int, comp
         "warmup": warmup,
         "repeats": repeats,
     }
-    final = {}
-    for impl in ("torch", "batched"):
-        params = [torch.nn.Parameter(w.clone()) for w in weights]
-        if impl == "torch":
-            opt: torch.optim.Optimizer = torch.optim.Muon(params, **hyper)
-        else:
-            opt = BatchedMuon(params, **hyper, coefficients=optim.muon_coefficients, compile=compile_ns)
-        times = time_step(opt, params, [gr.clone() for gr in grads], device, warmup, repeats)
-        result[f"{impl}_ms"] = 1000 * statistics.median(times)
-        result[f"{impl}_ms_min"] = 1000 * min(times)
-        final[impl] = params
+    params = {impl: [torch.nn.Parameter(w.clone()) for w in weights] for impl in ("torch", "batched")}
+    for impl in params:
+        for p, gr in zip(params[impl], grads):
+            p.grad = gr.clone()
+    opts = {
+        "torch": torch.optim.Muon(params["torch"], **hyper),
+        "batched": BatchedMuon(
+            params["batched"], **hyper, coefficients=optim.muon_coefficients, compile=compile_ns
+        ),
+    }
+    times = time_steps(opts, device, warmup, repeats)
+    for impl, t in times.items():
+        result[f"{impl}_ms"] = 1000 * statistics.median(t)
+        result[f"{impl}_ms_min"] = 1000 * min(t)
     result["speedup"] = result["torch_ms"] / result["batched_ms"]
     result["max_weight_difference"] = max(
-        (a - b).abs().max().item() for a, b in zip(final["torch"], final["batched"])
+        (a - b).abs().max().item() for a, b in zip(params["torch"], params["batched"])
     )
     return result
 

@@ -9,16 +9,18 @@ The parts, in order, each in its own subprocess with its own time limit, all wit
 1. ``device``: torch and CUDA versions, the device's name, memory and capability, ``nvidia-smi``.
 2. ``peak``: the measured rate of a large matmul (``bench_train.measure_peak_tflops``: bfloat16
    8192^3 on CUDA), the denominator of every MFU below.
-3. ``gpu_tests``: ``pytest -m gpu`` (fused AdamW, the compiled batched Muon against torch.optim.Muon,
+3. ``attention``: ``bench_attention.py``: forward + backward of one layer's attention at the 88M shapes
+   (batch 32 x 2048) under each ``train.sdpa_backend`` setting, or the reason a kernel cannot run.
+4. ``gpu_tests``: ``pytest -m gpu`` (fused AdamW, the compiled batched Muon against torch.optim.Muon,
    the bf16 compiled run, no host-device sync between log steps, NCCL under torchrun).
-4. ``train``: ``bench_train.py --variants adamw,muon-torch,muon-batched`` on the ``paper-88m`` preset
+5. ``train``: ``bench_train.py --variants adamw,muon-torch,muon-batched`` on the ``paper-88m`` preset
    (compiled, bf16, chunked loss, the ``auto`` attention kernels) for QK-norm ``learned`` and ``none``
    at batch 32 and 16 x 2048: tokens/s, MFU against the measured peak, peak memory; one compilation
    per (QK-norm, batch) shared by the three optimizer set-ups.
-5. ``extract``: ``collapse-spectra extract --device cuda`` on a ``paper-88m`` checkpoint (the wall time
+6. ``extract``: ``collapse-spectra extract --device cuda`` on a ``paper-88m`` checkpoint (the wall time
    of the command, start-up and checkpoint read included) and ``bench_extract.py`` (in one process:
    a bare forward pass of the eval batch against the extraction of the checkpoint).
-6. ``torchrun``: a 1-process ``torchrun`` run of the ``tiny`` preset on CUDA with the NCCL backend.
+7. ``torchrun``: a 1-process ``torchrun`` run of the ``tiny`` preset on CUDA with the NCCL backend.
 
 Every figure goes to one JSON file, rewritten atomically after each part, so an interrupted check
 keeps what it measured. On a machine without CUDA the same script runs end to end: the parts that
@@ -192,6 +194,27 @@ def peak_part(check: Check) -> float | None:
     print(f"   {peak['dtype']} {peak['size']}^3 matmul: {peak['peak_tflops']:.3g} TFLOP/s")
     check.record("peak", {"status": "ok", **peak})
     return peak["peak_tflops"]
+
+
+def attention_part(check: Check) -> None:
+    limit = check.limit("attention", wanted=90, needed=15)
+    if limit is None:
+        return
+    if check.cuda:
+        shape = ["--preset", "paper-88m", "--device", "cuda", "--batch-size", "32", "--seq-len", "2048"]
+        scale = "gpu"
+    else:
+        print(
+            "   cuDNN and memory-efficient attention need CUDA: they report it; the rest at CPU scale (tiny)"
+        )
+        shape = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "256"]
+        scale = "cpu"
+    result = check.run([sys.executable, str(BENCH / "bench_attention.py"), *shape, "--json"], timeout=limit)
+    rows = _json_lines(result.get("stdout", ""))
+    settings = rows[0]["settings"] if rows else {}
+    for name, row in settings.items():
+        print(f"   {name:>9}: " + (f"{row['ms']:.2f} ms" if "ms" in row else f"cannot run ({row['error']})"))
+    check.record("attention", {**_strip(result), "scale": scale, **(rows[0] if rows else {})})
 
 
 def gpu_tests_part(check: Check) -> None:
@@ -500,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     device_part(check)
     peak = peak_part(check)
     for part, run in (
+        ("attention", lambda: attention_part(check)),
         ("gpu_tests", lambda: gpu_tests_part(check)),
         ("train", lambda: train_part(check, peak, args)),
         ("extract", lambda: extract_part(check)),

@@ -27,6 +27,7 @@ def load_script(name: str) -> ModuleType:
 
 
 bench_muon, bench_train = load_script("bench_muon"), load_script("bench_train")
+bench_attention = load_script("bench_attention")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -70,6 +71,15 @@ def test_bench_train_refuses_a_cuda_only_kernel_on_the_cpu(capsys):
     assert load_config("tiny").train.sdpa_backend == "auto"
 
 
+def test_bench_attention_times_what_runs_and_says_why_the_rest_cannot():
+    r = bench_attention.benchmark("tiny", CPU, batch=1, seq_len=32, warmup=0, repeats=1)
+    rows = r["settings"]
+    assert set(rows) == {"cudnn", "flash", "efficient", "math", "auto", "default"}
+    assert "CUDA kernel" in rows["cudnn"]["error"] and "CUDA kernel" in rows["efficient"]["error"]
+    for name in ("flash", "math", "auto", "default"):
+        assert rows[name]["ms"] > 0 and rows[name]["max_diff_from_math"] < 1e-5
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.sh without CUDA: every part runs at CPU scale or says it is skipped (about 2 min)."""
@@ -85,6 +95,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     parts = result["parts"]
     assert result["cuda"] is False and parts["gpu_tests"]["status"] == "skipped"
     assert parts["peak"]["peak_tflops"] > 0
+    assert parts["attention"]["status"] == "ok" and "ms" in parts["attention"]["settings"]["auto"]
     train = parts["train"]
     assert train["status"] == "ok" and train["scale"] == "cpu"
     assert sorted((r["qk_norm"], r["variant"]) for r in train["runs"]) == sorted(
