@@ -9,6 +9,11 @@ random (B, H, T, D) queries and (B, Hkv, T, D) keys and values of the preset's s
 that cannot take the inputs on this device reports the error instead of a time, so the output shows
 which kernel ``auto`` can fall through to (``auto`` takes the first of cuDNN, flash, efficient, math that
 runs). The largest difference of each output from the math kernel's is printed as a check.
+
+With grouped-query attention the model calls SDPA with ``enable_gqa=True``, which (PyTorch's issue
+tracker, pytorch/pytorch#181528) only the flash kernel takes; the rows ``<kernel>+expand_kv`` time the
+alternative, keys and values repeated to the query heads first (``repeat_interleave``), the input that
+lets cuDNN and the memory-efficient kernel run, so that a GPU run shows whether that would pay.
 """
 
 from __future__ import annotations
@@ -49,34 +54,42 @@ def benchmark(
     v = torch.randn(batch, Hkv, T, D, generator=g, device=device, dtype=dtype)
     grad = torch.randn(batch, H, T, D, generator=g, device=device, dtype=dtype)
 
-    def run() -> tuple[torch.Tensor, ...]:
+    def run(expand: bool) -> tuple[torch.Tensor, ...]:
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=H != Hkv)
+        if expand:  # (B, Hkv, T, D) -> (B, H, T, D): query head h reads key/value head h // (H / Hkv)
+            ke, ve = kk.repeat_interleave(H // Hkv, dim=1), vv.repeat_interleave(H // Hkv, dim=1)
+            out = F.scaled_dot_product_attention(qq, ke, ve, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=H != Hkv)
         out.backward(grad)
         return out.detach(), qq.grad, kk.grad, vv.grad
 
+    cases = [(s, False) for s in SETTINGS]
+    if H != Hkv:
+        cases += [(s, True) for s in ("cudnn", "flash", "efficient")]
     rows: dict[str, dict] = {}
     reference = None
-    for setting in ("math", *(s for s in SETTINGS if s != "math")):
+    for setting, expand in sorted(cases, key=lambda c: c != ("math", False)):  # math first: the reference
+        name = f"{setting}+expand_kv" if expand else setting
         try:
             context = sdpa_context(setting, device)
             with context():
-                outputs = run()
+                outputs = run(expand)
                 for _ in range(warmup):
-                    run()
+                    run(expand)
                 times = []
                 for _ in range(repeats):
                     _sync(device)
                     start = time.perf_counter()
-                    run()
+                    run(expand)
                     _sync(device)
                     times.append(time.perf_counter() - start)
         except (RuntimeError, TrainerError) as e:  # the kernel cannot take these inputs here: say why
-            rows[setting] = {"error": str(e).splitlines()[0][:200]}
+            rows[name] = {"error": str(e).splitlines()[0][:200]}
             continue
         reference = reference or outputs
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs, reference))
-        rows[setting] = {"ms": 1000 * statistics.median(times), "max_diff_from_math": diff}
+        rows[name] = {"ms": 1000 * statistics.median(times), "max_diff_from_math": diff}
     return {
         "preset": preset,
         "device": str(device),

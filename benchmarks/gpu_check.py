@@ -213,7 +213,7 @@ def attention_part(check: Check) -> None:
     rows = _json_lines(result.get("stdout", ""))
     settings = rows[0]["settings"] if rows else {}
     for name, row in settings.items():
-        print(f"   {name:>9}: " + (f"{row['ms']:.2f} ms" if "ms" in row else f"cannot run ({row['error']})"))
+        print(f"   {name:>19}: " + (f"{row['ms']:.2f} ms" if "ms" in row else f"cannot run ({row['error']})"))
     check.record("attention", {**_strip(result), "scale": scale, **(rows[0] if rows else {})})
 
 

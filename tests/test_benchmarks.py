@@ -74,9 +74,10 @@ def test_bench_train_refuses_a_cuda_only_kernel_on_the_cpu(capsys):
 def test_bench_attention_times_what_runs_and_says_why_the_rest_cannot():
     r = bench_attention.benchmark("tiny", CPU, batch=1, seq_len=32, warmup=0, repeats=1)
     rows = r["settings"]
-    assert set(rows) == {"cudnn", "flash", "efficient", "math", "auto", "default"}
+    plain = {"cudnn", "flash", "efficient", "math", "auto", "default"}
+    assert set(rows) == plain | {"cudnn+expand_kv", "flash+expand_kv", "efficient+expand_kv"}  # tiny has GQA
     assert "CUDA kernel" in rows["cudnn"]["error"] and "CUDA kernel" in rows["efficient"]["error"]
-    for name in ("flash", "math", "auto", "default"):
+    for name in ("flash", "math", "auto", "default", "flash+expand_kv"):
         assert rows[name]["ms"] > 0 and rows[name]["max_diff_from_math"] < 1e-5
 
 

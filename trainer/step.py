@@ -31,7 +31,8 @@ SDPA_KERNELS = {
 SDPA_AUTO_ORDER = ("cudnn", "flash", "efficient", "math")
 """Priority of ``train.sdpa_backend = "auto"``: on one H100, for the 88M preset's attention, cuDNN took
 about 1.8 ms per layer against 2.6 ms for flash (issue 9); a kernel that cannot take the inputs (dtype,
-head dimension, device) is skipped for the next. On the CPU only flash and math exist."""
+head dimension, device, ``enable_gqa``) is skipped for the next. On the CPU only flash and math exist.
+``benchmarks/bench_attention.py`` shows which kernels run at a preset's shapes."""
 
 CUDA_ONLY_KERNELS = ("cudnn", "efficient")
 
