@@ -207,13 +207,14 @@ def test_a_non_finite_step_is_skipped_when_read_at_once_and_applied_when_deferre
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_no_host_device_sync_between_log_steps_on_cuda(tiny_data_dir):
+def test_no_host_device_sync_between_log_steps_on_cuda(tiny_data_dir, tiny_vocab):
     """torch.cuda.set_sync_debug_mode('error') raises on any synchronising call: steps 2-5 must make none."""
     from trainer.data import TokenDataset
 
     device = torch.device("cuda")
     cfg = load_config(
-        "tiny", ["model.vocab_size=300", "train.batch_size=4", "train.seq_len=64", "train.compile=false"]
+        "tiny",
+        [f"model.vocab_size={tiny_vocab}", "train.batch_size=4", "train.seq_len=64", "train.compile=false"],
     )
     torch.manual_seed(0)
     model = LLM(cfg.model, loss_chunk_tokens=cfg.train.loss_chunk_tokens).to(device)
