@@ -496,7 +496,8 @@ class Stepper:
         (default: on CUDA). Then a step only queues work and the host never waits for the device
         except when the loop reads; a non-finite step is still applied, and found at the next read,
         before anything is written. Not deferred (the CPU), each step is read at once and a non-finite
-        step is not applied.
+        step is not applied. Whatever writes a checkpoint or resume state must read (and check) the
+        steps before it first, as the loop does at its log, checkpoint and resume steps.
     """
 
     def __init__(
