@@ -12,7 +12,8 @@ The parts, in order, each in its own subprocess with its own time limit, all wit
 3. ``attention``: ``bench_attention.py``: forward + backward of one layer's attention at the 88M shapes
    (batch 32 x 2048) under each ``train.sdpa_backend`` setting, or the reason a kernel cannot run.
 4. ``gpu_tests``: ``pytest -m gpu`` (fused AdamW, the compiled batched Muon against torch.optim.Muon,
-   the bf16 compiled run, no host-device sync between log steps, NCCL under torchrun).
+   the attention kernels' results against math, the bf16 compiled run, no host-device sync between
+   log steps, NCCL under torchrun).
 5. ``train``: ``bench_train.py --variants adamw,muon-torch,muon-batched`` on the ``paper-88m`` preset
    (compiled, bf16, chunked loss, the ``auto`` attention kernels) for QK-norm ``learned`` and ``none``
    at batch 32 and 16 x 2048: tokens/s, MFU against the measured peak, peak memory; one compilation
@@ -117,6 +118,7 @@ class Check:
                 "status": "timeout",
                 "reason": f"over {timeout:.0f} s",
                 "wall_s": timeout,
+                "stdout": out,  # the JSON lines of what finished before the limit
                 "output": out[-4000:],
             }
         wall = time.monotonic() - start

@@ -27,28 +27,48 @@ CPU = torch.device("cpu")
 # attention kernels
 
 
-def loss_and_grads(backend: str, dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    backend: str, dtype: str, device: torch.device = CPU
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    model = LLM(tiny_model_config())  # GQA: 4 query heads over 2 key/value heads
-    ids = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0))
-    with autocast_factory(CPU, dtype, backend)():
+    model = LLM(tiny_model_config()).to(device)  # GQA: 4 query heads over 2 key/value heads
+    ids = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(0)).to(device)
+    with autocast_factory(device, dtype, backend)():
         loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)])
-def test_the_kernel_choice_does_not_change_the_results(dtype, tol):
-    """On the CPU the choice is between flash and math; every setting gives math's loss and gradients."""
-    ref_loss, ref_grads = loss_and_grads("math", dtype)
-    for backend in ("auto", "default", "flash"):
-        loss, grads = loss_and_grads(backend, dtype)
+def assert_same_results(backends: list[str], dtype: str, tol: float, device: torch.device = CPU) -> None:
+    ref_loss, ref_grads = loss_and_grads("math", dtype, device)
+    for backend in backends:
+        loss, grads = loss_and_grads(backend, dtype, device)
         torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
         for name, g in grads.items():
             scale = ref_grads[name].abs().max().item()
             torch.testing.assert_close(
-                g, ref_grads[name], rtol=0, atol=tol * scale, msg=lambda m, n=name: f"{n}: {m}"
+                g, ref_grads[name], rtol=0, atol=tol * scale, msg=lambda m, n=name, b=backend: f"{b} {n}: {m}"
             )
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_the_kernel_choice_does_not_change_the_results(dtype, tol):
+    """On the CPU the choice is between flash and math; every setting gives math's loss and gradients."""
+    assert_same_results(["auto", "default", "flash"], dtype, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_kernel_choice_does_not_change_the_results_on_cuda():
+    """bf16 on CUDA: auto (cuDNN first), default and flash against math; cuDNN and memory-efficient
+    attention where they take these inputs (GQA via enable_gqa may leave them out: then they raise)."""
+    device = torch.device("cuda")
+    assert_same_results(["auto", "default", "flash"], "bfloat16", 2e-2, device)
+    for backend in ("cudnn", "efficient"):
+        try:
+            assert_same_results([backend], "bfloat16", 2e-2, device)
+        except RuntimeError as e:  # "No available kernel": this kernel cannot take GQA inputs here
+            assert "kernel" in str(e).lower(), e
 
 
 def test_flash_and_math_are_both_used_on_the_cpu():
