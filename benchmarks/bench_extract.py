@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract.py --preset tiny
     python benchmarks/bench_extract.py --preset paper-88m --seqs 8 --seq-len 512 --repeats 1
+    python benchmarks/bench_extract.py --preset paper-88m --device cuda --json
 
 Builds a randomly initialised model of a preset, a random batch, and times (best of ``--repeats``,
 after one warm-up):
@@ -46,23 +47,28 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def svd_routes(model: LLM, ids: torch.Tensor, repeats: int) -> None:
+def svd_routes(model: LLM, ids: torch.Tensor, repeats: int, verbose: bool = True) -> dict[str, float]:
     lq = capture_qk(model, ids, layers=[0])[0]
     stack = torch.cat([*(lq.q[s] for s in lq.sites), *(lq.k[s] for s in lq.sites)])  # (matrices, N, D)
     x64 = stack.double().numpy()
     ref_u = np.linalg.svd(x64, compute_uv=False)
     ref_c = np.linalg.svd(x64 - x64.mean(axis=1, keepdims=True), compute_uv=False)
-    print(
-        f"SVD routes on one layer: {stack.shape[0]} matrices of {stack.shape[1]} x {stack.shape[2]}, float64"
-    )
+    if verbose:
+        print(
+            f"SVD routes on one layer: {stack.shape[0]} matrices of {stack.shape[1]} x {stack.shape[2]}, float64"
+        )
+    result = {}
     for method in ("qr", "svd"):
         seconds = best_of(lambda m=method: token_spectra(stack, method=m), repeats)
         got = token_spectra(stack, method=method)
         err_u = np.max(np.abs(got.uncentered.numpy() - ref_u) / ref_u[:, :1])
         err_c = np.max(np.abs(got.centered.numpy() - ref_c) / ref_c[:, :1])
-        print(
-            f"  {method:>3}: {seconds * 1e3:8.1f} ms   max |error| / sigma_1 vs numpy: {err_u:.1e} (uncentred), {err_c:.1e} (centred)"
-        )
+        result.update({f"{method}_ms": seconds * 1e3, f"{method}_max_rel_error": float(max(err_u, err_c))})
+        if verbose:
+            print(
+                f"  {method:>3}: {seconds * 1e3:8.1f} ms   max |error| / sigma_1 vs numpy: {err_u:.1e} (uncentred), {err_c:.1e} (centred)"
+            )
+    return result
 
 
 def main() -> None:
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (best is reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", action="store_true", help="print the measurements as one JSON line")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,15 +120,33 @@ def main() -> None:
         if dev_ids.is_cuda:
             torch.cuda.synchronize()
 
-    print(
+    description = (
         f"preset {args.preset}: {model.num_params() / 1e6:.1f}M parameters, {cfg.n_layers} layers, "
         f"heads {cfg.n_heads}/{cfg.n_kv_heads}, head_dim {cfg.resolved_head_dim}; batch {args.seqs} x {seq_len} "
         f"= {args.seqs * seq_len} tokens; device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    if not args.json:
+        print(description)
     t_forward = best_of(forward, args.repeats)
     t_capture = best_of(capture, args.repeats)
     t_extract = best_of(lambda: spectra_for_checkpoint(ckpt, ids, device=args.device), args.repeats)
+    if args.json:
+        result = {
+            "preset": args.preset,
+            "device": args.device,
+            "seqs": args.seqs,
+            "seq_len": seq_len,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "forward_s": t_forward,
+            "capture_s": t_capture,
+            "extract_s": t_extract,
+            "ratio": t_extract / t_forward,
+            "svd_routes": svd_routes(model, ids, args.repeats, verbose=False),
+        }
+        print(json.dumps(result))
+        return
     print(f"forward pass (full model, LM head): {t_forward:8.3f} s")
     print(f"capture only (no SVD):              {t_capture:8.3f} s")
     print(f"extraction per checkpoint:          {t_extract:8.3f} s")

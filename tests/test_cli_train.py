@@ -47,8 +47,8 @@ def trained(tmp_path_factory, tiny_args) -> tuple[Path, LLM]:
     built: list[LLM] = []
 
     class CapturedLLM(LLM):
-        def __init__(self, cfg):
-            super().__init__(cfg)
+        def __init__(self, cfg, **kwargs):
+            super().__init__(cfg, **kwargs)
             built.append(self)
 
     mp = pytest.MonkeyPatch()

@@ -130,12 +130,24 @@ def test_malformed_overrides():
         ("optim.warmup_frac=1.0", "optim.warmup_frac"),
         ("train.batch_size=0", "train.batch_size"),
         ("train.milestones=list", "train.milestone_tokens"),
+        ("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens"),
+        ("train.sdpa_backend=fastest", "train.sdpa_backend"),
+        ("optim.muon_impl=fast", "optim.muon_impl"),
+        ("optim.muon_coefficients=cubic", "optim.muon_coefficients"),
     ],
 )
 def test_invalid_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", [override])
     assert key in str(info.value)
+
+
+def test_polar_express_needs_the_batched_muon_and_five_steps():
+    assert load_config("tiny", ["optim.muon_coefficients=polar_express"]).optim.muon_impl == "batched"
+    with pytest.raises(ConfigError, match="muon_impl='batched'"):
+        load_config("tiny", ["optim.muon_coefficients=polar_express", "optim.muon_impl=torch"])
+    with pytest.raises(ConfigError, match="5 steps; optim.muon_ns_steps is 4"):
+        load_config("tiny", ["optim.muon_coefficients=polar_express", "optim.muon_ns_steps=4"])
 
 
 def test_wsd_warmup_and_decay_must_fit():

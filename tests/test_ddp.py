@@ -23,10 +23,10 @@ pytestmark = [
 ]
 
 
-def overrides(vocab: int, batch_size: int, optim: str = "muon") -> list[str]:
+def overrides(vocab: int, batch_size: int, optim: str = "muon", impl: str = "batched") -> list[str]:
     return tiny_overrides(
         vocab,
-        optim={"name": optim},
+        optim={"name": optim, "muon_impl": impl},
         tokens=1280,  # 5 steps of 2 x 4 x 32 (world size 2) or 1 x 8 x 32 tokens
         batch_size=batch_size,
         grad_accum=1,
@@ -65,8 +65,8 @@ def torchrun(n_procs: int, data_dir: Path, out: Path, sets: list[str], timeout: 
 
 
 # Tolerances per optimizer, measured: two ranks reduce gradients in another order than one process, which
-# changes float32 sums by about 1e-7. AdamW keeps that size (1e-7 over five steps). torch.optim.Muon
-# orthogonalises in bfloat16 (torch/optim/_muon.py), so such a difference can flip a bfloat16 rounding and
+# changes float32 sums by about 1e-7. AdamW keeps that size (1e-7 over five steps). Muon (both
+# implementations) orthogonalises in bfloat16 (torch/optim/_muon.py, trainer/muon.py), so such a difference can flip a bfloat16 rounding and
 # grow to about 1e-4 in the grad norms within five steps, depending on the corpus. The AdamW case is the
 # strict check of the data-parallel arithmetic; the Muon case checks that Muon under DDP follows the same
 # trajectory to bfloat16 precision.
@@ -77,17 +77,17 @@ TOLERANCES = {
 }
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
+@pytest.mark.parametrize(("optim", "impl"), [("adamw", "batched"), ("muon", "batched"), ("muon", "torch")])
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, tiny_data_dir, tiny_vocab, optim
+    tmp_path, tiny_data_dir, tiny_vocab, optim, impl
 ):
     data_dir, vocab, tol = tiny_data_dir, tiny_vocab, TOLERANCES[optim]
     ddp_out = tmp_path / "ddp"
-    torchrun(2, data_dir, ddp_out, overrides(vocab, batch_size=4, optim=optim), timeout=180)
+    torchrun(2, data_dir, ddp_out, overrides(vocab, batch_size=4, optim=optim, impl=impl), timeout=180)
 
     single_out = tmp_path / "single"
     train(
-        load_config("tiny", [*overrides(vocab, batch_size=8, optim=optim), "name='ddp'"]),
+        load_config("tiny", [*overrides(vocab, batch_size=8, optim=optim, impl=impl), "name='ddp'"]),
         data_dir,
         single_out,
         progress=False,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import trainer.checkpoint as checkpoint_mod
 from trainer.checkpoint import list_checkpoints
-from trainer.config import load_config
+from trainer.config import RunConfig, load_config
 from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.optim import Optimizers
@@ -72,10 +72,26 @@ def _final_weights(run: Path) -> dict[str, bytes]:
     return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items()}
 
 
-def small_model_and_optim(name: str = "muon") -> tuple[LLM, Optimizers]:
-    cfg = load_config(
-        "tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", f"optim.name={name}"]
-    )
+@pytest.fixture(scope="module", params=["batched", "torch"])
+def impl_overrides(request, overrides) -> list[str]:
+    """The resume run under each Muon implementation (``optim.muon_impl``)."""
+    return [*overrides, f"optim.muon_impl={request.param}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_impl(tmp_path_factory, tiny_data_dir, impl_overrides, one_thread) -> Path:
+    out = tmp_path_factory.mktemp("ref-impl") / "run"
+    train(load_config("tiny", impl_overrides), tiny_data_dir, out, progress=False)
+    return out
+
+
+def small_config(name: str = "muon", impl: str = "batched") -> RunConfig:
+    sets = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", f"optim.name={name}"]
+    return load_config("tiny", [*sets, f"optim.muon_impl={impl}"])
+
+
+def small_model_and_optim(name: str = "muon", impl: str = "batched") -> tuple[LLM, Optimizers]:
+    cfg = small_config(name, impl)
     torch.manual_seed(0)
     model = LLM(cfg.model)
     opt = Optimizers(model, cfg.optim, total_steps=10, device_type="cpu")
@@ -113,21 +129,19 @@ def test_flatten_round_trip_of_nested_state():
         flatten_state({"x": object()})
 
 
-@pytest.mark.parametrize("name", ["muon", "adamw"])
-def test_optimizer_state_round_trip_continues_identically(tmp_path, name):
-    model, opt = small_model_and_optim(name)
+@pytest.mark.parametrize(("name", "impl"), [("muon", "batched"), ("muon", "torch"), ("adamw", "batched")])
+def test_optimizer_state_round_trip_continues_identically(tmp_path, name, impl):
+    model, opt = small_model_and_optim(name, impl)
     for s in range(3):
         take_step(model, opt, s)
-    cfg = load_config(
-        "tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1", f"optim.name={name}"]
-    )
+    cfg = small_config(name, impl)
     save_resume_state(
         tmp_path, step=3, tokens=48, cfg=cfg, world_size=1, model=model, optimizers=opt, metrics={"k": [1.5]}
     )
     state = load_resume_state(tmp_path, cfg, world_size=1)
     assert state.step == 3 and state.tokens == 48 and state.metrics == {"k": [1.5]}
 
-    model2, opt2 = small_model_and_optim(name)
+    model2, opt2 = small_model_and_optim(name, impl)
     state.restore(model2, opt2)
     for s in range(3, 6):
         take_step(model, opt, s)
@@ -225,7 +239,7 @@ LAUNCHER = textwrap.dedent(
     torch.set_num_threads(1)
     import trainer.resume as resume_mod
     import trainer.train as train_mod
-    from trainer.config import load_config
+    from trainer.config import RunConfig, load_config
 
     data_dir, out, kill_at, *overrides = sys.argv[1:]
     kind, where = kill_at.split(":")
@@ -272,8 +286,9 @@ def run_until_killed(tmp_path: Path, data_dir: Path, out: Path, kill_at: str, ov
     ],
 )
 def test_kill_then_resume_is_bit_identical(
-    tmp_path, tiny_data_dir, overrides, uninterrupted, kill_at, resumed_from
+    tmp_path, tiny_data_dir, impl_overrides, uninterrupted_impl, kill_at, resumed_from
 ):
+    overrides, uninterrupted = impl_overrides, uninterrupted_impl
     out = tmp_path / "run"
     run_until_killed(tmp_path, tiny_data_dir, out, kill_at, overrides)
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # SIGKILL: no chance to record

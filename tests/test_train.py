@@ -353,8 +353,42 @@ def test_non_finite_loss_stops_at_once(tmp_path, tiny_data_dir, tiny_vocab, monk
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
 
 
+def test_a_deferred_check_finds_the_bad_step_before_anything_is_written(
+    tmp_path, tiny_data_dir, tiny_vocab, monkeypatch
+):
+    """The CUDA way, run on the CPU: the 4th update's loss is NaN but is read only at step 5 (a log step); the
+    error names step 4, the run ends at step 3, and no checkpoint, resume state or metrics line follows it."""
+    calls = {"n": 0}
+    forward = LLM.forward
+
+    def poisoned(self, idx, targets=None):
+        out = forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                return out * math.nan
+        return out
+
+    class DeferredStepper(train_mod.Stepper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, deferred=True)
+
+    monkeypatch.setattr(LLM, "forward", poisoned)
+    monkeypatch.setattr(train_mod, "Stepper", DeferredStepper)
+    cfg = tiny_config(tiny_vocab, milestones="list", milestone_tokens=[256], log_every=5, resume_every=100)
+    out = tmp_path / "nan"
+    with pytest.raises(DivergedError, match=r"non-finite loss at step 4 \(after 384 tokens\)"):
+        train(cfg, tiny_data_dir, out, progress=False)
+    assert calls["n"] == 5  # update 5 ran before the read found update 4
+    assert [t for t, _ in list_checkpoints(out / "checkpoints")] == [0, 256]
+    assert [p.name for p in (out / "resume").iterdir()] == ["step_00000002"]  # the checkpoint's state
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "diverged" and run["final_step"] == 3
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 2]  # val lines; no train line yet
+
+
 def test_non_finite_gradient_norm_also_stops(tmp_path, tiny_data_dir, tiny_vocab, monkeypatch):
-    norms = iter([1.0, math.inf])
+    norms = iter(torch.tensor([1.0, math.inf]))  # clip_grad_norm returns a 0-d tensor
     monkeypatch.setattr(train_mod, "clip_grad_norm", lambda model, max_norm: next(norms))
     with pytest.raises(DivergedError, match="non-finite gradient norm at step 2.*grad_norm=inf"):
         train(tiny_config(tiny_vocab), tiny_data_dir, tmp_path / "inf", progress=False)

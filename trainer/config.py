@@ -29,6 +29,9 @@ MLPKind = Literal["relu2", "swiglu"]
 OptimName = Literal["muon", "adamw"]
 Schedule = Literal["constant", "cosine", "wsd"]
 Milestones = Literal["plan", "log", "list"]
+MuonImpl = Literal["torch", "batched"]
+MuonCoefficients = Literal["quintic", "polar_express"]
+SDPABackend = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
 
 
 class ConfigError(TrainerError, ValueError):
@@ -114,6 +117,13 @@ class OptimConfig:
     """Newton-Schulz orthogonalisation steps in Muon."""
     muon_weight_decay: float = 0.0
     """Decoupled weight decay of the Muon group."""
+    muon_impl: MuonImpl = "batched"
+    """``torch``: ``torch.optim.Muon``, one matrix at a time; ``batched``: ``trainer.muon.BatchedMuon``, the same
+    update with one stacked (on CUDA compiled) Newton-Schulz per matrix shape."""
+    muon_coefficients: MuonCoefficients = "quintic"
+    """Newton-Schulz coefficients: ``quintic`` (Keller Jordan's, torch.optim.Muon's, at every step) or
+    ``polar_express`` (Amsel et al. 2025, one set per step as in modded-nanogpt; ``batched`` only, 5 steps).
+    It changes the optimizer being studied, so it is recorded with the run like every field."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices and embeddings."""
     norm_weight_decay: float = 0.0
@@ -142,6 +152,17 @@ class OptimConfig:
             raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 0 <= self.muon_ns_steps < 100:  # torch.optim.Muon refuses 100 or more
             raise ConfigError(f"optim.muon_ns_steps must be in [0, 100), got {self.muon_ns_steps}")
+        if self.muon_coefficients == "polar_express":
+            if self.muon_impl != "batched":
+                raise ConfigError(
+                    "optim.muon_coefficients='polar_express' needs optim.muon_impl='batched' "
+                    "(torch.optim.Muon takes one coefficient triple for every step)"
+                )
+            if self.muon_ns_steps != 5:
+                raise ConfigError(
+                    f"optim.muon_coefficients='polar_express' is a set of 5 steps; optim.muon_ns_steps is "
+                    f"{self.muon_ns_steps}"
+                )
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
         if self.eps <= 0:
@@ -173,7 +194,13 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU."""
     compile: bool = False
-    """Wrap the model in ``torch.compile``."""
+    """Wrap the model, its loss included, in ``torch.compile``."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the LM head and cross-entropy (``trainer.model.linear_cross_entropy``): the float32 logits of at most this
+    many tokens exist at once; 0 computes the logits of the whole micro-batch at once (the plain loss)."""
+    sdpa_backend: SDPABackend = "auto"
+    """Attention kernel: ``auto`` tries cuDNN, then flash, then memory-efficient, then math; ``default`` leaves
+    the choice to torch; ``cudnn``, ``flash``, ``efficient`` or ``math`` allow only that kernel."""
     milestones: Milestones = "plan"
     """Checkpoint schedule: the plan's (0, 0.5M, 1M, 2M, 4M, 8M, 12M, 16M, 20M, 25M scaled to ``tokens``),
     ``log`` (``n_log_milestones`` log-spaced points), or ``list`` (``milestone_tokens``)."""
@@ -212,6 +239,10 @@ class RunConfig:
         for name in ("tokens", "batch_size", "seq_len", "grad_accum", "log_every", "resume_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.loss_chunk_tokens < 0:
+            raise ConfigError(
+                f"train.loss_chunk_tokens must be non-negative (0: no chunks), got {t.loss_chunk_tokens}"
+            )
         if t.milestones == "list" and not t.milestone_tokens:
             raise ConfigError("train.milestones='list' needs train.milestone_tokens")
         if any(m < 0 for m in t.milestone_tokens):

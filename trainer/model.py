@@ -9,6 +9,9 @@ Read-out points used by the offline spectra code (by module name, through forwar
 - ``blocks.{i}.attn.rotary``: called as ``rotary(q, k)`` on (B, H, T, D) tensors, returns the rotated pair
 
 The attention order is: project -> QK-norm -> RoPE -> scaled_dot_product_attention.
+
+``model(idx, targets)`` computes the loss with :func:`linear_cross_entropy`, at the end of this file:
+the LM head and the cross-entropy, optionally a chunk of tokens at a time.
 """
 
 from __future__ import annotations
@@ -113,10 +116,17 @@ class Block(nn.Module):
 
 
 class LLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The decoder. ``loss_chunk_tokens`` is how ``model(idx, targets)`` computes its loss, not part of the
+    architecture: 0 materialises the (B, T, V) logits, N > 0 runs the LM head and the cross-entropy N tokens
+    at a time (:func:`linear_cross_entropy`; the same value to float rounding)."""
+
+    def __init__(self, cfg: ModelConfig, *, loss_chunk_tokens: int = 0):
         super().__init__()
         cfg.validate()
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be non-negative, got {loss_chunk_tokens}")
         self.cfg = cfg
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -140,11 +150,12 @@ class LLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)  # (B, T, V)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V, C)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            return F.linear(x, weight)  # (B, T, V)
+        return linear_cross_entropy(
+            x.view(-1, x.size(-1)), weight, targets.reshape(-1), self.loss_chunk_tokens
+        )
 
     def num_params(self) -> int:
         """Distinct parameters (a tied LM head counted once)."""
@@ -162,3 +173,128 @@ def count_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     mlp = cfg.d_model * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
     n_matmul = cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
     return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * D * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------
+# The LM head and the loss, a chunk of tokens at a time (``model(idx, targets)`` with loss_chunk_tokens > 0).
+#
+# At the 88M preset's batch of 32 x 2048 tokens and vocabulary 49,152 the logits are 3.2e9 numbers: 6.4 GB in
+# bfloat16 and 12.9 GB more for the float32 copy the loss reads; on one H100 the head with its loss took 66 ms
+# eager and 22 ms compiled (issue 9). The libraries that fuse it (Liger Kernel's fused linear cross-entropy,
+# Apple's Cut Cross-Entropy) are Triton kernels for CUDA only; the tests run on the CPU, so this is plain
+# torch, which torch.compile fuses on either device, in the model's own graph. It lives in this file because
+# it is what ``model(idx, targets)`` computes, and spectra may import the model file and nothing else.
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would multiply in: the autocast dtype when autocast is on, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _chunked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    grad_x: bool,
+    grad_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Summed loss over all rows and, if asked, the gradients of the *mean* loss."""
+    n = x.shape[0]
+    dtype = _compute_dtype(x)
+    xc, wc = x.to(dtype), weight.to(dtype)  # (N, C), (V, C): cast once, not per chunk
+    loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if grad_x else None  # (N, C)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None  # (V, C)
+    for start in range(0, n, chunk_tokens):
+        xs, ts = xc[start : start + chunk_tokens], targets[start : start + chunk_tokens]  # (n, C), (n,)
+        logits = (xs @ wc.mT).float()  # (n, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        loss_sum = loss_sum + (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
+        if dx is None and dw is None:
+            continue
+        # in place: the float32 logits are the largest tensor here and are not needed any more
+        dz = logits.sub_(lse[:, None]).exp_()  # softmax (n, V)
+        dz.scatter_add_(1, ts[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot target
+        dz = dz.div_(n).to(dtype)
+        if dx is not None:
+            dx[start : start + chunk_tokens] = (dz @ wc).to(x.dtype)
+        if dw is not None:
+            dw = dw + (dz.mT @ xs).float()
+    return loss_sum, dx, dw
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ weight.T`` with gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_sum, dx, dw = _chunked(x, weight, targets, chunk_tokens, grad_x=need_x, grad_w=need_w)
+        ctx.save_for_backward(
+            dx if dx is not None else x.new_empty(0),
+            dw.to(weight.dtype) if dw is not None else weight.new_empty(0),
+        )
+        ctx.need = (need_x, need_w)
+        return loss_sum / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        dx, dw = ctx.saved_tensors
+        need_x, need_w = ctx.need
+        return (dx * grad_loss if need_x else None, dw * grad_loss if need_w else None, None, None)
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token) of the logits ``x @ weight.T``, ``chunk_tokens`` rows at a time.
+
+    For rows ``x_i`` (C,) with targets ``t_i`` and logits ``z_i = W x_i`` (V,)::
+
+        loss       = (1/N) sum_i [logsumexp(z_i) - z_i[t_i]]
+        dloss/dz_i = (softmax(z_i) - onehot(t_i)) / N
+        dloss/dx_i = W^T dloss/dz_i          dloss/dW = sum_i dloss/dz_i x_i^T
+
+    With ``chunk_tokens > 0`` and gradients needed, all of them are computed in the forward pass, chunk
+    by chunk, and only ``dloss/dx`` (N, C) and ``dloss/dW`` (V, C) are kept; the backward pass scales
+    them by the incoming gradient (the scheme of Liger Kernel's fused linear cross-entropy). So at most
+    one chunk's logits exist at a time and nothing is recomputed. Precision follows ``F.linear`` then
+    ``F.cross_entropy(logits.float())``: matmuls in the autocast dtype when autocast is on, log-sum-exp
+    and softmax in float32, ``dloss/dW`` summed over the chunks in float32.
+
+    Parameters
+    ----------
+    x
+        Final hidden states (N, C).
+    weight
+        LM-head weight (V, C) (the token embedding when tied).
+    targets
+        Target ids (N,), int64.
+    chunk_tokens
+        Rows per chunk; 0 computes the whole ``(N, V)`` logits at once, exactly
+        ``F.cross_entropy(F.linear(x, weight).float(), targets)``.
+
+    Returns
+    -------
+    torch.Tensor
+        0-d float32 loss. With ``chunk_tokens > 0`` and gradients needed, its backward pass returns
+        the gradients computed in the forward pass (see :func:`linear_cross_entropy`); under ``no_grad`` only
+        the loss is computed.
+
+    Examples
+    --------
+    >>> x, w, t = torch.randn(10, 4), torch.randn(7, 4), torch.randint(0, 7, (10,))
+    >>> plain = linear_cross_entropy(x, w, t)
+    >>> bool(torch.allclose(linear_cross_entropy(x, w, t, chunk_tokens=3), plain))
+    True
+    """
+    if chunk_tokens <= 0:
+        return F.cross_entropy(F.linear(x, weight).float(), targets)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_tokens)
+    loss_sum, _, _ = _chunked(x, weight, targets, chunk_tokens, grad_x=False, grad_w=False)
+    return loss_sum / x.shape[0]

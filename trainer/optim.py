@@ -5,7 +5,8 @@ The maths lives in plain functions (:func:`param_groups`, :func:`lr_multiplier`,
 ``torch.optim.Muon`` and ``torch.optim.AdamW`` that the training loop treats as one optimizer.
 
 ``optim.name = "muon"``
-    ``torch.optim.Muon`` on every 2-D hidden matrix (each ``nn.Linear`` weight inside the blocks:
+    Muon (``optim.muon_impl``: ``torch.optim.Muon``, or :class:`trainer.muon.BatchedMuon`, the same
+    update batched over matrices of one shape) on every 2-D hidden matrix (each ``nn.Linear`` weight inside the blocks:
     q/k/v/o projections, MLP up/gate/down) at ``optim.muon_lr``; AdamW at ``optim.lr`` on the token
     embedding and an untied LM head (weight decay ``optim.weight_decay``) and on every norm gain,
     QK-norm gamma included (weight decay ``optim.norm_weight_decay``).
@@ -38,6 +39,7 @@ from torch import nn
 
 from trainer.config import ConfigError, OptimConfig
 from trainer.errors import TrainerError
+from trainer.muon import BatchedMuon
 
 MUON_ADJUST_LR_FN = "original"
 """``adjust_lr_fn`` passed to ``torch.optim.Muon`` (see the module docstring for why)."""
@@ -179,20 +181,44 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}")
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global L2 norm of the gradients to ``max_norm`` and return the norm before clipping.
 
     ``max_norm = 0`` disables clipping but still measures the norm (the loop logs it). Parameters
-    without a gradient are skipped. Returns a Python float, which synchronises with the device.
+    without a gradient are skipped. Returns a 0-d float32 tensor on the gradients' device, without
+    synchronising with it: the training loop reads it only at its log steps.
     """
     if max_norm < 0:
         raise ValueError(f"max_norm must be non-negative, got {max_norm}")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros((), device=next(model.parameters(), torch.zeros(())).device)
     if max_norm == 0:
-        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=2.0))
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=2.0)
+
+
+def _muon(
+    params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, device_type: str
+) -> torch.optim.Optimizer:
+    """The Muon optimizer of ``optim.muon_impl`` over the hidden matrices (one group named ``muon``)."""
+    group = {"params": params, "name": "muon", "base_lr": cfg.muon_lr}
+    common = dict(
+        lr=cfg.muon_lr,
+        weight_decay=cfg.muon_weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=cfg.muon_nesterov,
+        ns_steps=cfg.muon_ns_steps,
+        adjust_lr_fn=MUON_ADJUST_LR_FN,
+    )
+    if cfg.muon_impl == "torch":
+        return torch.optim.Muon([group], **common)
+    if cfg.muon_impl == "batched":
+        # compiled on CUDA, where fewer, fused kernels are the point (issue 9's 65 ms -> 5 ms); on the CPU
+        # the step is matmul-bound and a compilation per shape costs seconds (benchmarks/bench_muon.py)
+        compile_ns = device_type == "cuda"
+        return BatchedMuon([group], **common, coefficients=cfg.muon_coefficients, compile=compile_ns)
+    raise ConfigError(f"optim.muon_impl: unknown implementation {cfg.muon_impl!r}")
 
 
 class Optimizers:
@@ -208,7 +234,8 @@ class Optimizers:
     total_steps
         Optimizer steps in the run, for the schedule.
     device_type
-        ``"cuda"`` selects fused AdamW; anything else the multi-tensor (foreach) implementation.
+        ``"cuda"`` selects fused AdamW and the compiled Newton-Schulz of the batched Muon; anything else
+        the multi-tensor (foreach) AdamW and the eager batched Muon.
 
     Notes
     -----
@@ -223,7 +250,7 @@ class Optimizers:
     >>> model = LLM(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64))
     >>> opt = Optimizers(model, OptimConfig(name="muon", lr=1e-3, muon_lr=0.02), total_steps=10, device_type="cpu")
     >>> [type(o).__name__ for o in opt.optimizers]
-    ['Muon', 'AdamW']
+    ['BatchedMuon', 'AdamW']
     >>> opt.set_lr(0)
     {'muon': 0.02, 'adamw_decay': 0.001, 'adamw_no_decay': 0.001}
     """
@@ -237,18 +264,7 @@ class Optimizers:
         groups = param_groups(model, cfg)
         self.optimizers: list[torch.optim.Optimizer] = []
         if groups.get("muon"):
-            muon_group = {"params": groups["muon"], "name": "muon", "base_lr": cfg.muon_lr}
-            self.optimizers.append(
-                torch.optim.Muon(
-                    [muon_group],
-                    lr=cfg.muon_lr,
-                    weight_decay=cfg.muon_weight_decay,
-                    momentum=cfg.muon_momentum,
-                    nesterov=cfg.muon_nesterov,
-                    ns_steps=cfg.muon_ns_steps,
-                    adjust_lr_fn=MUON_ADJUST_LR_FN,
-                )
-            )
+            self.optimizers.append(_muon(groups["muon"], cfg, device_type))
         adamw_groups = [
             {
                 "params": groups["adamw_decay"],

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import atomic_write_text, checkpoint_name, list_checkpoints, save_checkpoint
 from trainer.config import RunConfig
-from trainer.data import TokenDataset, batch_at, fixed_batches
+from trainer.data import TokenDataset, fixed_batches
 from trainer.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -68,6 +68,7 @@ from trainer.rundir import (
     plan_start,
     prepare_run_dir,
 )
+from trainer.step import BatchPrefetcher, sdpa_context
 
 PLAN_MILESTONES = (Fraction(0), Fraction(1, 2), 1, 2, 4, 8, 12, 16, 20, 25)
 """The plan's checkpoints (0, 0.5M, 1M, 2M, 4M, 8M, 12M, 16M, 20M, 25M tokens) in 25ths of the budget."""
@@ -503,11 +504,18 @@ class Stepper:
         The run's :class:`~trainer.optim.Optimizers`.
     tokens
         The train split; micro-batch ``m`` of step ``s`` is ``batch_at(tokens, seed, s, m, ...)``,
-        this rank's slice of the global batch.
+        this rank's slice of the global batch, prefetched by a :class:`~trainer.step.BatchPrefetcher`.
     cfg
         The run config (batch shape, accumulation, seed, clipping).
     device, autocast, info
         Where, in which precision, and as which rank the step runs.
+    deferred
+        Leave each step's loss and gradient norm on the device until :meth:`results` reads them
+        (default: on CUDA). Then a step only queues work and the host never waits for the device
+        except when the loop reads; a non-finite step is still applied, and found at the next read,
+        before anything is written. Not deferred (the CPU), each step is read at once and a non-finite
+        step is not applied. Whatever writes a checkpoint or resume state must read (and check) the
+        steps before it first, as the loop does at its log, checkpoint and resume steps.
     """
 
     def __init__(
@@ -521,63 +529,86 @@ class Stepper:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager],
         info: DistInfo,
+        deferred: bool | None = None,
     ):
-        self.model, self.train_model, self.optimizers, self.tokens = model, train_model, optimizers, tokens
+        self.model, self.train_model, self.optimizers = model, train_model, optimizers
         self.cfg, self.device, self.autocast, self.info = cfg, device, autocast, info
+        self.batches = BatchPrefetcher(tokens, cfg.train, info, device)
+        self.deferred = device.type == "cuda" if deferred is None else deferred
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (steps done, loss, grad norm)
 
-    def __call__(self, step: int) -> tuple[float, float, dict[str, float]]:
-        """Take update ``step`` (0-based); return (mean loss over the global batch, pre-clip gradient
-        norm, learning rate per group). The weights are not updated when either number is not finite."""
+    def __call__(self, step: int) -> dict[str, float]:
+        """Take update ``step`` (0-based) and return the learning rate of each group; its loss and
+        pre-clip gradient norm (the loss is the mean over the global batch) wait for :meth:`results`."""
         t = self.cfg.train
         lrs = self.optimizers.set_lr(step)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
-            x, y = batch_at(
-                self.tokens,
-                seed=t.seed,
-                step=step,
-                micro=micro,
-                batch_size=t.batch_size,
-                seq_len=t.seq_len,
-                rank=self.info.rank,
-                world_size=self.info.world_size,
-            )
-            x, y = _to_device(x, self.device), _to_device(y, self.device)  # (B, T) each
+            x, y = self.batches.get(step, micro)  # (B, T) each
             # DDP all-reduces the gradients in the backward of the last micro-batch only
             last = micro == t.grad_accum - 1
             with contextlib.nullcontext() if last or not self.info.enabled else self.train_model.no_sync():
                 with self.autocast():
                     loss = self.train_model(x, y)
                 (loss / t.grad_accum).backward()
+            self.batches.prefetch(step, micro)  # host work while the device runs the queued kernels
             loss_sum += loss.detach()
         loss_mean = all_reduce_mean(loss_sum / t.grad_accum, self.info)
-        grad_norm = clip_grad_norm(
-            self.model, self.cfg.optim.grad_clip
-        )  # a float: synchronises with the device
-        loss_value = loss_mean.item()
-        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)  # a device tensor: no sync
+        if self.deferred or bool(torch.isfinite(torch.stack((loss_mean, grad_norm))).all()):
             self.optimizers.step()
         self.optimizers.zero_grad()
-        return loss_value, grad_norm, lrs
+        self._pending.append((step + 1, loss_mean, grad_norm))
+        return lrs
+
+    def results(self, read: bool = True) -> list[tuple[int, float, float]]:
+        """``(steps completed, loss, gradient norm)`` of every step since the last read, oldest first.
+
+        Reading synchronises with the device once for all of them. When deferred and ``read`` is false,
+        nothing is read and the list is empty; not deferred, every call reads.
+        """
+        if (self.deferred and not read) or not self._pending:
+            return []
+        values = torch.stack(
+            [torch.stack((loss, norm)) for _, loss, norm in self._pending]
+        ).tolist()  # (S, 2)
+        done = [d for d, _, _ in self._pending]
+        self._pending.clear()
+        return [(d, loss, norm) for d, (loss, norm) in zip(done, values)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Device, precision, run directory
 
 
-def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A zero-argument context-manager factory for the forward passes.
+def autocast_factory(
+    device: torch.device, dtype: str, sdpa_backend: str = "default"
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument factory of the forward passes' context: precision and attention kernels.
 
-    ``auto`` is bfloat16 autocast on CUDA and plain float32 on the CPU; parameters and optimizer
-    state stay float32 either way (autocast only lowers the matmul inputs).
+    ``dtype`` ``auto`` is bfloat16 autocast on CUDA and plain float32 on the CPU; parameters and
+    optimizer state stay float32 either way (autocast only lowers the matmul inputs).
+    ``sdpa_backend`` is ``train.sdpa_backend`` (:func:`trainer.step.sdpa_context`); ``default`` adds
+    no context.
     """
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     if dtype == "float32":
-        return contextlib.nullcontext
-    if dtype == "bfloat16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise TrainerError(f"train.dtype={dtype!r}: expected auto, float32 or bfloat16")
+        precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    elif dtype == "bfloat16":
+        precision = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        raise TrainerError(f"train.dtype={dtype!r}: expected auto, float32 or bfloat16")
+    kernels = sdpa_context(sdpa_backend, device)
+    if kernels is contextlib.nullcontext:
+        return precision
+
+    @contextlib.contextmanager
+    def forward_context() -> Iterator[None]:
+        with precision(), kernels():
+            yield
+
+    return forward_context
 
 
 def _dataset_description(ds: TokenDataset) -> dict[str, Any]:
@@ -600,12 +631,6 @@ def _status_of(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt | TrainingInterrupted):
         return "interrupted"
     return "failed"
-
-
-def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -815,7 +840,7 @@ def _loop(
 ) -> None:
     t = cfg.train
     milestones = milestone_steps(cfg, step_tokens, total_steps)
-    autocast = autocast_factory(device, t.dtype)
+    autocast = autocast_factory(device, t.dtype, t.sdpa_backend)
     validator = Validator(
         ds.split("val"),
         t.val_tokens,
@@ -832,7 +857,7 @@ def _loop(
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)  # noqa: NPY002
     random.seed(t.seed)
-    model = LLM(cfg.model).to(device)
+    model = LLM(cfg.model, loss_chunk_tokens=t.loss_chunk_tokens).to(device)
     optimizers = Optimizers(model, cfg.optim, total_steps, device.type)
     window = LossWindow(t.log_every)
     start_step = 0
@@ -952,17 +977,26 @@ def _loop(
             model.train()
             while step < total_steps:
                 t0 = time.perf_counter()
-                loss_value, grad_norm, lrs = step_once(step)
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    last = checkpointer.latest(max_step=step)
-                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                    raise DivergedError(
-                        f"non-finite {what} at step {step + 1} (after {step * step_tokens} tokens): "
-                        f"loss={loss_value}, grad_norm={grad_norm}; stopped without writing this state; "
-                        f"last good checkpoint: {last if last else 'none'}"
-                    )
+                lrs = step_once(step)
                 step += 1
-                window.add(loss_value)
+                # the device's numbers are read (one sync) only where the loop logs or writes a state
+                sync = (
+                    step % t.log_every == 0
+                    or step % t.resume_every == 0
+                    or checkpointer.due(step)
+                    or stop.signum is not None
+                )
+                for done, loss_value, grad_norm in step_once.results(read=sync or step == total_steps):
+                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                        step = done - 1  # the last good state; nothing after it is written
+                        last = checkpointer.latest(max_step=step)
+                        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                        raise DivergedError(
+                            f"non-finite {what} at step {done} (after {step * step_tokens} tokens): "
+                            f"loss={loss_value}, grad_norm={grad_norm}; stopped without writing this state; "
+                            f"last good checkpoint: {last if last else 'none'}"
+                        )
+                    window.add(loss_value)
                 window_time += time.perf_counter() - t0
                 timed_steps += 1
                 bar.update(step_tokens)
