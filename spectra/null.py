@@ -183,7 +183,9 @@ def null_metric(
     values = metrics.compute(xr.DataArray(s, dims=("draw", "sv")), metric, **metric_kwargs).values
     values = values[~np.isnan(values)]
     if values.size < 2:
-        raise SpectraError(f"null baseline: {metric} is undefined for Gaussian {n_tokens} x {head_dim} matrices")
+        raise SpectraError(
+            f"null baseline: {metric} is undefined for Gaussian {n_tokens} x {head_dim} matrices"
+        )
     sd = float(values.std(ddof=1))
     return NullValue(
         metric=metric,
@@ -295,9 +297,7 @@ def fraction_of_null(
     >>> round(float(fraction_of_null(pr, ds)), 3)  # half of the 8 directions, but the null is 7.76
     0.515
     """
-    null = null_values(
-        ds, metric, var="k_sv", centering=centering, draws=draws, seed=seed, **metric_kwargs
-    )
+    null = null_values(ds, metric, var="k_sv", centering=centering, draws=draws, seed=seed, **metric_kwargs)
     out = values / null
     out.name = f"{metric}_fraction_of_null"
     out.attrs = {

@@ -63,7 +63,11 @@ def test_fewer_tokens_than_dimensions_pad_with_zeros() -> None:
 
 
 def test_bad_shapes_are_refused() -> None:
-    bad = ({"n_tokens": 0, "head_dim": 8}, {"n_tokens": 8, "head_dim": 2.5}, {"n_tokens": True, "head_dim": 8})
+    bad = (
+        {"n_tokens": 0, "head_dim": 8},
+        {"n_tokens": 8, "head_dim": 2.5},
+        {"n_tokens": True, "head_dim": 8},
+    )
     for kwargs in bad:
         with pytest.raises(SpectraError, match="positive integer"):
             null_spectra(**kwargs)
