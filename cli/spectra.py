@@ -4,6 +4,7 @@ its own module and makes one library call."""
 import click
 
 from cli.analysis import plot, report, surgery
+from cli.evals import eval_command, eval_tasks
 from cli.extract import extract
 from cli.metrics import metrics
 
@@ -19,6 +20,8 @@ main.add_command(metrics)
 main.add_command(surgery)
 main.add_command(plot)
 main.add_command(report)
+main.add_command(eval_command)
+main.add_command(eval_tasks)
 
 
 if __name__ == "__main__":

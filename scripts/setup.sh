@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install the project into it, idempotently.
 # torch is installed first and pinned, so that pip never resolves a multi-GB CUDA build for it.
-# Usage: source scripts/setup.sh [extra]   (extra: "dev" for the test tools)
+# Usage: source scripts/setup.sh [extras]   (comma-separated: "dev" for the test tools, "eval" for lm-eval;
+#        "dev,eval" for both, as scripts/test.sh does)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}

@@ -16,7 +16,7 @@ COMMANDS = [(prog, name) for prog, group in PROGRAMS.items() for name in group.c
 
 def test_both_programs_have_their_commands():
     assert set(train_main.commands) == {"prepare-data", "run", "presets"}
-    assert set(spectra_main.commands) == {"extract", "metrics", "surgery", "plot", "report"}
+    assert set(spectra_main.commands) == {"extract", "metrics", "surgery", "plot", "report", "eval", "eval-tasks"}
 
 
 @pytest.mark.parametrize(("prog", "name"), COMMANDS)
