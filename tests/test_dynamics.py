@@ -238,3 +238,17 @@ def test_a_run_with_too_few_checkpoints_gets_a_note_not_an_error() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(dynamics, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_metrics_tables_and_figures_take_a_dense_trajectory() -> None:
+    """`train.milestones = "plan+log"` gives 40-50 checkpoints: every consumer of the steps must take them."""
+    from spectra import plots
+    from spectra.metrics import summary_table
+
+    ds = stack([dense_cube("A1-s0", 0, (4.5, 5.5)), dense_cube("A1-s1", 1, (4.6, 5.4))])
+    assert ds.sizes["step"] == len(STEPS) == 47
+    table = summary_table(ds)
+    assert len(table) == 2 * 47 * (N_LAYERS + 1)
+    assert stats.checkpoint_table(ds)["step"].nunique() == 47
+    for figure in (plots.trajectory(ds), plots.heatmap(ds, run="A1-s0"), plots.pr_vs_loss(ds)):
+        assert figure.axes

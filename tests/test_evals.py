@@ -463,7 +463,7 @@ def test_dataset_tasks_are_held_out_seeded_and_scored(tmp_path: Path, tiny_data_
 
     written = write_dataset_tasks(tiny_data_dir, tmp_path / "a", n_docs=20, seed=1, min_words=5)
     assert sorted(written) == ["tiny_choice", "tiny_cloze"]
-    again = write_dataset_tasks(tiny_data_dir, tmp_path / "b", n_docs=20, seed=1, min_words=5)
+    write_dataset_tasks(tiny_data_dir, tmp_path / "b", n_docs=20, seed=1, min_words=5)
     for name in ("tiny_choice.test.jsonl", "tiny_cloze.validation.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()  # deterministic
     test_text = " ".join(" ".join(d.split()) for d in read_split_documents(tiny_data_dir, "test"))
