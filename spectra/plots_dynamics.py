@@ -99,21 +99,23 @@ def trajectory_with_breakpoints(
                 lax.plot(lt[lt > 0], lv[lt > 0], marker, color=palette[label], markersize=3.5, alpha=0.7)
                 if lfit is not None:
                     _draw_fit(lax, lfit, palette[label], shade_sudden=False, shade_plateaus=True)
-        ax.set_title(stats.describe_label(label), fontsize=9)
-        ax.set_ylabel(f"mean {_pr_label(convention)}" if series == "all" else f"layer {series} PR")
+        ax.set_title(stats.describe_label(label), fontsize=8)
         ax.legend(fontsize=7, loc="best")
         _log_tokens_axis(ax)
+        if col == 0:
+            what = "mean PR" if series == "all" else f"layer {series} PR"
+            ax.set_ylabel(f"{what} ({convention} convention)")
         if has_loss:
-            axes[1, col].set_ylabel(f"{loss.replace('_', ' ')} (nats/token)")
             _log_tokens_axis(axes[1, col])
+            if col == 0:
+                axes[1, col].set_ylabel(f"{loss.replace('_', ' ')} (nats/token)")
     scope = "over layers and heads" if series == "all" else f"layer {series}, over heads"
     _title(
         fig,
-        f"When does the {_ONE[which]} rank change? Breakpoints of the PR trajectory"
-        + (" and of the loss" if has_loss else ""),
+        f"When does the {_ONE[which]} rank change? Breakpoints in log tokens",
         _subtitle(which, site, centering, convention, f"mean {scope}"),
-        "lines: continuous piecewise-linear fits in log tokens (0-2 breakpoints, BIC) · dotted: breakpoints · "
-        "coloured band: sudden drop · grey band: loss plateau",
+        "lines: piecewise-linear fits (0-2 breakpoints, BIC) · dotted: breakpoints · coloured band: sudden drop"
+        + (" · grey band: loss plateau" if has_loss else ""),
     )
     return fig
 

@@ -139,7 +139,7 @@ def test_trajectory_figure_marks_breakpoints_and_plateaus(tmp_path: Path) -> Non
     ds = open_cubes([write_cube(tmp_path / c.attrs["run_name"] / "spectra.nc", c) for c in cubes])
     fig = trajectory_with_breakpoints(ds)
     top, bottom = fig.axes[0], fig.axes[1]
-    assert top.get_xscale() == "log" and "loss" in bottom.get_ylabel()
+    assert top.get_xscale() == "log" and "loss" in bottom.get_ylabel() and "mean PR" in top.get_ylabel()
     breakpoints = [line.get_xdata()[0] for line in top.get_lines() if line.get_linestyle() == ":"]
     assert sorted(np.round(np.log10(breakpoints), 1)) == [4.5, 4.7]
     assert len(bottom.patches) >= 2  # the loss plateaus, shaded
