@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The demo on the embedded offline default: prepare the Bible corpus (Basic English + King James mix),
-# train the `tiny` preset in the four configurations {muon, adamw} x {QK-norm learned, none}, extract the
-# Q/K spectra of every checkpoint, print the participation-ratio table, run pruning surgery on each final
-# checkpoint and write the report. Re-running it continues where it stopped (finished steps are skipped).
+# train the `tiny` preset in the four configurations {muon, adamw} x {QK-norm learned, none} with dense
+# checkpoints (plan+log, about 40, for phase detection), extract the Q/K spectra of every checkpoint, print
+# the participation-ratio table, run pruning surgery on each final checkpoint, score the final checkpoints on
+# local lm-eval tasks cut from the held-out test split, and write the report. Re-running it continues where
+# it stopped (finished steps are skipped).
 # Environment: DEMO_DIR (default demo), DEMO_TOKENS (training tokens per run, default the preset's).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/setup.sh
+source scripts/setup.sh eval   # lm-eval for the downstream evals
 DEMO_DIR=${DEMO_DIR:-demo}
 DATA="$DEMO_DIR/data/bible-mix"
 TOKENS_OPT=()
@@ -25,7 +27,8 @@ for optim in muon adamw; do
         resume=()
         if [ -d "$run" ]; then resume=(--resume); fi
         collapse-train run tiny --data "$DATA" --out "$run" "${TOKENS_OPT[@]}" \
-            --set optim.name="$optim" --set model.qk_norm="$qk" "${resume[@]}"
+            --set optim.name="$optim" --set model.qk_norm="$qk" \
+            --set train.milestones=plan+log --set train.n_log_milestones=48 "${resume[@]}"
         collapse-spectra extract "$run"
     done
 done
@@ -38,5 +41,12 @@ for run in "${runs[@]}"; do
         collapse-spectra surgery "$final" --data "$DATA" --seeds 3 --fractions 0,0.25,0.5,0.75 --test-tokens 16384
     fi
 done
+
+# downstream evals: a cloze and a four-way choice task from the held-out test split (near chance at this size)
+if [ ! -f "$DEMO_DIR/tasks/bible_mix_choice.yaml" ]; then
+    collapse-spectra eval-tasks "$DATA" -o "$DEMO_DIR/tasks"
+fi
+collapse-spectra eval "$DEMO_DIR/runs" --tasks bible_mix_cloze,bible_mix_choice \
+    --include-path "$DEMO_DIR/tasks" --num-fewshot bible_mix_choice=10
 
 collapse-spectra report "${runs[@]}" -o "$DEMO_DIR/report"
