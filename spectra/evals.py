@@ -355,14 +355,32 @@ def evaluate_checkpoint(
     fewshot = parse_num_fewshot(num_fewshot, tasks)
     include = [str(Path(p).resolve()) for p in include_path]
     manager = task_manager or task_manager_for(tasks, include)
+    groups = [t for t in tasks if t not in getattr(manager, "all_subtasks", tasks)]
+    if groups:
+        raise SpectraError(
+            f"{', '.join(groups)}: an lm-eval group or tag, not a task; name its tasks (records are per task)"
+        )
 
     dev = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev)
     tok, eot_id, tok_sha, directory = load_dataset_tokenizer(ckpt, data_dir)
     lm = CollapseLM(ckpt.model, tok, eot_id, batch_size=batch_size, device=dev)
-    checkpoint_sha = _sha256_file(ckpt.path)
-    versions = _versions(lm_eval.__version__)
 
+    context = {
+        "checkpoint": ckpt.path.name,
+        "step": ckpt.step,
+        "tokens": ckpt.tokens,
+        "checkpoint_sha256": _sha256_file(ckpt.path),
+        "limit": limit,
+        "lm_eval_version": lm_eval.__version__,
+        "versions": _versions(lm_eval.__version__),
+        "tokenizer_sha256": tok_sha,
+        "data_dir": str(directory.resolve()),
+        "device": str(dev),
+        "batch_size": batch_size,
+        "bootstrap_iters": bootstrap_iters,
+        "include_path": include,
+    }
     records = []
     for count in dict.fromkeys(fewshot.values()):  # one simple_evaluate per requested few-shot count
         group = [t for t in tasks if fewshot[t] == count]
@@ -381,48 +399,39 @@ def evaluate_checkpoint(
                 f"tasks {', '.join(group)}: the dataset could not be fetched ({e}); offline, evaluate local tasks "
                 "given with --include-path (see docs/evals.md)"
             ) from None
-        date = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        config = results.get("config", {})
-        for task in group:
-            task_config = results["configs"][task]
-            output_type = str(task_config.get("output_type"))
-            n = results["n-samples"][task]
-            records.append(
-                {
-                    "checkpoint": ckpt.path.name,
-                    "step": ckpt.step,
-                    "tokens": ckpt.tokens,
-                    "checkpoint_sha256": checkpoint_sha,
-                    "task": task,
-                    "task_version": results["versions"].get(task),
-                    "output_type": output_type,
-                    "task_config_sha256": hashlib.sha256(
-                        json.dumps(task_config, sort_keys=True, default=str).encode()
-                    ).hexdigest(),
-                    "num_fewshot": results["n-shot"].get(task),
-                    "requested_num_fewshot": count,
-                    "limit": limit,
-                    "n_samples": int(n["effective"]),
-                    "n_samples_original": int(n["original"]),
-                    "chance": _chance(results.get("samples", {}).get(task), output_type),
-                    "metrics": _metrics(
-                        results["results"][task], results.get("higher_is_better", {}).get(task, {})
-                    ),
-                    "lm_eval_version": lm_eval.__version__,
-                    "versions": versions,
-                    "tokenizer_sha256": tok_sha,
-                    "data_dir": str(directory.resolve()),
-                    "device": str(dev),
-                    "batch_size": batch_size,
-                    "bootstrap_iters": bootstrap_iters,
-                    "seeds": {
-                        k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")
-                    },
-                    "include_path": include,
-                    "date": date,
-                }
-            )
+        records += [_record(results, task, count, context) for task in group]
     return records
+
+
+def _record(
+    results: dict[str, Any], task: str, requested: int | None, context: dict[str, Any]
+) -> dict[str, Any]:
+    """One task's entry of ``evals.json`` from ``simple_evaluate``'s results (see spectra.evals_io)."""
+    task_config = results["configs"][task]
+    output_type = str(task_config.get("output_type"))
+    n = results["n-samples"][task]
+    config = results.get("config", {})
+    return {
+        **{k: context[k] for k in ("checkpoint", "step", "tokens", "checkpoint_sha256")},
+        "task": task,
+        "task_version": results["versions"].get(task),
+        "output_type": output_type,
+        "task_config_sha256": hashlib.sha256(
+            json.dumps(task_config, sort_keys=True, default=str).encode()
+        ).hexdigest(),
+        "num_fewshot": results["n-shot"].get(task),
+        "requested_num_fewshot": requested,
+        "limit": context["limit"],
+        "n_samples": int(n["effective"]),
+        "n_samples_original": int(n["original"]),
+        "chance": _chance(results.get("samples", {}).get(task), output_type),
+        "metrics": _metrics(results["results"][task], results.get("higher_is_better", {}).get(task, {})),
+        **{k: context[k] for k in ("lm_eval_version", "versions", "tokenizer_sha256", "data_dir", "device")},
+        **{k: context[k] for k in ("batch_size", "bootstrap_iters")},
+        "seeds": {k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
+        "include_path": context["include_path"],
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _run_name(run_dir: Path, checkpoints: Sequence[Path]) -> str:

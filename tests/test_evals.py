@@ -107,6 +107,7 @@ def tasks_dir(tmp_path_factory) -> Path:
         'output_type: generate_until\ndoc_to_text: "{{text}}"\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: exact_match",
     )
+    (directory / "tiny_group.yaml").write_text("group: tiny_group\ntask:\n  - tiny_mc\n  - tiny_cloze\n")
     return directory
 
 
@@ -399,6 +400,8 @@ def test_bad_requests_fail_with_one_line(
     final = sorted((eval_run / "checkpoints").iterdir())[-1]
     with pytest.raises(SpectraError, match="no such directory of task files"):
         evaluate_checkpoint(final, ["tiny_mc"], include_path=[tmp_path / "none"])
+    with pytest.raises(SpectraError, match="tiny_group: an lm-eval group or tag, not a task"):
+        evaluate_checkpoint(final, ["tiny_group"], include_path=[tasks_dir])
     with pytest.raises(SpectraError, match="limit"):
         evaluate_checkpoint(final, ["tiny_mc"], include_path=[tasks_dir], limit=0)
     other = tmp_path / "other-data"
