@@ -157,7 +157,7 @@ def pr_vs_score(points: pd.DataFrame, correlation: dict[str, Any] | None = None)
     ax.set_xlabel(f"mean key {_pr_label(convention)} at the final checkpoint")
     ax.set_ylabel(f"{task}: {metric}")
     handles, texts = ax.get_legend_handles_labels()
-    fig.legend(handles, texts, fontsize=8, loc="outside lower center", ncols=2)
+    fig.legend(handles, texts, fontsize=8, loc="outside lower center", ncols=1)
     corr = ""
     if correlation is not None:
         corr = (
@@ -170,8 +170,8 @@ def pr_vs_score(points: pd.DataFrame, correlation: dict[str, Any] | None = None)
             corr += f"; {correlation['note']}"
     _title(
         fig,
-        f"Does rank predict the score? {task} ({metric}) against key PR, one point per run",
-        "bars: PR interval over heads (not across seeds), score 95% interval · dashed: chance",
+        f"Does rank predict the score? {task} ({metric}) against key PR",
+        "one point per run · bars: PR interval over heads (not across seeds), score 95% interval · dashed: chance",
         corr,
     )
     return fig
