@@ -70,5 +70,14 @@ def metrics(
     where = (
         "" if table.attrs["site"] is None else f" at site {table.attrs['site']}, {table.attrs['centering']}"
     )
-    click.echo(f"{metric} of {var}{where}: mean, min and max over heads")
-    click.echo(table.drop(columns=_SELECTION).to_string(index=False, float_format=lambda x: f"{x:.6g}"))
+    drop, shape = list(_SELECTION), []
+    # N and head_dim in the title when every run shares them, as columns otherwise
+    for column, text in (("n_tokens", "N = {} tokens per head"), ("head_dim", "head_dim {}")):
+        values = table[column].dropna().unique()
+        if len(values) <= 1:
+            drop.append(column)
+            if len(values) == 1:
+                shape.append(text.format(values[0]))
+    shape_text = f" ({', '.join(shape)})" if shape else ""
+    click.echo(f"{metric} of {var}{where}{shape_text}: mean, min and max over heads")
+    click.echo(table.drop(columns=drop).to_string(index=False, float_format=lambda x: f"{x:.6g}"))

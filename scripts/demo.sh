@@ -8,7 +8,7 @@
 # Environment: DEMO_DIR (default demo), DEMO_JOBS (runs at a time, default 2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/setup.sh
+source scripts/setup.sh eval   # lm-eval for the downstream evals
 DEMO_DIR=${DEMO_DIR:-demo}
 JOBS=${DEMO_JOBS:-2}
 DATA="$DEMO_DIR/data"

@@ -2,7 +2,7 @@
 # Create .venv (if missing) and install the project into it, idempotently.
 # torch is installed first and pinned, so that pip never resolves a multi-GB CUDA build for it.
 # Usage: source scripts/setup.sh [extras]   (comma-separated: "dev" for the test tools, "hf" for public models,
-#        "slurm" for the SLURM executor; "dev,hf,slurm" is what scripts/test.sh installs)
+#        "eval" for lm-eval, "slurm" for the SLURM executor; "dev,hf,eval,slurm" is what scripts/test.sh installs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}

@@ -23,9 +23,11 @@ from spectra.errors import SpectraError
 from spectra.metrics import (
     compute,
     condition_number,
+    decay_exponent,
     effective_rank,
     energy_rank,
     participation_ratio,
+    rankme,
     stable_rank,
     summary_table,
 )
@@ -34,12 +36,14 @@ __all__ = [
     "SpectraError",
     "compute",
     "condition_number",
+    "decay_exponent",
     "effective_rank",
     "energy_rank",
     "extract",
     "open_cube",
     "open_cubes",
     "participation_ratio",
+    "rankme",
     "stable_rank",
     "summary_table",
 ]

@@ -53,6 +53,16 @@ class SpectraDataArrayAccessor:
         """See [`stable_rank`][spectra.metrics.stable_rank]."""
         return metrics.stable_rank(self._obj, dim=dim)
 
+    def rankme(self, eps: float = metrics.RANKME_EPS, dim: str = "sv") -> xr.DataArray:
+        """See [`rankme`][spectra.metrics.rankme]."""
+        return metrics.rankme(self._obj, eps=eps, dim=dim)
+
+    def decay_exponent(
+        self, first: int = 1, last: int | None = None, rtol: float = metrics.CONDITION_RTOL, dim: str = "sv"
+    ) -> xr.DataArray:
+        """See [`decay_exponent`][spectra.metrics.decay_exponent]."""
+        return metrics.decay_exponent(self._obj, first=first, last=last, rtol=rtol, dim=dim)
+
     def compute(self, name: str, dim: str = "sv", **kwargs: Any) -> xr.DataArray:
         """See [`compute`][spectra.metrics.compute]."""
         return metrics.compute(self._obj, name, dim=dim, **kwargs)
@@ -103,6 +113,21 @@ class SpectraDatasetAccessor:
     def stable_rank(self, var: str = "k_sv", dim: str = "sv") -> xr.DataArray:
         """See [`stable_rank`][spectra.metrics.stable_rank]."""
         return metrics.stable_rank(self._var(var), dim=dim)
+
+    def rankme(self, var: str = "k_sv", eps: float = metrics.RANKME_EPS, dim: str = "sv") -> xr.DataArray:
+        """See [`rankme`][spectra.metrics.rankme]."""
+        return metrics.rankme(self._var(var), eps=eps, dim=dim)
+
+    def decay_exponent(
+        self,
+        var: str = "k_sv",
+        first: int = 1,
+        last: int | None = None,
+        rtol: float = metrics.CONDITION_RTOL,
+        dim: str = "sv",
+    ) -> xr.DataArray:
+        """See [`decay_exponent`][spectra.metrics.decay_exponent]."""
+        return metrics.decay_exponent(self._var(var), first=first, last=last, rtol=rtol, dim=dim)
 
     def compute(self, name: str, var: str = "k_sv", dim: str = "sv", **kwargs: Any) -> xr.DataArray:
         """See [`compute`][spectra.metrics.compute]."""

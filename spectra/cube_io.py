@@ -22,6 +22,7 @@ __all__ = [
     "CUBE_FORMAT_VERSION",
     "RUN_COORDS",
     "find_cubes",
+    "n_tokens_attr",
     "open_cube",
     "open_cubes",
     "read_netcdf",
@@ -43,6 +44,7 @@ _RUN_COORD_ATTRS = {
     "seed": {"long_name": "training seed", "units": "1"},
     "data": {"long_name": "training dataset"},
     "eval_batch_sha256": {"long_name": "sha256 of the fixed batch the spectra were computed on"},
+    "n_tokens": {"long_name": "token vectors per head in every activation SVD (N)", "units": "1"},
     "path": {"long_name": "cube file the run was read from"},
 }
 
@@ -227,11 +229,21 @@ def _run_attr(ds: xr.Dataset, file: Path, name: str) -> str | int:
     return str(value)
 
 
+def n_tokens_attr(ds: xr.Dataset, file: Path | str = "the cube") -> int:
+    """The cube's ``n_tokens`` global attribute (N, the token vectors behind every activation spectrum)."""
+    value = ds.attrs.get("n_tokens")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SpectraError(f"{file}: global attribute n_tokens = {value!r} is not an integer") from None
+
+
 def _along_run(ds: xr.Dataset, label: str, file: Path) -> xr.Dataset:
     """Give every variable of one cube a leading ``run`` dimension and its metadata as ``run`` coordinates."""
     tokens_attrs = dict(ds["tokens"].attrs)
     meta = {name: _run_attr(ds, file, name) for name in RUN_COORDS}
     meta["eval_batch_sha256"] = str(ds.attrs.get("eval_batch_sha256", ""))
+    meta["n_tokens"] = n_tokens_attr(ds, file)
     meta["path"] = str(file)
     # tokens differ between runs at the same step (different batch sizes), so it becomes a (run, step)
     # variable; float64 so that an outer join can mark missing steps with NaN (exact below 2**53 tokens)
@@ -266,7 +278,8 @@ def open_cubes(
         Every variable gains a leading ``run`` dimension, in the order given. Coordinates along ``run``:
         ``run`` (the cube's ``run_name``; if two cubes share one, the seed is appended, then the parent
         directory), ``qk_norm``, ``optimizer``, ``seed``, ``data`` (from each cube's global attributes, so
-        that ``ds.groupby("optimizer")`` works), ``eval_batch_sha256`` and ``path``. Cubes are aligned by an
+        that ``ds.groupby("optimizer")`` works), ``eval_batch_sha256``, ``n_tokens`` (N, the token vectors per
+        head behind every activation spectrum) and ``path``. Cubes are aligned by an
         outer join: where a run has no checkpoint at a step, its variables are NaN. ``tokens`` becomes a
         float64 coordinate over ``(run, step)``, NaN where the run lacks the step, because runs with different
         batch sizes reach a step at different token counts. Global attributes shared by all cubes are kept;

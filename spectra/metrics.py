@@ -3,10 +3,11 @@
 Three layers (as in xskillscore):
 
 1. numpy kernels that reduce over ``axis=`` (``participation_ratio_sv``, ``participation_ratio_eig``,
-   ``energy_rank_kernel``, ``condition_number_kernel``, ``effective_rank_kernel``, ``stable_rank_kernel``);
+   ``energy_rank_kernel``, ``condition_number_kernel``, ``effective_rank_kernel``, ``stable_rank_kernel``,
+   ``rankme_kernel``, ``decay_exponent_kernel``);
 2. public functions that take a labelled singular-value `xarray.DataArray` and reduce over
    ``dim="sv"`` (``participation_ratio``, ``energy_rank``, ``condition_number``, ``effective_rank``,
-   ``stable_rank``, and ``compute`` which dispatches by metric name);
+   ``stable_rank``, ``rankme``, ``decay_exponent``, and ``compute`` which dispatches by metric name);
 3. the ``.spectra`` accessor in [`accessor`][spectra.accessor], which only forwards here.
 
 Conventions shared by every metric:
@@ -41,8 +42,11 @@ __all__ = [
     "CONDITION_RTOL",
     "METRIC_NAMES",
     "compute",
+    "RANKME_EPS",
     "condition_number",
     "condition_number_kernel",
+    "decay_exponent",
+    "decay_exponent_kernel",
     "effective_rank",
     "effective_rank_kernel",
     "energy_rank",
@@ -50,6 +54,8 @@ __all__ = [
     "participation_ratio",
     "participation_ratio_eig",
     "participation_ratio_sv",
+    "rankme",
+    "rankme_kernel",
     "stable_rank",
     "stable_rank_kernel",
     "summary_table",
@@ -73,10 +79,27 @@ ENERGY_RTOL = 1e-12
 Ties at the threshold are common (a flat spectrum of ten values reaches 90% at exactly nine), and the
 cumulative sum's rounding (``~ d eps64 = 1e-14`` for ``d = 64``) must not add one to the count."""
 
-METRIC_NAMES = ("pr_sv", "pr_eig", "energy_rank_90", "condition_number", "effective_rank", "stable_rank")
+METRIC_NAMES = (
+    "pr_sv",
+    "pr_eig",
+    "energy_rank_90",
+    "condition_number",
+    "effective_rank",
+    "stable_rank",
+    "rankme",
+    "decay_exponent",
+)
 """Metric names understood by [`compute`][spectra.metrics.compute].
 
 ``energy_rank_<pct>`` takes any percentage in (0, 100]."""
+
+RANKME_EPS = 1e-7
+"""The constant ``epsilon`` that RankMe adds to every normalised singular value (Garrido et al. 2023, eq. 1).
+
+It keeps ``log p`` finite for zero singular values in their implementation; with ``epsilon = 0`` RankMe is
+exactly the entropy effective rank of Roy & Vetterli. Adding ``epsilon`` changes the entropy by about
+``-epsilon sum_k (log p_k + 1)``, at most ``d epsilon log(1/epsilon)``, so the two differ by less than that
+relative: ``1e-4`` for spectra of 64 values, and about ``3e-5`` in practice (``d epsilon log d``)."""
 
 _ENERGY_RANK_NAME = re.compile(r"energy_rank_(\d+(?:\.\d+)?)")
 
@@ -286,6 +309,98 @@ def stable_rank_kernel(s: Any, axis: int = -1) -> np.ndarray:
     2.01
     """
     return np.sum(_unit_max(s, axis) ** 2, axis=axis)
+
+
+def rankme_kernel(s: Any, eps: float = RANKME_EPS, axis: int = -1) -> np.ndarray:
+    """RankMe, ``exp(-sum p_k log p_k)`` with ``p_k = s_k / sum_j s_j + eps`` (Garrido et al. 2023).
+
+    The entropy effective rank ([`effective_rank_kernel`][spectra.metrics.effective_rank_kernel]) with the
+    published constant ``eps`` added to every normalised singular value, as in the RankMe paper; ``eps = 0``
+    gives the effective rank exactly.
+
+    Parameters
+    ----------
+    s : array_like
+        Singular values (>= 0) along ``axis``.
+    eps : float
+        The additive constant, >= 0; [`RANKME_EPS`][spectra.metrics.RANKME_EPS] (``1e-7``) by default.
+    axis : int
+        Axis holding the spectrum; it is reduced.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, in ``[1, d]`` up to terms of order ``d eps log(1/eps)``.
+
+    Examples
+    --------
+    >>> round(float(rankme_kernel([1.0, 1.0, 0.1], eps=0.0)), 4)  # the effective rank
+    2.3434
+    >>> round(float(rankme_kernel([1.0, 0.0, 0.0, 0.0])), 6)  # rank one: 1 + 3 eps log(1/eps), about 1
+    1.000005
+    """
+    if not (eps >= 0.0 and np.isfinite(eps)):
+        raise SpectraError(f"RankMe eps must be a finite number >= 0; got {eps!r}")
+    u = _unit_max(s, axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = u / np.sum(u, axis=axis, keepdims=True) + eps
+    return np.exp(np.sum(entr(p), axis=axis))
+
+
+def decay_exponent_kernel(
+    s: Any, first: int = 1, last: int | None = None, rtol: float = CONDITION_RTOL, axis: int = -1
+) -> np.ndarray:
+    """Spectral decay exponent ``alpha`` of ``s_(i) ~ i^(-alpha)``: least squares of ``log s_(i)`` on ``log i``.
+
+    ``s_(1) >= s_(2) >= ...`` is the spectrum sorted in descending order. The fit is ordinary least squares
+    with equal weights over the ranks ``first <= i <= last`` (1-based, inclusive) whose value is above
+    ``rtol * s_(1)``; ``alpha`` is minus the slope. At least two ranks must remain, else the result is NaN.
+
+    Parameters
+    ----------
+    s : array_like
+        Singular values (>= 0) along ``axis``.
+    first, last : int
+        Rank range of the fit; ``last=None`` is the whole spectrum.
+    rtol : float
+        Values ``<= rtol * s_(1)`` are left out: their logarithm is rounding noise (see
+        [`CONDITION_RTOL`][spectra.metrics.CONDITION_RTOL]), or ``-inf`` for exact zeros.
+    axis : int
+        Axis holding the spectrum; it is reduced.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64: 0 for a flat spectrum, ``a`` for ``s_i = i^(-a)``; negative if the spectrum grows (it cannot
+        once sorted, so never below 0 up to rounding). The eigenvalues ``s^2`` decay with exponent ``2 alpha``.
+
+    Examples
+    --------
+    >>> i = np.arange(1, 33)
+    >>> round(float(decay_exponent_kernel(i ** -1.5)), 12)
+    1.5
+    """
+    if not 0.0 <= rtol < 1.0:
+        raise SpectraError(f"decay-exponent rtol must be in [0, 1); got {rtol!r}")
+    u = np.moveaxis(_unit_max(s, axis), axis, -1)  # (..., d), s_(1) = 1
+    d = u.shape[-1]
+    last = d if last is None else last
+    if not 1 <= first < last <= d:
+        raise SpectraError(
+            f"decay-exponent rank range must satisfy 1 <= first < last <= {d}; got first={first}, last={last}"
+        )
+    undefined = np.isnan(u).any(axis=-1)
+    descending = -np.sort(-np.nan_to_num(u, nan=0.0), axis=-1)[..., first - 1 : last]  # (..., m)
+    x = np.log(np.arange(first, last + 1, dtype=np.float64))  # (m,)
+    used = descending > rtol  # (..., m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = np.where(used, np.log(np.where(used, descending, 1.0)), 0.0)
+        n = used.sum(axis=-1)
+        x_mean = np.sum(used * x, axis=-1) / n
+        y_mean = np.sum(y, axis=-1) / n
+        dx = np.where(used, x - x_mean[..., None], 0.0)
+        slope = np.sum(dx * (y - y_mean[..., None]), axis=-1) / np.sum(dx**2, axis=-1)
+    return np.where(undefined | (n < 2), np.nan, 0.0 - slope)  # 0.0 - slope: a flat spectrum gives +0.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -574,6 +689,120 @@ def stable_rank(sv: xr.DataArray, dim: str = "sv") -> xr.DataArray:
     return _apply(sv, stable_rank_kernel, dim, "stable_rank", attrs)
 
 
+def rankme(sv: xr.DataArray, eps: float = RANKME_EPS, dim: str = "sv") -> xr.DataArray:
+    r"""RankMe of Garrido et al. (2023): the entropy effective rank with their additive constant.
+
+    $$
+    \mathrm{RankMe} = \exp\Big(-\sum_k p_k \log p_k\Big), \qquad
+    p_k = \frac{s_k}{\sum_j s_j} + \varepsilon
+    $$
+
+    The same quantity as [`effective_rank`][spectra.metrics.effective_rank] (Roy & Vetterli 2007) under the
+    name the self-supervised-learning literature uses, where it predicts downstream performance from the rank
+    of representations. With the default ``epsilon = 1e-7`` the two agree to better than
+    ``d epsilon log(1/epsilon)`` relative (``1e-4`` at ``d = 64``; see [`RANKME_EPS`][spectra.metrics.RANKME_EPS]).
+
+    Parameters
+    ----------
+    sv : xarray.DataArray
+        Singular values along ``dim``.
+    eps : float
+        The additive constant ``epsilon`` (>= 0), [`RANKME_EPS`][spectra.metrics.RANKME_EPS] by default.
+    dim : str
+        Dimension holding the spectrum; it is reduced.
+
+    Returns
+    -------
+    xarray.DataArray
+        float64, named ``rankme``.
+
+    References
+    ----------
+    Garrido, Q., Balestriero, R., Najman, L. & LeCun, Y. (2023). RankMe: Assessing the downstream performance
+    of pretrained self-supervised representations by their rank. *ICML 2023*, PMLR 202, 10929-10974.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> round(float(rankme(xr.DataArray([2.0, 2.0, 2.0, 2.0], dims="sv"), eps=0.0)), 12)
+    4.0
+    """
+    attrs = {
+        "long_name": "RankMe: exponential of the entropy of the normalised singular values",
+        "convention": f"p_k = s_k / sum_j s_j + eps with eps = {eps!r}, natural log",
+        "formula": "exp(-sum_k p_k log p_k)",
+        "reference": "Garrido, Balestriero, Najman & LeCun (2023), RankMe, ICML, PMLR 202, 10929-10974",
+    }
+    return _apply(sv, rankme_kernel, dim, "rankme", attrs, eps=eps)
+
+
+def decay_exponent(
+    sv: xr.DataArray,
+    first: int = 1,
+    last: int | None = None,
+    rtol: float = CONDITION_RTOL,
+    dim: str = "sv",
+) -> xr.DataArray:
+    r"""Spectral decay exponent ``alpha``: the slope of the spectrum on log-log axes, ``s_(i) ~ i^(-alpha)``.
+
+    $$
+    \log s_{(i)} = c - \alpha \log i, \qquad \text{fitted by least squares over }
+    \{ i : \mathrm{first} \le i \le \mathrm{last},\ s_{(i)} > \mathrm{rtol}\, s_{(1)} \}
+    $$
+
+    The fit is on **singular values** (the eigenvalues ``s^2`` of ``X^T X`` decay with ``2 alpha``, the
+    exponent of Agrawal et al. 2022 and Stringer et al. 2019), over **every rank** by default, with equal
+    weights. Why the whole range: a head has only ``head_dim`` values (64 in the source documents), too few to
+    set aside a head and a tail without the choice deciding the number, and the power law is a summary of the
+    shape, not a claim that the spectrum is one. Ranks below the float32 rounding floor ``rtol * s_(1)`` are
+    left out, since their logarithm is noise. Equal weights in ``i`` put most points in the tail (the ranks
+    are dense there on a log axis), so ``alpha`` mostly describes how the tail falls; restrict ``first`` and
+    ``last`` to study one part. Larger ``alpha`` means a faster decay, that is a more collapsed head; a flat
+    spectrum has ``alpha = 0``.
+
+    Parameters
+    ----------
+    sv : xarray.DataArray
+        Singular values along ``dim``.
+    first, last : int
+        1-based, inclusive rank range; ``last=None`` is the whole spectrum.
+    rtol : float
+        Relative floor below which values are left out of the fit.
+    dim : str
+        Dimension holding the spectrum; it is reduced.
+
+    Returns
+    -------
+    xarray.DataArray
+        float64, named ``decay_exponent``; NaN where fewer than two ranks remain (a rank-one spectrum).
+
+    References
+    ----------
+    Agrawal, K. K., Mondal, A. K., Ghosh, A. & Richards, B. A. (2022). alpha-ReQ: Assessing representation
+    quality in self-supervised learning by measuring eigenspectrum decay. *NeurIPS 2022*.
+    Stringer, C., Pachitariu, M., Steinmetz, N., Carandini, M. & Harris, K. D. (2019). High-dimensional
+    geometry of population responses in visual cortex. *Nature* 571, 361-365.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> sv = xr.DataArray(np.arange(1, 65) ** -0.5, dims="sv")
+    >>> round(float(decay_exponent(sv)), 12)
+    0.5
+    """
+    range_text = f"ranks {first} to {'d' if last is None else last}"
+    attrs = {
+        "long_name": "spectral decay exponent alpha of the singular values, s_(i) ~ i^-alpha",
+        "convention": (
+            f"least squares of log s_(i) on log i, equal weights, {range_text}, "
+            f"values <= {rtol!r} * s_(1) left out; eigenvalue exponent = 2 alpha"
+        ),
+        "formula": "-slope of log s_(i) against log i",
+        "reference": "Agrawal et al. (2022), alpha-ReQ, NeurIPS; Stringer et al. (2019), Nature 571, 361-365",
+    }
+    return _apply(sv, decay_exponent_kernel, dim, "decay_exponent", attrs, first=first, last=last, rtol=rtol)
+
+
 def compute(sv: xr.DataArray, name: str, dim: str = "sv", **kwargs: Any) -> xr.DataArray:
     """Compute a metric by name (the names used by the command line and the report).
 
@@ -583,7 +812,7 @@ def compute(sv: xr.DataArray, name: str, dim: str = "sv", **kwargs: Any) -> xr.D
         Singular values along ``dim``.
     name : str
         ``pr_sv``, ``pr_eig``, ``energy_rank_<pct>`` (for example ``energy_rank_90``; the threshold is in the
-        name), ``condition_number``, ``effective_rank`` or ``stable_rank``.
+        name), ``condition_number``, ``effective_rank``, ``stable_rank``, ``rankme`` or ``decay_exponent``.
     dim : str
         Dimension holding the spectrum.
     **kwargs
@@ -612,6 +841,10 @@ def compute(sv: xr.DataArray, name: str, dim: str = "sv", **kwargs: Any) -> xr.D
         out = effective_rank(sv, dim=dim, **kwargs)
     elif name == "stable_rank":
         out = stable_rank(sv, dim=dim, **kwargs)
+    elif name == "rankme":
+        out = rankme(sv, dim=dim, **kwargs)
+    elif name == "decay_exponent":
+        out = decay_exponent(sv, dim=dim, **kwargs)
     elif match := _ENERGY_RANK_NAME.fullmatch(name):
         pct = float(match.group(1))
         if not 0.0 < pct <= 100.0:
@@ -681,7 +914,10 @@ def summary_table(
         where they occur; ``heads``, the number of heads with a defined (non-NaN) value, over which mean, min
         and max are taken; and ``metric, var, site, centering`` naming what was computed. Steps a run has no
         checkpoint for (NaN tokens and no values, after an outer join) are left out; ``tokens`` is float with
-        NaN where a checkpoint's token count is unknown (public models). ``df.attrs`` repeats the selection.
+        NaN where a checkpoint's token count is unknown (public models). Two columns say what each spectrum was
+        computed from: ``n_tokens``, the N token vectors per head behind an activation spectrum (the cube's
+        ``n_tokens``; ``<NA>`` for the weight variables, whose spectra are over ``d_model`` columns instead), and
+        ``head_dim``, the length of each spectrum. ``df.attrs`` repeats the selection.
 
     Examples
     --------
@@ -689,8 +925,8 @@ def summary_table(
     >>> sv = xr.DataArray(np.ones((1, 1, 2, 4)), dims=("step", "layer", "kv_head", "sv"),
     ...                   coords={"step": [0], "tokens": ("step", [0])})
     >>> ds = xr.Dataset({"wk_sv": sv}, attrs={"run_name": "demo"})
-    >>> summary_table(ds, var="wk_sv")[["run", "layer", "mean", "heads"]].values.tolist()
-    [['demo', 0, 4.0, 2], ['demo', 'all', 4.0, 2]]
+    >>> summary_table(ds, var="wk_sv")[["run", "layer", "mean", "heads", "head_dim"]].values.tolist()
+    [['demo', 0, 4.0, 2, 4], ['demo', 'all', 4.0, 2, 4]]
     """
     if var not in ds.data_vars:
         known = [str(v) for v, x in ds.data_vars.items() if "sv" in x.dims]
@@ -750,6 +986,10 @@ def summary_table(
     df.insert(2, "tokens", tok.astype(np.int64) if not np.isnan(tok).any() else tok)
     df = df.sort_values(["_r", "_s", "_order"], kind="stable").drop(columns=["_r", "_s", "_order"])
     df["metric"], df["var"], df["site"], df["centering"] = metric, var, site, centering
+    activations = "site" in ds[var].dims
+    n_tokens = _n_tokens_by_run(ds, values["run"].values) if activations else {}
+    df["n_tokens"] = pd.array([n_tokens.get(r, pd.NA) for r in df["run"]], dtype="Int64")
+    df["head_dim"] = int(da.sizes["sv"])
     df = df.reset_index(drop=True)
     df.attrs = {"metric": metric, "var": var, "site": site, "centering": centering}
     return df
@@ -767,6 +1007,15 @@ def _measured(ds: xr.Dataset, values: xr.DataArray) -> np.ndarray:
     if "run" not in found.dims:
         found = found.expand_dims(run=values["run"].values)
     return found.transpose("run", "step").values
+
+
+def _n_tokens_by_run(ds: xr.Dataset, runs: np.ndarray) -> dict[str, int]:
+    """N per run label: the ``n_tokens`` run coordinate of stacked cubes, or a single cube's attribute."""
+    if "n_tokens" in ds.coords and "run" in ds["n_tokens"].dims:
+        return {str(r): int(n) for r, n in zip(ds["run"].values, ds["n_tokens"].values)}
+    if "n_tokens" in ds.attrs:
+        return {str(r): int(ds.attrs["n_tokens"]) for r in runs}
+    return {}
 
 
 def _extremes(v: np.ndarray) -> dict[str, np.ndarray]:

@@ -29,6 +29,8 @@ def test_both_programs_have_their_commands():
         "surgery",
         "plot",
         "report",
+        "eval",
+        "eval-tasks",
     ]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from helpers import CENTERINGS, SITES, make_cube, write_cube
+from helpers import CENTERINGS, N_TOKENS, SITES, make_cube, write_cube
 
 import spectra
 from cli.metrics import metrics as metrics_command
@@ -129,7 +129,10 @@ def test_table_is_aligned_and_titled(cube: Path) -> None:
     result = run_cli(cube)
     assert result.exit_code == 0, result.output
     title, header, *rows = result.output.rstrip("\n").split("\n")
-    assert title == "pr_sv of k_sv at site normed, uncentered: mean, min and max over heads"
+    assert title == (
+        "pr_sv of k_sv at site normed, uncentered (N = 24 tokens per head, head_dim 8): "
+        "mean, min and max over heads"
+    )
     columns = "run step tokens layer mean min min_layer min_head max max_layer max_head heads"
     assert header.split() == columns.split()
     assert len(rows) == len(STEPS) * (N_LAYERS + 1)
@@ -156,6 +159,7 @@ def test_several_cubes_with_different_steps(cube: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     df = read_csv(result.output)
     assert df["run"].tolist() == ["A1"] * 9 + ["B1"] * 6  # B1 has no step 10: no rows for it
+    assert (df["n_tokens"] == N_TOKENS).all() and (df["head_dim"] == HEAD_DIM).all()
     assert_rows(df[df.run == "B1"], expected_rows("B1", steps=(0, 20), step_indices=[0, 2]))
     # a directory of runs gives the same
     assert run_cli(tmp_path / "runs", "--format", "csv").output == result.output
@@ -166,11 +170,24 @@ def test_weights_have_no_site(cube: Path) -> None:
     assert result.exit_code == 0, result.output
     df = read_csv(result.output)
     assert df["site"].isna().all() and df["centering"].isna().all()
+    assert df["n_tokens"].isna().all() and (df["head_dim"] == HEAD_DIM).all()  # a weight has no tokens
     assert (df["heads"] == np.r_[[N_KV_HEADS] * N_LAYERS, N_LAYERS * N_KV_HEADS].tolist() * len(STEPS)).all()
     table = run_cli(cube, "--var", "wq_sv")
-    assert table.exit_code == 0 and table.output.startswith("pr_sv of wq_sv: mean")
+    assert table.exit_code == 0 and table.output.startswith("pr_sv of wq_sv (head_dim 8): mean")
     bad = run_cli(cube, "--var", "wk_sv", "--site", "rope")
     assert bad.exit_code == 1 and "wk_sv has no 'site' dimension" in bad.output
+
+
+def test_runs_of_different_n_tokens_show_it_per_row(cube: Path, tmp_path: Path) -> None:
+    other = make_cube(run_name="B1", n_heads=6, n_kv_heads=N_KV_HEADS, head_dim=HEAD_DIM, n_layers=N_LAYERS)
+    other.attrs["n_tokens"] = 4 * N_TOKENS
+    second = write_cube(tmp_path / "runs" / "B1" / "spectra.nc", other)
+    table = run_cli(cube, second)
+    assert table.exit_code == 0, table.output
+    title, header, *rows = table.output.rstrip("\n").split("\n")
+    assert "(head_dim 8)" in title and "N =" not in title
+    assert header.split()[-1] == "n_tokens"
+    assert {row.split()[-1] for row in rows} == {str(N_TOKENS), str(4 * N_TOKENS)}
 
 
 def test_undefined_site_shows_nan_and_no_heads(tmp_path: Path) -> None:

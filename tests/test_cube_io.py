@@ -137,6 +137,17 @@ def test_open_cubes_outer_joins_steps_and_keeps_per_run_tokens(tmp_path: Path) -
     np.testing.assert_array_equal(xr.load_dataset(out).tokens.values, ds.tokens.values)
 
 
+def test_open_cubes_keeps_each_runs_n_tokens_as_a_run_coordinate(tmp_path: Path) -> None:
+    a, b = make_cube(run_name="a"), make_cube(run_name="b")
+    b.attrs["n_tokens"] = 4096
+    ds = spectra.open_cubes([write_cube(tmp_path / n / "spectra.nc", c) for n, c in (("a", a), ("b", b))])
+    assert ds["n_tokens"].dims == ("run",) and ds["n_tokens"].values.tolist() == [a.attrs["n_tokens"], 4096]
+    assert "n_tokens" not in ds.attrs  # differs between the runs: only the coordinate says it
+    del b.attrs["n_tokens"]
+    with pytest.raises(SpectraError, match="n_tokens = None is not an integer"):
+        spectra.open_cubes([write_cube(tmp_path / "c" / "spectra.nc", b)])
+
+
 def test_open_cubes_makes_shared_run_names_unique(tmp_path: Path) -> None:
     same_seed = [
         write_cube(tmp_path / d / "spectra.nc", make_cube(run_name="A1", seed=0)) for d in ("x", "y")

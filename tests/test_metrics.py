@@ -15,11 +15,14 @@ import spectra
 from spectra import accessor, metrics
 from spectra.errors import SpectraError
 from spectra.metrics import (
+    RANKME_EPS,
     condition_number_kernel,
+    decay_exponent_kernel,
     effective_rank_kernel,
     energy_rank_kernel,
     participation_ratio_eig,
     participation_ratio_sv,
+    rankme_kernel,
     stable_rank_kernel,
 )
 
@@ -30,6 +33,8 @@ KERNELS = {
     "condition_number": condition_number_kernel,
     "effective_rank": effective_rank_kernel,
     "stable_rank": stable_rank_kernel,
+    "rankme": rankme_kernel,
+    "decay_exponent": decay_exponent_kernel,
 }
 
 
@@ -67,7 +72,14 @@ def test_rank_one_matrix_has_every_rank_equal_to_one() -> None:
     assert condition_number_kernel(s, rtol=None) > 1e12  # the source formula s_1 / s_d sees the noise
     exact = np.array([5.0, 0.0, 0.0, 0.0])
     for name, kernel in KERNELS.items():
-        assert kernel(exact) == 1.0, name
+        if name not in ("rankme", "decay_exponent"):
+            assert kernel(exact) == 1.0, name
+    # RankMe adds eps to every p_k: p = (1 + eps, eps, eps, eps), and exp of its entropy in closed form
+    eps = RANKME_EPS
+    entropy = -(1 + eps) * np.log(1 + eps) - 3 * eps * np.log(eps)
+    assert rankme_kernel(exact) == pytest.approx(np.exp(entropy), rel=1e-14)
+    assert rankme_kernel(exact, eps=0.0) == 1.0
+    assert np.isnan(decay_exponent_kernel(exact))  # one value above the floor: no slope to fit
 
 
 def test_energy_rank_of_a_known_spectrum() -> None:
@@ -94,6 +106,48 @@ def test_worked_example_of_the_docs() -> None:
     tail = np.r_[1.0, np.full(63, 0.1)]
     assert participation_ratio_sv(tail) == pytest.approx(7.3**2 / 1.63, rel=1e-12)
     assert participation_ratio_eig(tail) == pytest.approx(1.63**2 / 1.0063, rel=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 8, 64])
+def test_rankme_closed_forms_and_its_equality_with_the_effective_rank(d: int) -> None:
+    eps = RANKME_EPS
+    flat = np.ones(d)  # p_k = 1/d + eps for every k
+    expected = np.exp(-d * (1 / d + eps) * np.log(1 / d + eps))
+    assert rankme_kernel(flat) == pytest.approx(expected, rel=1e-14)
+    assert rankme_kernel(flat, eps=0.0) == pytest.approx(d, rel=1e-14)
+    s = np.abs(np.random.default_rng(d).standard_normal((50, d)))
+    np.testing.assert_allclose(rankme_kernel(s, eps=0.0), effective_rank_kernel(s), rtol=1e-14)
+    bound = d * eps * np.log(1 / eps)  # what RANKME_EPS promises
+    np.testing.assert_allclose(rankme_kernel(s), effective_rank_kernel(s), rtol=bound)
+    with pytest.raises(SpectraError, match="eps"):
+        rankme_kernel(s, eps=-1e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 2.5])
+def test_decay_exponent_recovers_a_power_law(alpha: float) -> None:
+    i = np.arange(1, 65, dtype=np.float64)
+    s = 3.0 * i**-alpha
+    assert decay_exponent_kernel(s) == pytest.approx(alpha, abs=1e-12)
+    assert decay_exponent_kernel(s, first=5, last=40) == pytest.approx(alpha, abs=1e-12)
+    # a power law of the eigenvalues s^2 has twice the exponent of the singular values
+    assert decay_exponent_kernel(np.sqrt(s)) == pytest.approx(alpha / 2, abs=1e-12)
+
+
+def test_decay_exponent_fits_only_the_chosen_ranks_above_the_floor() -> None:
+    i = np.arange(1, 33, dtype=np.float64)
+    broken = np.where(i <= 8, i**-0.5, 8**-0.5 * (i / 8) ** -2.0)  # a knee at rank 8
+    assert decay_exponent_kernel(broken, first=1, last=8) == pytest.approx(0.5, abs=1e-12)
+    assert decay_exponent_kernel(broken, first=8, last=32) == pytest.approx(2.0, abs=1e-12)
+    x, y = np.log(i), np.log(broken)  # the whole range: one ordinary least-squares line through all 32 ranks
+    assert decay_exponent_kernel(broken) == pytest.approx(-np.polyfit(x, y, 1)[0], rel=1e-12)
+    # zeros and values below rtol * s_1 are left out instead of pulling the slope to -inf
+    padded = np.r_[i[:16] ** -1.0, np.zeros(8), np.full(8, 1e-9)]
+    assert decay_exponent_kernel(padded) == pytest.approx(1.0, abs=1e-12)
+    assert decay_exponent_kernel(padded, rtol=0.0) > 1.0  # the 1e-9 values now count
+    assert np.isnan(decay_exponent_kernel([1.0, 1e-8, 0.0]))  # one value above the floor
+    for first, last in ((0, 8), (8, 8), (1, 33)):
+        with pytest.raises(SpectraError, match="rank range"):
+            decay_exponent_kernel(i, first=first, last=last)
 
 
 def test_condition_number_tolerance() -> None:
@@ -237,6 +291,8 @@ FUNCTIONS = {
     "condition_number": (metrics.condition_number, condition_number_kernel),
     "effective_rank": (metrics.effective_rank, effective_rank_kernel),
     "stable_rank": (metrics.stable_rank, stable_rank_kernel),
+    "rankme": (metrics.rankme, rankme_kernel),
+    "decay_exponent": (metrics.decay_exponent, decay_exponent_kernel),
 }
 
 
@@ -298,6 +354,8 @@ def test_accessor_forwards_and_holds_no_state() -> None:
         "condition_number": {"rtol": 1e-3},
         "effective_rank": {},
         "stable_rank": {},
+        "rankme": {"eps": 0.0},
+        "decay_exponent": {"first": 2, "last": 6},
     }
     for method, kwargs in calls.items():
         expected = getattr(metrics, method)(da, **kwargs)
@@ -312,7 +370,10 @@ def test_accessor_forwards_and_holds_no_state() -> None:
 
 
 def test_package_exports_and_lazy_extract() -> None:
-    names = "open_cube open_cubes participation_ratio energy_rank condition_number effective_rank stable_rank"
+    names = (
+        "open_cube open_cubes participation_ratio energy_rank condition_number effective_rank stable_rank "
+        "rankme decay_exponent"
+    )
     for name in [*names.split(), "compute", "summary_table", "SpectraError"]:
         assert callable(getattr(spectra, name)), name
     assert spectra.participation_ratio is metrics.participation_ratio

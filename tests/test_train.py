@@ -102,6 +102,18 @@ def test_log_milestones_are_log_spaced_with_zero_and_final():
     assert few == [0, 1, 2, 3]
 
 
+def test_plan_and_log_milestones_combine_into_a_dense_trajectory():
+    cfg = cfg_with(tokens=25_000, milestones="plan+log", n_log_milestones=5)
+    plan = milestone_steps(cfg_with(tokens=25_000, milestones="plan"), 100, 250)
+    log = milestone_steps(cfg_with(tokens=25_000, milestones="log", n_log_milestones=5), 100, 250)
+    assert milestone_steps(cfg, 100, 250) == sorted(set(plan) | set(log))
+    # the tiny preset's 195 steps with 48 log points: 42 checkpoints, enough for phase detection
+    tiny = load_config("tiny", ["train.milestones=plan+log", "train.n_log_milestones=48"])
+    per_step = tiny.train.batch_size * tiny.train.seq_len
+    steps = milestone_steps(tiny, per_step, tiny.train.tokens // per_step)
+    assert len(steps) == 42 and steps[0] == 0 and steps[-1] == 195
+
+
 def test_list_milestones_and_the_budget_check():
     cfg = cfg_with(tokens=1000, milestones="list", milestone_tokens=(100, 128, 129, 999))
     # 100 and 128 tokens both first reached at step 2 (128 tokens); 999 is past the 15-step run

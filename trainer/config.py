@@ -28,7 +28,7 @@ QKNorm = Literal["none", "learned", "frozen"]
 MLPKind = Literal["relu2", "swiglu"]
 OptimName = Literal["muon", "adamw"]
 Schedule = Literal["constant", "cosine", "wsd"]
-Milestones = Literal["plan", "log", "list"]
+Milestones = Literal["plan", "log", "plan+log", "list"]
 MuonImpl = Literal["torch", "batched"]
 MuonCoefficients = Literal["quintic", "polar_express"]
 SDPABackend = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
@@ -203,11 +203,13 @@ class TrainConfig:
     the choice to torch; ``cudnn``, ``flash``, ``efficient`` or ``math`` allow only that kernel."""
     milestones: Milestones = "plan"
     """Checkpoint schedule: the plan's (0, 0.5M, 1M, 2M, 4M, 8M, 12M, 16M, 20M, 25M scaled to ``tokens``),
-    ``log`` (``n_log_milestones`` log-spaced points), or ``list`` (``milestone_tokens``)."""
+    ``log`` (``n_log_milestones`` log-spaced points), ``plan+log`` (both: the plan's points for comparison with
+    the source documents, log-spaced ones for phase detection), or ``list`` (``milestone_tokens``)."""
     milestone_tokens: tuple[int, ...] = ()
     """Explicit token counts for ``milestones = "list"``."""
     n_log_milestones: int = 10
-    """Number of log-spaced checkpoints for ``milestones = "log"`` (plus the one at 0)."""
+    """Number of log-spaced checkpoints for ``milestones = "log"`` or ``"plan+log"`` (plus the one at 0); 40 to 50
+    give the dense trajectories phase detection needs (duplicates at small step counts collapse)."""
     val_tokens: int = 65_536
     """Tokens of the fixed validation slice evaluated at every checkpoint."""
     log_every: int = 10

@@ -113,6 +113,7 @@ def milestone_steps(cfg: RunConfig, tokens_per_step: int, total_steps: int) -> l
       0, 0.5M, ..., 25M tokens, scaled to the budget);
     - ``log``: step 0 and ``train.n_log_milestones`` steps log-spaced from 1 to ``total_steps``
       (rounded; duplicates at small step counts collapse);
+    - ``plan+log``: the union of the two;
     - ``list``: ``train.milestone_tokens``; a value above ``train.tokens`` is an error.
 
     Examples
@@ -131,18 +132,21 @@ def milestone_steps(cfg: RunConfig, tokens_per_step: int, total_steps: int) -> l
     def first_step_reaching(tokens: Fraction | int) -> int:
         return min(math.ceil(Fraction(tokens) / tokens_per_step), total_steps)
 
-    if t.milestones == "plan":
-        steps = {first_step_reaching(Fraction(t.tokens) * f / 25) for f in PLAN_MILESTONES}
-    elif t.milestones == "log":
-        if t.n_log_milestones < 1:
-            raise TrainerError(f"train.n_log_milestones must be at least 1, got {t.n_log_milestones}")
-        points = np.geomspace(1, total_steps, t.n_log_milestones) if t.n_log_milestones > 1 else [total_steps]
-        steps = {int(round(float(p))) for p in points}
-    elif t.milestones == "list":
+    schedules = t.milestones.split("+")  # "plan+log" is the union of the two
+    if t.milestones == "list":
         too_big = [m for m in t.milestone_tokens if m > t.tokens]
         if too_big:
             raise TrainerError(f"train.milestone_tokens {too_big} exceed the budget train.tokens={t.tokens}")
         steps = {first_step_reaching(m) for m in t.milestone_tokens}
+    elif set(schedules) <= {"plan", "log"}:
+        steps = set()
+        if "plan" in schedules:
+            steps |= {first_step_reaching(Fraction(t.tokens) * f / 25) for f in PLAN_MILESTONES}
+        if "log" in schedules:
+            if t.n_log_milestones < 1:
+                raise TrainerError(f"train.n_log_milestones must be at least 1, got {t.n_log_milestones}")
+            points = np.geomspace(1, total_steps, t.n_log_milestones) if t.n_log_milestones > 1 else [total_steps]
+            steps |= {int(round(float(p))) for p in points}
     else:
         raise TrainerError(f"train.milestones: unknown schedule {t.milestones!r}")
     return sorted(steps | {0, total_steps})
