@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import reports_errors
+from cli.common import device_option, reports_errors
 from spectra.eval_tasks import write_dataset_tasks
 from spectra.evals import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP_ITERS, evaluate
 
@@ -52,7 +52,7 @@ def _tasks(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     default=None,
     help="Dataset directory whose tokenizer.json the run was trained with. [default: the one recorded]",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option(help="Where the model runs.")
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -83,7 +83,7 @@ def eval_command(
     """Score checkpoints on lm-eval tasks and write the results to RUN/evals.json.
 
     CHECKPOINT_OR_RUN_OR_RUNS is one checkpoint file, a run directory (its final checkpoint, or every one with
-    --all-checkpoints) or a directory of run directories. Evaluations already in a run's evals.json are skipped;
+    --all-checkpoints), a directory of run directories or a study directory (its main runs). Evaluations already in a run's evals.json are skipped;
     the file is rewritten atomically after each checkpoint. Needs the optional 'eval' extra (lm-eval).
     """
     results = evaluate(

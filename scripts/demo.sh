@@ -3,7 +3,8 @@
 # Bible corpus (standard: both translations mixed; C1 simple: Basic English; C2 complex: King James; one
 # shared tokenizer), 2 seeds each, each configuration's learning rate chosen by a 3-point sweep
 # (trainer/studies/demo.toml: `tiny` at 4 x 256 tokens, 81,920 tokens per main run, 20,480 per sweep run);
-# then the spectra of every checkpoint, pruning surgery on each final checkpoint, and the report.
+# then the spectra of every checkpoint, pruning surgery on each final checkpoint, two local downstream evals
+# (a cloze and a 4-way choice task cut from the held-out test text: near chance at this size), and the report.
 # Re-running it continues where it stopped; after it finished, it takes seconds.
 # Environment: DEMO_DIR (default demo), DEMO_JOBS (runs at a time, default 2).
 set -euo pipefail
@@ -41,8 +42,16 @@ for run in "$STUDY"/runs/*/; do
     fi
 done
 
-# 5. the report, unless it is newer than everything it reads
-newer=$(find "$STUDY" \( -name spectra.nc -o -name surgery.nc -o -name sweep.json \) -newer "$REPORT/report.html" \
+# 5. downstream evals of each final checkpoint: 200 documents per task, 0-shot (already scored: skipped)
+if [ ! -f "$DEMO_DIR/tasks/bible_mix_choice.yaml" ]; then
+    collapse-spectra eval-tasks "$DATA/bible-mix" -o "$DEMO_DIR/tasks"
+fi
+collapse-spectra eval "$STUDY" --tasks bible_mix_cloze,bible_mix_choice --include-path "$DEMO_DIR/tasks" \
+    --limit 200 --num-fewshot 0
+
+# 6. the report, unless it is newer than everything it reads
+newer=$(find "$STUDY" \( -name spectra.nc -o -name surgery.nc -o -name sweep.json -o -name evals.json \) \
+    -newer "$REPORT/report.html" \
     2>/dev/null | head -n 1 || true)
 if [ ! -f "$REPORT/report.html" ] || [ -n "$newer" ]; then
     collapse-spectra report "$STUDY" -o "$REPORT"

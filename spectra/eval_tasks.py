@@ -101,11 +101,7 @@ def _cloze_docs(documents: list[str], min_words: int) -> list[dict[str, str]]:
         parts = sentences(document)
         for i, sentence in enumerate(parts):
             words = sentence.rstrip(".!?;:,'\")").split(" ")
-            if (
-                len(words) < min_words
-                or not _WORD.match(words[-1])
-                or len(words[-1]) < MIN_TARGET_CHARS
-            ):
+            if len(words) < min_words or not _WORD.match(words[-1]) or len(words[-1]) < MIN_TARGET_CHARS:
                 continue
             passage = " ".join([*parts[max(0, i - 2) : i], " ".join(words)])
             docs.append({"text": passage})

@@ -45,6 +45,7 @@ from spectra.load import (
     resolve_device,
     run_dir_of,
 )
+from spectra.study import is_study_dir, read_study
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -97,9 +98,10 @@ def resolve_eval_inputs(path: PathLike, *, all_checkpoints: bool = False) -> lis
 
     - a checkpoint file: that checkpoint of its run;
     - a run directory (or its ``checkpoints/``): its final checkpoint, or every one with ``all_checkpoints``;
-    - a directory of run directories: each run, the same way (sorted by name).
+    - a directory of run directories: each run, the same way (sorted by name);
+    - a study directory (docs/studies.md): its main runs that have checkpoints, in the study's order.
 
-    One function, so that other layouts (a study directory) are resolved in one place.
+    One function, so that every layout is resolved in one place.
 
     Raises
     ------
@@ -111,7 +113,11 @@ def resolve_eval_inputs(path: PathLike, *, all_checkpoints: bool = False) -> lis
         return [EvalTarget(run_dir_of(path), (path,))]
     if not path.is_dir():
         raise SpectraError(f"{path}: no such checkpoint, run directory or directory of runs")
-    if _is_run_dir(path):
+    if is_study_dir(path):
+        runs = [run for run in read_study(path).run_dirs("main") if (run / "checkpoints").is_dir()]
+        if not runs:
+            raise SpectraError(f"{path}: no run of the study has checkpoints yet")
+    elif _is_run_dir(path):
         runs = [path]
     else:
         runs = sorted(child for child in path.iterdir() if child.is_dir() and _is_run_dir(child))

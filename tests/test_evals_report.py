@@ -155,3 +155,32 @@ def test_the_report_modules_import_no_torch() -> None:
         "spectra.eval_tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_report_shows_rank_vs_reasoning_and_when_collapse_happens(study, tmp_path: Path) -> None:
+    from spectra.report import build_report
+
+    runs = sorted(p for p in tmp_path.iterdir() if (p / "spectra.nc").is_file())
+    dense = tmp_path / "dense"
+    write_cube(dense / "spectra.nc", dense_cube("dense-a1", 0, (3e5, 3e6)))
+    out = tmp_path / "report"
+    build_report([*runs, dense], out, n_resamples=100)
+    md = (out / "report.md").read_text()
+    rank = md[md.index("## Does rank predict reasoning?") : md.index("## Gamma vs importance")]
+    assert "Scores per run, task and metric" in rank and "The plan's table D" in rank
+    assert "difference A2 − B1" in (out / "tables" / "table_d.csv").read_text().replace("-", "−")
+    assert "Spearman ρ" in rank and (out / "figures" / "pr_vs_score_choice.png").is_file()
+    when = md[md.index("## When does collapse happen?") : md.index("## Spectral shape")]
+    assert "the breakpoints BIC chose" in when and (out / "figures" / "trajectory_breakpoints.png").is_file()
+    assert "| dense-a1 |" in when
+    headline = md[md.index("## Headline") : md.index("## Comparisons")]
+    assert "fraction_of_null" in headline and "null_mean" in headline
+
+
+def test_without_evals_the_section_says_how_to_get_them(tmp_path: Path) -> None:
+    from spectra.report import build_report
+
+    write_cube(tmp_path / "a1" / "spectra.nc", synthetic_cube("a1"))
+    build_report([tmp_path / "a1"], tmp_path / "report", n_resamples=100)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "**Downstream evals: not applicable.** No run has an evals.json" in md

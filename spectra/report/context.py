@@ -14,6 +14,8 @@ from spectra import gamma as gamma_analysis
 from spectra import stats
 from spectra.cube_io import open_cube, open_cubes
 from spectra.errors import SpectraError
+from spectra.evals_io import read_eval_results
+from spectra.null import headline_with_null
 from spectra.report.inputs import RunInput, load_surgery
 from spectra.study import Study
 
@@ -36,6 +38,8 @@ class ReportContext:
     """Surgery results by run label, for the runs that have one."""
     studies: list[Study]
     """The study directories among the inputs (their runs carry the study's labels)."""
+    evals: list[dict]
+    """Each run's eval results (``evals.json``), for the runs that have them."""
     site: str
     convention: str
     centering: str
@@ -49,6 +53,8 @@ class ReportContext:
     summaries: pd.DataFrame = field(init=False)
     configs: pd.DataFrame = field(init=False)
     comparisons: pd.DataFrame = field(init=False)
+    headline: pd.DataFrame = field(init=False)
+    """``summaries`` with each run's PR against its Gaussian null (:func:`spectra.null.headline_with_null`)."""
 
     def __post_init__(self) -> None:
         kw = self.labels_kw
@@ -63,6 +69,12 @@ class ReportContext:
         self.comparisons = stats.compare_configurations(
             self.summaries, n_resamples=self.n_resamples, seed=self.seed
         )
+        self.headline = headline_with_null(self.summaries, self.ds)
+
+    def plan_label(self, cell: str) -> str:
+        """The runs' label of a plan cell (``A2``): a study's own name for it, or the cell where none or several."""
+        labels = set(self.runs.loc[self.runs["plan_cell"] == cell, "label"])
+        return next(iter(labels)) if len(labels) == 1 else cell
 
     @property
     def measure(self) -> dict[str, str]:
@@ -144,6 +156,7 @@ def load_context(
         run_names=run_names,
         surgeries=surgeries,
         studies=list(studies),
+        evals=[read_eval_results(r.evals) for r in runs_in if r.evals is not None],
         site=site,
         convention=convention,
         centering=centering,

@@ -12,6 +12,7 @@ import xarray as xr
 
 from spectra.cube_io import CUBE_FILENAME, find_cubes, open_cube, read_netcdf
 from spectra.errors import SpectraError
+from spectra.evals_io import EVALS_FILENAME
 
 SURGERY_FILENAME = "surgery.nc"
 SURGERY_FORMAT = "collapse-surgery"
@@ -25,6 +26,8 @@ class RunInput:
 
     cube: Path
     surgery: Path | None = None
+    evals: Path | None = None
+    """The run's ``evals.json`` (``collapse-spectra eval``), when there is one."""
 
 
 def resolve_inputs(inputs: Iterable[PathLike]) -> tuple[list[RunInput], list[tuple[Path, str]]]:
@@ -58,10 +61,12 @@ def resolve_inputs(inputs: Iterable[PathLike]) -> tuple[list[RunInput], list[tup
 
 def _run_input(cube: Path) -> RunInput:
     sibling = cube.parent / SURGERY_FILENAME
+    evals = cube.parent / EVALS_FILENAME
+    evals_path = evals if cube.name == CUBE_FILENAME and evals.is_file() else None
     if not sibling.is_file():
-        return RunInput(cube)
-    if cube.name == CUBE_FILENAME:  # a run directory's own cube: its surgery.nc is the run's
-        return RunInput(cube, sibling)
+        return RunInput(cube, None, evals_path)
+    if cube.name == CUBE_FILENAME:  # a run directory's own cube: its surgery.nc and evals.json are the run's
+        return RunInput(cube, sibling, evals_path)
     run_name = open_cube(cube).attrs.get("run_name")
     return RunInput(cube, sibling if load_surgery(sibling).attrs.get("run_name") == run_name else None)
 

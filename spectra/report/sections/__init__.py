@@ -4,6 +4,8 @@
 (a :class:`~spectra.report.document.NotApplicable` block) instead of disappearing.
 """
 
+from spectra.report.sections.dynamics import dynamics_section
+from spectra.report.sections.evals import evals_section
 from spectra.report.sections.gamma import gamma_section
 from spectra.report.sections.learning_rate import learning_rate_section
 from spectra.report.sections.measurement import sensitivity_section
@@ -27,9 +29,11 @@ SECTIONS = (
     comparisons_section,
     sensitivity_section,
     trajectories_section,
+    dynamics_section,
     shape_section,
     data_complexity_section,
     loss_section,
+    evals_section,
     gamma_section,
     surgery_section,
     provenance_section,
