@@ -59,7 +59,7 @@ Block = Heading | Paragraph | Bullets | Table | FigureBlock | NotApplicable | De
 
 
 def _format_value(value, spec: str | None) -> str:
-    if value is None:
+    if value is None or value is pd.NA or value is pd.NaT:
         return "—"
     if isinstance(value, (float, np.floating)):
         if np.isnan(value):
