@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import device_option, reports_errors
+from cli.common import device_option, no_progress_option, reports_errors
 from spectra.eval_tasks import write_dataset_tasks
 from spectra.evals import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP_ITERS, evaluate
 
@@ -67,6 +67,7 @@ def _tasks(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     show_default=True,
     help="lm-eval's bootstrap resamples for standard errors without a closed form (perplexity).",
 )
+@no_progress_option
 @reports_errors
 def eval_command(
     path: Path,
@@ -79,12 +80,14 @@ def eval_command(
     device: str,
     batch_size: int,
     bootstrap_iters: int,
+    no_progress: bool,
 ) -> None:
     """Score checkpoints on lm-eval tasks and write the results to RUN/evals.json.
 
     CHECKPOINT_OR_RUN_OR_RUNS is one checkpoint file, a run directory (its final checkpoint, or every one with
-    --all-checkpoints), a directory of run directories or a study directory (its main runs). Evaluations already in a run's evals.json are skipped;
-    the file is rewritten atomically after each checkpoint. Needs the optional 'eval' extra (lm-eval).
+    --all-checkpoints), a directory of run directories or a study directory (its main runs). Evaluations
+    already in a run's evals.json are skipped; the file is rewritten atomically after each checkpoint, by one
+    process at a time. Needs the optional 'eval' extra (lm-eval).
     """
     results = evaluate(
         path,
@@ -98,6 +101,7 @@ def eval_command(
         batch_size=batch_size,
         bootstrap_iters=bootstrap_iters,
         echo=click.echo,
+        progress=not no_progress,
     )
     for result in results:
         click.echo(f"{result.path}: {len(result.added)} added, {len(result.skipped)} already there")

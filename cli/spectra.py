@@ -23,7 +23,10 @@ COMMANDS = {
         "cli.analysis:report",
         "Write the HTML and Markdown report over RUN_OR_CUBE... into a directory and print its path.",
     ),
-    "eval": ("cli.evals:eval_command", "Score checkpoints on lm-eval tasks and write the results to RUN/evals.json."),
+    "eval": (
+        "cli.evals:eval_command",
+        "Score checkpoints on lm-eval tasks and write the results to RUN/evals.json.",
+    ),
     "eval-tasks": (
         "cli.evals:eval_tasks",
         "Write a LAMBADA-style cloze and a HellaSwag-style choice task cut from DATA_DIR's held-out test split.",

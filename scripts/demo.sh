@@ -47,7 +47,7 @@ if [ ! -f "$DEMO_DIR/tasks/bible_mix_choice.yaml" ]; then
     collapse-spectra eval-tasks "$DATA/bible-mix" -o "$DEMO_DIR/tasks"
 fi
 collapse-spectra eval "$STUDY" --tasks bible_mix_cloze,bible_mix_choice --include-path "$DEMO_DIR/tasks" \
-    --limit 200 --num-fewshot 0
+    --limit 200 --num-fewshot 0 --no-progress
 
 # 6. the report, unless it is newer than everything it reads
 newer=$(find "$STUDY" \( -name spectra.nc -o -name surgery.nc -o -name sweep.json -o -name evals.json \) \

@@ -37,6 +37,7 @@ from typing import Any
 
 from spectra.errors import SpectraError
 from spectra.evals_io import evals_path, read_eval_results, record_key, write_eval_results
+from spectra.fileio import ExclusiveLock, remove_stale_temporaries
 from spectra.load import (
     Checkpoint,
     find_checkpoints,
@@ -315,10 +316,11 @@ def evaluate_checkpoint(
     limit: int | None = None,
     include_path: Iterable[PathLike] = (),
     data_dir: PathLike | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     task_manager: Any = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Score one checkpoint on ``tasks`` with ``lm_eval.simple_evaluate``; one record per task (see evals_io).
 
@@ -344,6 +346,8 @@ def evaluate_checkpoint(
     task_manager
         An ``lm_eval.tasks.TaskManager`` to use; default [`task_manager_for`][spectra.evals.task_manager_for]
         ``(tasks, include_path)``.
+    progress
+        Show the progress bar of the log-likelihood requests (on stderr).
 
     Returns
     -------
@@ -370,7 +374,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev)
     tok, eot_id, tok_sha, directory = load_dataset_tokenizer(ckpt, data_dir)
-    lm = CollapseLM(ckpt.model, tok, eot_id, batch_size=batch_size, device=dev)
+    lm = CollapseLM(ckpt.model, tok, eot_id, batch_size=batch_size, device=dev, progress=progress)
 
     context = {
         "checkpoint": ckpt.path.name,
@@ -453,10 +457,11 @@ def evaluate(
     limit: int | None = None,
     include_path: Iterable[PathLike] = (),
     data_dir: PathLike | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
     echo: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> list[EvalResult]:
     """Evaluate the checkpoints ``path`` names and add the scores to each run's ``evals.json``.
 
@@ -469,7 +474,7 @@ def evaluate(
         lm-eval task names.
     all_checkpoints
         Every checkpoint of each run instead of the final one.
-    num_fewshot, limit, include_path, data_dir, device, batch_size, bootstrap_iters
+    num_fewshot, limit, include_path, data_dir, device, batch_size, bootstrap_iters, progress
         As for [`evaluate_checkpoint`][spectra.evals.evaluate_checkpoint].
     echo
         Called with a line per checkpoint evaluated or skipped (the command prints them).
@@ -488,39 +493,45 @@ def evaluate(
     tasks = list(dict.fromkeys(tasks))
     fewshot = parse_num_fewshot(num_fewshot, tasks)
     targets = resolve_eval_inputs(path, all_checkpoints=all_checkpoints)
+    options = dict(
+        limit=limit, include_path=include_path, data_dir=data_dir, device=device, batch_size=batch_size,
+        bootstrap_iters=bootstrap_iters, progress=progress,
+    )  # fmt: skip
     results = []
     for target in targets:
         file = evals_path(target.run_dir)
-        records = read_eval_results(file)["records"] if file.exists() else []
-        done = {record_key(r) for r in records}
-        run_name = _run_name(target.run_dir, target.checkpoints)
-        added, skipped = [], []
-        for checkpoint in target.checkpoints:
-            todo = [t for t in tasks if (checkpoint.name, t, fewshot[t], limit) not in done]
-            skipped += [(checkpoint.name, t) for t in tasks if t not in todo]
-            if not todo:
-                if echo:
-                    echo(f"{checkpoint}: {', '.join(tasks)} already in {file}")
-                continue
-            new = evaluate_checkpoint(
-                checkpoint,
-                todo,
-                num_fewshot={t: n for t, n in fewshot.items() if t in todo and n is not None},
-                limit=limit,
-                include_path=include_path,
-                data_dir=data_dir,
-                device=device,
-                batch_size=batch_size,
-                bootstrap_iters=bootstrap_iters,
-            )
-            records += new
-            done |= {record_key(r) for r in new}
-            added += [(checkpoint.name, t) for t in todo]
-            write_eval_results(target.run_dir, run_name, records)  # after each checkpoint: a kill loses one
-            if echo:
-                echo(f"{checkpoint}: {_summary(new)}")
-        results.append(EvalResult(path=file, added=tuple(added), skipped=tuple(skipped)))
+        # one evaluation at a time adds to a run's evals.json; a killed one's temporaries are removed
+        with ExclusiveLock(file, f"eval results {file}"):
+            remove_stale_temporaries(file)
+            results.append(_evaluate_run(target, tasks, fewshot, options, echo))
     return results
+
+
+def _evaluate_run(
+    target: EvalTarget, tasks: list[str], fewshot: dict[str, int | None], options: dict, echo
+) -> EvalResult:
+    """Score the target's checkpoints on the tasks its evals.json does not hold yet (see :func:`evaluate`)."""
+    file = evals_path(target.run_dir)
+    records = read_eval_results(file)["records"] if file.exists() else []
+    done = {record_key(r) for r in records}
+    run_name = _run_name(target.run_dir, target.checkpoints)
+    added, skipped = [], []
+    for checkpoint in target.checkpoints:
+        todo = [t for t in tasks if (checkpoint.name, t, fewshot[t], options["limit"]) not in done]
+        skipped += [(checkpoint.name, t) for t in tasks if t not in todo]
+        if not todo:
+            if echo:
+                echo(f"{checkpoint}: {', '.join(tasks)} already in {file}")
+            continue
+        counts = {t: n for t, n in fewshot.items() if t in todo and n is not None}
+        new = evaluate_checkpoint(checkpoint, todo, num_fewshot=counts, **options)
+        records += new
+        done |= {record_key(r) for r in new}
+        added += [(checkpoint.name, t) for t in todo]
+        write_eval_results(target.run_dir, run_name, records)  # after each checkpoint: a kill loses one
+        if echo:
+            echo(f"{checkpoint}: {_summary(new)}")
+    return EvalResult(path=file, added=tuple(added), skipped=tuple(skipped))
 
 
 def task_manager_for(tasks: Sequence[str], include_path: Iterable[PathLike] = ()):

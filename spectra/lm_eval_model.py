@@ -67,8 +67,10 @@ class CollapseLM(TemplateLM):
         *,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
+        progress: bool = True,
     ) -> None:
         super().__init__()
+        self.progress = progress
         if batch_size < 1:
             raise SpectraError(f"batch_size must be positive, got {batch_size}")
         self.model = model.to(device).eval()
@@ -114,7 +116,7 @@ class CollapseLM(TemplateLM):
             inputs.append((whole, len(continuation)))
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
         results: list[tuple[float, bool] | None] = [None] * len(inputs)
-        bar = tqdm(total=len(order), desc="log-likelihoods", disable=disable_tqdm)
+        bar = tqdm(total=len(order), desc="log-likelihoods", disable=disable_tqdm or not self.progress)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             for i, result in zip(batch, self._score_batch([inputs[i] for i in batch])):

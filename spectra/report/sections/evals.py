@@ -95,7 +95,7 @@ def _rank_vs_score(ctx: ReportContext, w: ReportWriter, scores, tasks) -> list[B
     if notes:
         notes.append(
             "Whatever ρ is, the runs of one configuration share everything but the seed, so n runs are not n "
-            "independent tests of \"higher rank, better model\"; configurations differ in more than their rank "
+            'independent tests of "higher rank, better model"; configurations differ in more than their rank '
             "(optimizer, QK-norm, data), so a correlation across them is not an effect of rank."
         )
         blocks.append(Bullets(notes))
