@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import sys
 from collections.abc import Callable
@@ -119,8 +120,6 @@ class LazyGroup(click.Group):
             return None
         module_name, attribute = self.lazy[name][0].split(":")
         try:
-            import importlib
-
             command = getattr(importlib.import_module(module_name), attribute)
         except KeyboardInterrupt:
             raise Interrupted() from None

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 
 from spectra.errors import SpectraError
+from spectra.study import read_study
 
 __all__ = [
     "CUBE_FILENAME",
@@ -168,8 +169,6 @@ def find_cubes(paths: PathLike | Iterable[PathLike]) -> tuple[list[Path], list[t
         if not p.is_dir():
             files.append(p)
         elif (p / "study.json").is_file():  # a study directory: its main runs (docs/studies.md)
-            from spectra.study import read_study
-
             for run in read_study(p).run_dirs("main"):
                 if (run / CUBE_FILENAME).is_file():
                     files.append(run / CUBE_FILENAME)

@@ -239,6 +239,16 @@ def run_attrs(ckpt: Checkpoint, input_ids: torch.Tensor, drop_first: int, n_toke
     }
 
 
+def check_enough_tokens(n_tokens: int, head_dim: int, drop_first: int) -> None:
+    """Refuse a batch that gives fewer token vectors per head than ``head_dim`` (spectra rank-deficient by
+    construction), for our checkpoints and public models alike."""
+    if n_tokens < head_dim:
+        raise SpectraError(
+            f"the eval batch gives N={n_tokens} tokens per head after drop_first={drop_first}, fewer than "
+            f"head_dim={head_dim}: every spectrum would be rank-deficient by construction"
+        )
+
+
 def spectra_for_checkpoint(
     ckpt: Checkpoint, input_ids: torch.Tensor, *, drop_first: int = 0, device: str | torch.device = "cpu"
 ) -> xr.Dataset:
@@ -277,11 +287,7 @@ def spectra_for_checkpoint(
     cfg = ckpt.model_config
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
     n_tokens = check_batch(model, input_ids, drop_first)
-    if n_tokens < D:
-        raise SpectraError(
-            f"the eval batch gives N={n_tokens} tokens per head after drop_first={drop_first}, fewer than "
-            f"head_dim={D}: every spectrum would be rank-deficient by construction"
-        )
+    check_enough_tokens(n_tokens, D, drop_first)
     per_layer = capture_qk(model, input_ids, drop_first=drop_first, reduce=layer_reducer(H, Hkv, D))
 
     attns = [block.attn for block in model.blocks]
@@ -580,6 +586,7 @@ def _batch_file(batch: str | os.PathLike | None, first_path: Path, first: dict[s
 
 __all__ = [
     "CENTERINGS",
+    "check_enough_tokens",
     "CUBE_FORMAT",
     "CUBE_FORMAT_VERSION",
     "ExtractResult",

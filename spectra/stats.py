@@ -265,6 +265,13 @@ def _coord_at(ds: xr.Dataset, name: str, i: int) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def plan_cell_label(runs: pd.DataFrame, cell: str) -> str:
+    """The runs' label of a plan cell (``A2``): a study's own name for it, or the cell where no label or
+    several map onto it (``runs`` has ``label`` and ``plan_cell`` columns, as :func:`run_table` gives)."""
+    labels = set(runs.loc[runs["plan_cell"] == cell, "label"].astype(str))
+    return next(iter(labels)) if len(labels) == 1 else cell
+
+
 def resolve_pairs(runs: pd.DataFrame, pairs: Sequence[PlannedPair] = PLAN_PAIRS) -> list[PlannedPair]:
     """The plan's pairs in terms of the runs' own labels.
 
@@ -279,17 +286,9 @@ def resolve_pairs(runs: pd.DataFrame, pairs: Sequence[PlannedPair] = PLAN_PAIRS)
     >>> [p.name for p in resolve_pairs(runs)][:1]
     ['muon-qk vs muon-noqk']
     """
-    by_cell: dict[str, set[str]] = {}
-    for label, cell in zip(runs["label"], runs["plan_cell"]):
-        by_cell.setdefault(str(cell), set()).add(str(label))
-
-    def label_of(cell: str) -> str:
-        labels = by_cell.get(cell, set())
-        return next(iter(labels)) if len(labels) == 1 else cell
-
     out = []
     for p in pairs:
-        a, b = label_of(p.a), label_of(p.b)
+        a, b = plan_cell_label(runs, p.a), plan_cell_label(runs, p.b)
         question = p.question if (a, b) == (p.a, p.b) else f"{p.question} (the plan's {p.a} vs {p.b})"
         out.append(PlannedPair(a, b, question))
     return out

@@ -475,9 +475,8 @@ class _Setup:
     used_hash: str
 
 
-def _data_hash(data_dir: Path, ckpt: Checkpoint, force: bool) -> str:
+def _data_hash(meta: dict, data_dir: Path, ckpt: Checkpoint, force: bool) -> str:
     """The eval-batch hash of the dataset's meta.json, checked against the checkpoint's (see run_surgery)."""
-    meta = read_dataset_meta(data_dir)
     eval_meta = meta.get("eval_batch")
     data_hash = eval_meta.get("sha256") if isinstance(eval_meta, dict) else None
     if not isinstance(data_hash, str):
@@ -520,13 +519,13 @@ def _setup(
             raise SpectraError(f"{ckpt.path}: no dataset directory recorded; pass data_dir (--data)")
         data_dir = ckpt.data_dir
     data_dir = Path(data_dir)
-    used_hash = _data_hash(data_dir, ckpt, force)
+    meta = read_dataset_meta(data_dir)
+    used_hash = _data_hash(meta, data_dir, ckpt, force)
     seq_len = seq_len or int(_run_field(ckpt, "train", "seq_len"))
     if not 0 < seq_len <= cfg.context_length:
         raise SpectraError(
             f"seq_len={seq_len} must be in 1..{cfg.context_length} (the model's context_length)"
         )
-    meta = read_dataset_meta(data_dir)
     windows = loss_windows(
         read_test_split(data_dir, cfg.vocab_size), seq_len, test_tokens, cfg.vocab_size,
         source=str(data_dir / meta["splits"]["test"]["file"]),

@@ -145,7 +145,9 @@ def milestone_steps(cfg: RunConfig, tokens_per_step: int, total_steps: int) -> l
         if "log" in schedules:
             if t.n_log_milestones < 1:
                 raise TrainerError(f"train.n_log_milestones must be at least 1, got {t.n_log_milestones}")
-            points = np.geomspace(1, total_steps, t.n_log_milestones) if t.n_log_milestones > 1 else [total_steps]
+            points = (
+                np.geomspace(1, total_steps, t.n_log_milestones) if t.n_log_milestones > 1 else [total_steps]
+            )
             steps |= {int(round(float(p))) for p in points}
     else:
         raise TrainerError(f"train.milestones: unknown schedule {t.milestones!r}")
@@ -423,15 +425,6 @@ class Checkpointer:
         limit = None if max_step is None else max_step * self.tokens_per_step
         found = [p for tokens, p in list_checkpoints(self.directory) if limit is None or tokens <= limit]
         return found[-1] if found else None
-
-    def remove_partial_files(self) -> list[Path]:
-        """Delete temporary files a killed writer left behind (never a final-named file)."""
-        if not self.enabled or not self.directory.is_dir():
-            return []
-        stale = [p for p in self.directory.glob(".tokens_*.tmp") if p.is_file()]
-        for p in stale:
-            p.unlink()
-        return stale
 
 
 class RunRecord:

@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 
 from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
 from spectra.errors import SpectraError
-from spectra.extract import ExtractResult, combine_steps, layer_reducer, step_dataset, write_cube
+from spectra.extract import (
+    ExtractResult,
+    check_enough_tokens,
+    combine_steps,
+    layer_reducer,
+    step_dataset,
+    write_cube,
+)
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from spectra.hf.adapters import (
     Architecture,
@@ -271,11 +278,7 @@ def spectra_for_public_model(
     model, arch, dims = loaded.model, loaded.arch, loaded.dims
     H, Hkv, D = dims.n_heads, dims.n_kv_heads, dims.head_dim
     n_tokens = check_public_batch(model, input_ids, drop_first)
-    if n_tokens < D:
-        raise SpectraError(
-            f"the eval batch gives N={n_tokens} tokens per head after drop_first={drop_first}, fewer than "
-            f"head_dim={D}: every spectrum would be rank-deficient by construction"
-        )
+    check_enough_tokens(n_tokens, D, drop_first)
     per_layer = capture_public_qk(model, input_ids, drop_first=drop_first, reduce=layer_reducer(H, Hkv, D))
     attns = attention_modules(model, arch)
     with torch.no_grad():

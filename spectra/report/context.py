@@ -73,8 +73,7 @@ class ReportContext:
 
     def plan_label(self, cell: str) -> str:
         """The runs' label of a plan cell (``A2``): a study's own name for it, or the cell where none or several."""
-        labels = set(self.runs.loc[self.runs["plan_cell"] == cell, "label"])
-        return next(iter(labels)) if len(labels) == 1 else cell
+        return stats.plan_cell_label(self.runs, cell)
 
     @property
     def measure(self) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import pandas as pd
 
 from spectra import plots
 from spectra.errors import SpectraError
+from spectra.fileio import replace_directory
 from spectra.report.document import Block, FigureBlock, NotApplicable
 
 MANIFEST = "report-files.json"
@@ -81,6 +83,11 @@ class ReportWriter:
     def manifest(self) -> None:
         files = sorted(set(self.written) | {MANIFEST})
         self.text(MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+
+
+def file_stem(text: str, default: str = "run") -> str:
+    """``text`` made safe as a file name stem under ``figures/`` or ``tables/`` (``default`` when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or default
 
 
 def read_manifest(out: Path) -> list[str] | None:
@@ -158,6 +165,4 @@ def commit(staging: Path, out: Path, previous: list[str] | None) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    from spectra.fileio import replace_directory
-
     replace_directory(staging, out)

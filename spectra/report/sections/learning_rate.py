@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from spectra import plots_sweep
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, NotApplicable, Paragraph, Table
-from spectra.report.output import ReportWriter
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "study"
+from spectra.report.output import ReportWriter, file_stem
 
 
 def learning_rate_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
@@ -19,7 +13,7 @@ def learning_rate_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         return []  # runs outside a study: their learning rates are in each run's config (provenance)
     blocks: list[Block] = [Heading(1, "Learning rates")]
     for study in ctx.studies:
-        stem = _slug(study.name)
+        stem = file_stem(study.name, "study")
         configurations = study.configurations()
         table = study.sweep_table()
         blocks.append(Heading(2, f"Study {study.name}"))

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from spectra import plots, stats
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Table
-from spectra.report.output import ReportWriter
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+from spectra.report.output import ReportWriter, file_stem
 
 
 def _seed_band(ctx: ReportContext) -> str:
@@ -49,8 +43,8 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     )
     blocks.append(Heading(2, "Per layer, per run"))
     for i, name in enumerate(ctx.run_names):
-        stem = f"heatmap_{_slug(name)}"
-        if any(_slug(other) == _slug(name) for other in ctx.run_names[:i]):
+        stem = f"heatmap_{file_stem(name)}"
+        if any(file_stem(other) == file_stem(name) for other in ctx.run_names[:i]):
             stem += f"_{i}"  # run names that differ only in characters a file name cannot hold
         w.figure(
             blocks,
