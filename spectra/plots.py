@@ -161,6 +161,12 @@ def _pr_label(convention: str) -> str:
     return f"participation ratio ({stats.CONVENTION_NAMES[convention]})"
 
 
+def _pr_axis_label(convention: str, scope: str, mean: bool = True) -> str:
+    """A y-axis label for a PR, on three short lines, so that it fits the axes' height however tall the
+    legend below them is."""
+    return f"{'mean ' if mean else ''}participation ratio\n({stats.CONVENTION_NAMES[convention]})\n{scope}"
+
+
 def _title(fig: Figure, title: str, *subtitles: str) -> None:
     # wrap to the figure's width so that no line is clipped (about 11 characters per inch at 11 pt)
     width = max(40, int(fig.get_figwidth() * 11))
@@ -214,6 +220,18 @@ def _seed_lineplot(ax, df: pd.DataFrame, x: str, y: str, labels: Sequence[str], 
     return "configuration (one seed each: no band)" if seeds else "configuration"
 
 
+def figure_legend(fig: Figure, handles: Sequence, texts: Sequence[str], ncols: int = 2, **kwargs) -> None:
+    """A legend under the axes of ``fig``, in ``ncols`` columns if they fit the figure's width, else one.
+
+    Long entries (a configuration's description and its number of seeds) in two columns can be wider
+    than the figure, and a legend wider than its figure is clipped at both sides.
+    """
+    legend = fig.legend(handles, texts, loc="outside lower center", ncols=ncols, fontsize=8, **kwargs)
+    if ncols > 1 and legend.get_window_extent(fig.canvas.get_renderer()).width > fig.bbox.width:
+        legend.remove()
+        fig.legend(handles, texts, loc="outside lower center", ncols=1, fontsize=8, **kwargs)
+
+
 def _legend_below(ax, title: str = "configuration") -> None:
     """Move the axes' legend under the plot, where it hides no data."""
     legend = ax.get_legend()
@@ -221,9 +239,7 @@ def _legend_below(ax, title: str = "configuration") -> None:
         legend.remove()
     handles, texts = ax.get_legend_handles_labels()
     if handles:
-        ax.figure.legend(
-            handles, texts, title=title, fontsize=8, title_fontsize=8, loc="outside lower center", ncols=2
-        )
+        figure_legend(ax.figure, handles, texts, title=title, title_fontsize=8)
 
 
 def _require(df: pd.DataFrame, what: str, why: str) -> None:
@@ -266,7 +282,7 @@ def trajectory(
     ax = axes[0, 0]
     title = _seed_lineplot(ax, table, "tokens", y, labels)
     _tokens_axis(ax)
-    ax.set_ylabel(f"mean {_pr_label(convention)}\nover layers and heads")
+    ax.set_ylabel(_pr_axis_label(convention, "over layers and heads"))
     _legend_below(ax, title)
     _title(
         fig,
@@ -454,7 +470,7 @@ def data_complexity(
     ]
     title = _seed_lineplot(ax, df, "layer", "pr", pair)
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"{_pr_label(convention)}\nmean over heads")
+    ax.set_ylabel(_pr_axis_label(convention, "mean over heads", mean=False))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend_below(ax, title)
     _title(
@@ -547,17 +563,15 @@ def pr_vs_loss(
         )
         seen.add(label)
     ax.set_xlabel("validation loss (nats/token)")
-    ax.set_ylabel(f"mean {_pr_label(convention)}\nover layers and heads")
+    ax.set_ylabel(_pr_axis_label(convention, "over layers and heads"))
     handles, texts = ax.get_legend_handles_labels()
     order = [texts.index(stats.describe_label(lab)) for lab in labels]
-    fig.legend(
+    figure_legend(
+        fig,
         [handles[i] for i in order],
         [texts[i] for i in order],
         title="configuration (one line per run)",
-        fontsize=8,
         title_fontsize=8,
-        loc="outside lower center",
-        ncols=2,
     )
     _title(
         fig,
@@ -746,13 +760,7 @@ def surgery_curves(surgeries: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
     for k in range(len(items), nrows * ncols):
         axes[k // ncols, k % ncols].set_visible(False)
     # as many legend columns as fit the figure's width: a single panel's legend must not be clipped
-    fig.legend(
-        list(handles.values()),
-        list(handles.keys()),
-        loc="outside lower center",
-        ncols=min(2, ncols),
-        fontsize=8,
-    )
+    figure_legend(fig, list(handles.values()), list(handles.keys()), ncols=min(2, ncols))
     test_tokens = {s.attrs.get("test_tokens") for s in items}
     sub = "loss on the held-out test split (never used for any SVD)"
     if len(test_tokens) == 1 and None not in test_tokens:

@@ -12,7 +12,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from spectra import stats
 from spectra.errors import SpectraError
-from spectra.plots import _title, label_palette, new_figure
+from spectra.plots import _title, figure_legend, label_palette, new_figure
 
 
 def swept_rate(table: pd.DataFrame, optimizers: dict[str, str]) -> pd.Series:
@@ -78,7 +78,7 @@ def lr_sweep(table: pd.DataFrame, configurations: pd.DataFrame, study: str = "")
     ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a log axis crowd each other
     ax.set_xlabel("swept learning rate (Muon: optim.muon_lr; AdamW: optim.lr)")
     ax.set_ylabel("validation loss at the end of the sweep run\n(nats/token)")
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=8)
+    figure_legend(fig, *ax.get_legend_handles_labels())
     n = len(df)
     _title(
         fig,

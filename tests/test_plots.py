@@ -172,3 +172,10 @@ def test_legends_say_how_many_seeds_and_announce_a_band_only_where_there_is_one(
     for fig in (plots.trajectory(one_seed), plots.waterfall(one_seed), plots.loss_curves(one_seed)):
         title, entries = _legend(fig)
         assert "band" not in title.replace("no band", "") and "one seed each" in title
+
+
+def test_a_legend_too_wide_for_two_columns_falls_back_to_one(cubes):
+    fig = plots.trajectory(cubes)  # six configurations with long names and seed counts
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width
