@@ -150,6 +150,15 @@ def test_polar_express_needs_the_batched_muon_and_five_steps():
         load_config("tiny", ["optim.muon_coefficients=polar_express", "optim.muon_ns_steps=4"])
 
 
+def test_float_precision_fields_refuse_what_cannot_run():
+    assert load_config("tiny", ["optim.muon_ns_dtype=float64"]).optim.muon_ns_dtype == "float64"
+    with pytest.raises(ConfigError, match="torch.optim.Muon always orthogonalises in bfloat16"):
+        load_config("tiny", ["optim.muon_ns_dtype=float32", "optim.muon_impl=torch"])
+    assert load_config("tiny", ["train.weights_dtype=float64"]).train.weights_dtype == "float64"
+    with pytest.raises(ConfigError, match="train.dtype='bfloat16' would autocast"):
+        load_config("tiny", ["train.weights_dtype=float64", "train.dtype=bfloat16"])
+
+
 def test_wsd_warmup_and_decay_must_fit():
     with pytest.raises(ConfigError, match="optim.decay_frac"):
         load_config("tiny", ["optim.schedule=wsd", "optim.warmup_frac=0.5", "optim.decay_frac=0.6"])

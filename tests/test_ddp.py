@@ -23,16 +23,19 @@ pytestmark = [
 ]
 
 
-def overrides(vocab: int, batch_size: int, optim: str = "muon", impl: str = "batched") -> list[str]:
+def overrides(
+    vocab: int, batch_size: int, optim: str = "muon", impl: str = "batched", ns_dtype: str = "bfloat16"
+) -> list[str]:
     return tiny_overrides(
         vocab,
-        optim={"name": optim, "muon_impl": impl},
+        optim={"name": optim, "muon_impl": impl, "muon_ns_dtype": ns_dtype},
         tokens=1280,  # 5 steps of 2 x 4 x 32 (world size 2) or 1 x 8 x 32 tokens
         batch_size=batch_size,
         grad_accum=1,
         log_every=1,
         milestones="list",
         milestone_tokens=[512],
+        weights_dtype="float64",
     )
 
 
@@ -64,30 +67,45 @@ def torchrun(n_procs: int, data_dir: Path, out: Path, sets: list[str], timeout: 
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-# Tolerances per optimizer, measured: two ranks reduce gradients in another order than one process, which
-# changes float32 sums by about 1e-7. AdamW keeps that size (1e-7 over five steps). Muon (both
-# implementations) orthogonalises in bfloat16 (torch/optim/_muon.py, trainer/muon.py), so such a difference can flip a bfloat16 rounding and
-# grow to about 1e-4 in the grad norms within five steps, depending on the corpus. The AdamW case is the
-# strict check of the data-parallel arithmetic; the Muon case checks that Muon under DDP follows the same
-# trajectory to bfloat16 precision.
-TOLERANCES = {
-    "adamw": dict(metrics=1e-5, weights=dict(rtol=1e-4, atol=1e-5)),
-    # a flipped bfloat16 rounding moves a weight by about lr * 2**-8 per step: 3.5e-4 measured after 5 steps
-    "muon": dict(metrics=2e-3, weights=dict(rtol=0.0, atol=1e-3)),
-}
+# Why 1e-10, for every case below. The runs are float64 end to end (weights, activations, loss, gradients,
+# optimizer states). Two ranks differ from one process only in the order of floating-point sums (each rank's
+# half-batch mean, then gloo's average of the two), so the gradients differ by rounding: a sum of n terms errs
+# by at most about n * 2**-53 * sum|x|, i.e. 1e-14 relative here (n is at most a few thousand), and five steps
+# of AdamW or Muon (smooth maps, run for five steps at small learning rates) keep that within 1e-12. A real
+# data-parallel bug (a rank's gradient not averaged, a batch slice read twice, a step missing) moves weights by
+# at least a learning rate times a gradient, over 1e-5: 1e-10 sits five orders below the one and two above the
+# other.
+#
+# The bfloat16 Muon cases orthogonalise in bfloat16, as Muon does in production (torch.optim.Muon hard-codes it).
+# Casting two float64 gradients that differ by 1e-14 relative to bfloat16 rounds them to the same value unless a
+# rounding boundary (spaced 2**-8 relative apart) falls between them: probability about 1e-14 / 2**-8 = 3e-12
+# per element, and 5 steps x 14,336 Muon elements make the chance of a single flip in this test about 2e-7.
+# Without a flip the bfloat16 orthogonalisations of the two runs take identical inputs and return identical
+# outputs (one thread each), so these cases pass at 1e-10 too, and a data-parallel bug in the Muon path shows
+# at its full size.
+RTOL = ATOL = 1e-10
 
 
-@pytest.mark.parametrize(("optim", "impl"), [("adamw", "batched"), ("muon", "batched"), ("muon", "torch")])
+@pytest.mark.parametrize(
+    ("optim", "impl", "ns_dtype"),
+    [
+        ("adamw", "batched", "bfloat16"),
+        ("muon", "batched", "float64"),
+        ("muon", "batched", "bfloat16"),
+        ("muon", "torch", "bfloat16"),
+    ],
+)
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, tiny_data_dir, tiny_vocab, optim, impl
+    tmp_path, tiny_data_dir, tiny_vocab, optim, impl, ns_dtype
 ):
-    data_dir, vocab, tol = tiny_data_dir, tiny_vocab, TOLERANCES[optim]
+    data_dir, vocab = tiny_data_dir, tiny_vocab
     ddp_out = tmp_path / "ddp"
-    torchrun(2, data_dir, ddp_out, overrides(vocab, batch_size=4, optim=optim, impl=impl), timeout=180)
+    sets = overrides(vocab, batch_size=4, optim=optim, impl=impl, ns_dtype=ns_dtype)
+    torchrun(2, data_dir, ddp_out, sets, timeout=180)
 
     single_out = tmp_path / "single"
     train(
-        load_config("tiny", [*overrides(vocab, batch_size=8, optim=optim, impl=impl), "name='ddp'"]),
+        load_config("tiny", [*overrides(vocab, 8, optim, impl, ns_dtype), "name='ddp'"]),
         data_dir,
         single_out,
         progress=False,
@@ -102,7 +120,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     for a, b in zip(ddp, single):
         for key in ("train_loss", "val_loss", "grad_norm"):
             if key in a:
-                assert a[key] == pytest.approx(b[key], rel=tol["metrics"]), (a["step"], key)
+                assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), (a["step"], key)
 
     run = json.loads((ddp_out / "run.json").read_text())
     assert run["world_size"] == 2 and run["tokens_per_step"] == 256 and run["status"] == "completed"
@@ -112,8 +130,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     )
     assert [t for t, _ in ddp_ckpts] == [t for t, _ in single_ckpts] == [0, 512, 1280]
     a, b = load_file(str(ddp_ckpts[-1][1])), load_file(str(single_ckpts[-1][1]))
+    first = load_file(str(single_ckpts[0][1]))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], **tol["weights"], msg=lambda m, k=k: f"{k}: {m}")
+        assert a[k].dtype == torch.float64  # checkpoints keep the weights' own dtype
+        torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL, msg=lambda m, k=k: f"{k}: {m}")
+    moved = max((b[k] - first[k]).abs().max().item() for k in b if b[k].ndim == 2)
+    assert moved > 1e-4  # the runs trained: the agreement above is not that of weights that never moved
 
 
 @pytest.mark.gpu

@@ -247,3 +247,34 @@ def test_compiled_batched_muon_on_cuda_follows_torch_muon():
         opt_new.step()
     for p, q in zip(ref, new):
         torch.testing.assert_close(q, p, rtol=0, atol=2e-4)
+
+
+def newton_schulz_float64_reference(u: np.ndarray, steps: int) -> np.ndarray:
+    """The quintic iteration written out in numpy float64: X0 = U / ||U||_F, X <- aX + (bA + cA^2)X, A = XX^T."""
+    a, b, c = QUINTIC
+    x = u / max(np.linalg.norm(u), 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_orthogonalize_in_float64_is_the_iteration_to_float64_rounding(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = orthogonalize(g, newton_schulz_schedule("quintic", 5), dtype=torch.float64)
+    want = newton_schulz_float64_reference(g.numpy() if shape[0] <= shape[1] else g.numpy().T, 5)
+    want = want if shape[0] <= shape[1] else want.T
+    # 5 steps of matmuls of width <= 10 on entries below 2 in size: rounding of order 1e-14; a bf16 pass is ~1e-3
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+    assert got.dtype == torch.float64
+    in_bf16 = orthogonalize(g, newton_schulz_schedule("quintic", 5))
+    assert (in_bf16 - got).abs().max() > 1e-4  # the default really is bfloat16, and the test could tell
+
+
+def test_batched_muon_ns_dtype_is_a_group_setting_checked_on_construction():
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    opt = BatchedMuon([w], lr=0.02, ns_dtype="float64")
+    assert opt.param_groups[0]["ns_dtype"] == "float64"
+    with pytest.raises(ValueError, match="unknown ns_dtype 'float16'"):
+        BatchedMuon([w], lr=0.02, ns_dtype="float16")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,6 +190,40 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path):
         load_resume_state(tmp_path, other, world_size=1)
     with pytest.raises(ResumeError, match="2 process"):
         load_resume_state(_with_world_size(tmp_path, 2), cfg, world_size=1)
+
+
+def _drop_keys(data: Any, names: set[str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _drop_keys(v, names) for k, v in data.items() if k not in names}
+    if isinstance(data, list):
+        return [_drop_keys(v, names) for v in data]
+    return data
+
+
+def test_a_state_saved_before_a_field_existed_resumes_with_the_fields_default(tmp_path):
+    """A field added since (here muon_ns_dtype, weights_dtype, and BatchedMuon's ns_dtype) counts as its default."""
+    model, opt = small_model_and_optim()
+    cfg = small_config("muon", "batched")
+    take_step(model, opt, 0)
+    save_resume_state(
+        tmp_path, step=1, tokens=1, cfg=cfg, world_size=1, model=model, optimizers=opt, metrics={}
+    )
+    manifest = tmp_path / "resume" / "step_00000001" / "manifest.json"
+    old = _drop_keys(json.loads(manifest.read_text()), {"muon_ns_dtype", "weights_dtype", "ns_dtype"})
+    old["config_sha256"] = "0" * 64  # the hash of the older, shorter config
+    manifest.write_text(json.dumps(old))
+
+    state = load_resume_state(tmp_path, cfg, world_size=1)
+    fresh_model, fresh_opt = small_model_and_optim()
+    state.restore(fresh_model, fresh_opt)
+    take_step(fresh_model, fresh_opt, 1)  # the restored groups have every key the step reads
+    take_step(model, opt, 1)
+    for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    other = load_config("tiny", ["model.vocab_size=64", "model.d_model=32", "model.n_layers=1",
+                                 "train.weights_dtype=float64"])  # fmt: skip
+    with pytest.raises(ResumeError, match=r"train\.weights_dtype: 'float32' \(saved\) != 'float64'"):
+        load_resume_state(tmp_path, other, world_size=1)
 
 
 def _with_world_size(run_dir: Path, n: int) -> Path:

@@ -1,7 +1,8 @@
 """Self-describing analysis checkpoints: one safetensors file per token milestone.
 
 File name: ``checkpoints/tokens_<12-digit token count>.safetensors``. The tensors are the model's
-``state_dict`` in float32 (a tied LM head is stored once, as ``embed.weight``). The safetensors
+``state_dict`` in the dtype it was trained in, ``train.weights_dtype`` (float32 unless a run asks for float64)
+(a tied LM head is stored once, as ``embed.weight``). The safetensors
 header metadata (string to string) holds:
 
 =====================  ==========================================================================
@@ -87,7 +88,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]) -> Path:
-    """Write the model's weights (float32, contiguous, CPU) and the metadata, atomically.
+    """Write the model's weights (in their own dtype, contiguous, CPU) and the metadata, atomically.
 
     ``metadata`` must provide the keys of the table above except ``format``/``format_version``;
     non-string values are JSON-encoded.
@@ -99,8 +100,5 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: M
     header = {"format": FORMAT, "format_version": FORMAT_VERSION}
     for k, v in metadata.items():
         header[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    state = {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in unwrap_model(model).state_dict().items()
-    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))

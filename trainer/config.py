@@ -32,6 +32,8 @@ Milestones = Literal["plan", "log", "plan+log", "list"]
 MuonImpl = Literal["torch", "batched"]
 MuonCoefficients = Literal["quintic", "polar_express"]
 SDPABackend = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
+WeightsDType = Literal["float32", "float64"]
+MuonNSDType = Literal["bfloat16", "float32", "float64"]
 
 
 class ConfigError(TrainerError, ValueError):
@@ -124,6 +126,10 @@ class OptimConfig:
     """Newton-Schulz coefficients: ``quintic`` (Keller Jordan's, torch.optim.Muon's, at every step) or
     ``polar_express`` (Amsel et al. 2025, one set per step as in modded-nanogpt; ``batched`` only, 5 steps).
     It changes the optimizer being studied, so it is recorded with the run like every field."""
+    muon_ns_dtype: MuonNSDType = "bfloat16"
+    """Dtype of the Newton-Schulz orthogonalisation: ``bfloat16`` (Muon as published and as ``torch.optim.Muon``
+    hard-codes it), or ``float32`` / ``float64`` (``batched`` only), e.g. to check data parallelism to float64
+    rounding or to ask whether bfloat16 orthogonalisation matters for what the keys learn."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices and embeddings."""
     norm_weight_decay: float = 0.0
@@ -152,6 +158,11 @@ class OptimConfig:
             raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 0 <= self.muon_ns_steps < 100:  # torch.optim.Muon refuses 100 or more
             raise ConfigError(f"optim.muon_ns_steps must be in [0, 100), got {self.muon_ns_steps}")
+        if self.muon_ns_dtype != "bfloat16" and self.muon_impl != "batched":
+            raise ConfigError(
+                f"optim.muon_ns_dtype={self.muon_ns_dtype!r} needs optim.muon_impl='batched' "
+                "(torch.optim.Muon always orthogonalises in bfloat16)"
+            )
         if self.muon_coefficients == "polar_express":
             if self.muon_impl != "batched":
                 raise ConfigError(
@@ -192,7 +203,11 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda[:N]``."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Autocast dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU."""
+    """Autocast dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU (no autocast with float64 weights)."""
+    weights_dtype: WeightsDType = "float32"
+    """Dtype of the parameters, their gradients, the optimizer states and the checkpoints: ``float32``, or
+    ``float64`` for exactness checks (two data-parallel ranks then agree with one process to float64 rounding;
+    it needs ``dtype`` ``auto`` or ``float32``: forward passes run in float64, without autocast)."""
     compile: bool = False
     """Wrap the model, its loss included, in ``torch.compile``."""
     loss_chunk_tokens: int = 4096
@@ -241,6 +256,11 @@ class RunConfig:
         for name in ("tokens", "batch_size", "seq_len", "grad_accum", "log_every", "resume_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.weights_dtype == "float64" and t.dtype == "bfloat16":
+            raise ConfigError(
+                "train.weights_dtype='float64' runs its forward passes in float64; train.dtype='bfloat16' "
+                "would autocast them (use train.dtype='auto' or 'float32')"
+            )
         if t.loss_chunk_tokens < 0:
             raise ConfigError(
                 f"train.loss_chunk_tokens must be non-negative (0: no chunks), got {t.loss_chunk_tokens}"

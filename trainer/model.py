@@ -25,6 +25,11 @@ from torch import nn
 from trainer.config import ModelConfig
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as it is when it is float64 (a float64 model computes in float64 throughout)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class Rotary(nn.Module):
     """Rotary position embedding in the "rotate half" layout: coordinate j pairs with j + D/2."""
 
@@ -77,9 +82,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        # QK-norm in float32 (under bf16 autocast too): the RMS statistic is the point of the norm, and the
-        # float32 gain then matches its input, which keeps the fused RMSNorm kernel
-        q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
+        # QK-norm in float32 (under bf16 autocast too; float64 stays float64): the RMS statistic is the point
+        # of the norm, and the float32 gain then matches its input, which keeps the fused RMSNorm kernel
+        q, k = self.q_norm(at_least_float32(q)).type_as(q), self.k_norm(at_least_float32(k)).type_as(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = self.rotary(q, k)
         y = F.scaled_dot_product_attention(
@@ -203,13 +208,15 @@ def _chunked(
     """Summed loss over all rows and, if asked, the gradients of the *mean* loss."""
     n = x.shape[0]
     dtype = _compute_dtype(x)
+    # softmax and sums in float32, or in float64 for a float64 model
+    acc = torch.promote_types(torch.float32, dtype)
     xc, wc = x.to(dtype), weight.to(dtype)  # (N, C), (V, C): cast once, not per chunk
-    loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    loss_sum = torch.zeros((), dtype=acc, device=x.device)
     dx = torch.empty_like(x) if grad_x else None  # (N, C)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None  # (V, C)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_w else None  # (V, C)
     for start in range(0, n, chunk_tokens):
         xs, ts = xc[start : start + chunk_tokens], targets[start : start + chunk_tokens]  # (n, C), (n,)
-        logits = (xs @ wc.mT).float()  # (n, V)
+        logits = (xs @ wc.mT).to(acc)  # (n, V)
         lse = torch.logsumexp(logits, dim=-1)  # (n,)
         loss_sum = loss_sum + (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
         if dx is None and dw is None:
@@ -221,7 +228,7 @@ def _chunked(
         if dx is not None:
             dx[start : start + chunk_tokens] = (dz @ wc).to(x.dtype)
         if dw is not None:
-            dw = dw + (dz.mT @ xs).float()
+            dw = dw + (dz.mT @ xs).to(acc)
     return loss_sum, dx, dw
 
 
@@ -281,7 +288,7 @@ def linear_cross_entropy(
     Returns
     -------
     torch.Tensor
-        0-d float32 loss. With ``chunk_tokens > 0`` and gradients needed, its backward pass returns
+        0-d loss, float32 (float64 for float64 inputs). With ``chunk_tokens > 0`` and gradients needed, its backward pass returns
         the gradients computed in the forward pass (see :func:`linear_cross_entropy`); under ``no_grad`` only
         the loss is computed.
 
@@ -293,7 +300,7 @@ def linear_cross_entropy(
     True
     """
     if chunk_tokens <= 0:
-        return F.cross_entropy(F.linear(x, weight).float(), targets)
+        return F.cross_entropy(at_least_float32(F.linear(x, weight)), targets)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets, chunk_tokens)
     loss_sum, _, _ = _chunked(x, weight, targets, chunk_tokens, grad_x=False, grad_w=False)

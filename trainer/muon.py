@@ -105,13 +105,18 @@ def newton_schulz_schedule(name: str, steps: int) -> NewtonSchulz:
     raise ValueError(f"unknown Newton-Schulz coefficient set {name!r}; expected one of {COEFFICIENT_SETS}")
 
 
-def orthogonalize(updates: Tensor, schedule: NewtonSchulz) -> Tensor:
-    """Approximate the orthogonal polar factor of each matrix of ``updates`` (..., A, B), in bfloat16.
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+"""Dtypes the orthogonalisation may run in (``optim.muon_ns_dtype``); bfloat16 is Muon's own."""
+
+
+def orthogonalize(updates: Tensor, schedule: NewtonSchulz, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix of ``updates`` (..., A, B), in ``dtype``.
 
     Tall matrices (``A > B``) are transposed so that the Gram matrices are ``min(A, B)`` square, as in
     ``torch.optim.Muon``; each step is ``A = X X^T``, ``B = b A + c A A``, ``X = a X + B X`` (two
     ``baddbmm`` and one ``matmul``). Returns a tensor of the input's shape and dtype holding the
-    bfloat16 result. With the ``quintic`` schedule and one matrix this is ``torch.optim.Muon``'s
+    result computed in ``dtype`` (bfloat16 by default, as Muon is published; float64 where a test needs the
+    update to float64 rounding). With the ``quintic`` schedule and one matrix this is ``torch.optim.Muon``'s
     ``_zeropower_via_newtonschulz``; the result is ``U S' V^T`` with ``S'`` near 1 (roughly 0.7 to 1.2),
     not exactly ``U V^T`` (see Keller Jordan's Muon post).
 
@@ -122,7 +127,7 @@ def orthogonalize(updates: Tensor, schedule: NewtonSchulz) -> Tensor:
     >>> bool(((s > 0.5) & (s < 1.3)).all())
     True
     """
-    x = updates.bfloat16()
+    x = updates.to(dtype)
     tall = updates.size(-2) > updates.size(-1)
     if tall:
         x = x.mT
@@ -179,6 +184,8 @@ class BatchedMuon(torch.optim.Optimizer):
         As in ``torch.optim.Muon`` (``lr`` a Python float).
     coefficients
         ``quintic`` (``torch.optim.Muon``'s) or ``polar_express`` (:func:`newton_schulz_schedule`).
+    ns_dtype
+        Dtype name of the orthogonalisation (:data:`NS_DTYPES`): ``bfloat16`` as ``torch.optim.Muon``.
     compile
         Orthogonalise through ``torch.compile(orthogonalize, dynamic=False, fullgraph=True)``: one
         compilation per matrix shape, fused elementwise work. Not a hyperparameter, so it is not stored
@@ -204,6 +211,7 @@ class BatchedMuon(torch.optim.Optimizer):
         ns_steps: int = 5,
         coefficients: str = "quintic",
         adjust_lr_fn: str | None = None,
+        ns_dtype: str = "bfloat16",
         *,
         compile: bool = False,
     ):
@@ -216,6 +224,8 @@ class BatchedMuon(torch.optim.Optimizer):
         if adjust_lr_fn is not None and adjust_lr_fn not in ADJUST_LR_FNS:
             raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; expected one of {ADJUST_LR_FNS}")
         newton_schulz_schedule(coefficients, ns_steps)  # reject an unknown set or a wrong step count now
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"unknown ns_dtype {ns_dtype!r}; expected one of {sorted(NS_DTYPES)}")
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -224,6 +234,7 @@ class BatchedMuon(torch.optim.Optimizer):
             ns_steps=ns_steps,
             coefficients=coefficients,
             adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -231,7 +242,7 @@ class BatchedMuon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D parameters, got one of shape {tuple(p.shape)}")
         self.compiled = compile
-        self._orthogonalize: Callable[[Tensor, NewtonSchulz], Tensor] = (
+        self._orthogonalize: Callable[[Tensor, NewtonSchulz, torch.dtype], Tensor] = (
             torch.compile(orthogonalize, dynamic=False, fullgraph=True) if compile else orthogonalize
         )
 
@@ -269,7 +280,7 @@ class BatchedMuon(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1 - lr * wd)
             for idx in shape_groups(params):
                 stacked = torch.stack([updates[i] for i in idx])  # (G, A, B)
-                ortho = self._orthogonalize(stacked, schedule)  # (G, A, B)
+                ortho = self._orthogonalize(stacked, schedule, NS_DTYPES[group["ns_dtype"]])  # (G, A, B)
                 step_lr = adjusted_lr(lr, params[idx[0]].shape, group["adjust_lr_fn"])
                 torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=-step_lr)
         return loss

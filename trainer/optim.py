@@ -217,7 +217,13 @@ def _muon(
         # compiled on CUDA, where fewer, fused kernels are the point (issue 9's 65 ms -> 5 ms); on the CPU
         # the step is matmul-bound and a compilation per shape costs seconds (benchmarks/bench_muon.py)
         compile_ns = device_type == "cuda"
-        return BatchedMuon([group], **common, coefficients=cfg.muon_coefficients, compile=compile_ns)
+        return BatchedMuon(
+            [group],
+            **common,
+            coefficients=cfg.muon_coefficients,
+            ns_dtype=cfg.muon_ns_dtype,
+            compile=compile_ns,
+        )
     raise ConfigError(f"optim.muon_impl: unknown implementation {cfg.muon_impl!r}")
 
 
@@ -352,8 +358,10 @@ class Optimizers:
                 raise TrainerError(
                     f"{type(opt).__name__} state has {len(saved_groups)} groups, this run has {len(current)}"
                 )
+            # this run's values stand in for hyperparameters added since the state was saved (the config
+            # check has already shown they have their defaults); the saved ones win everywhere else
             fixed_groups = [
-                {**theirs, **{k: mine[k] for k in _EXECUTION_FLAGS if k in mine}}
+                {**mine, **theirs, **{k: mine[k] for k in _EXECUTION_FLAGS if k in mine}}
                 for mine, theirs in zip(current, saved_groups)
             ]
             state = {int(k): v for k, v in saved["state"].items()}

@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint import unwrap_model
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig, run_config_from_dict
 from trainer.errors import TrainerError
 from trainer.fileio import apply_default_mode, fsync_dir
 
@@ -186,6 +186,23 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} (saved) != {b!r} (now)")
     return out
+
+
+def differences_from_saved(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """:func:`config_differences` between a config saved with a run and ``cfg``, defaults filled in.
+
+    A field added to the config since the run was saved is absent from ``saved``; it counts as its default,
+    which is the behaviour the run had before the field existed, so adding a field never stops a run from
+    being resumed or recognised. A saved config this version cannot read is compared as it is.
+
+    >>> differences_from_saved({"optim": {"lr": 0.1}}, RunConfig())
+    ['optim.lr: 0.1 (saved) != 0.003 (now)']
+    """
+    try:
+        filled = run_config_from_dict(saved).to_dict()
+    except ConfigError:
+        filled = saved
+    return config_differences(filled, cfg.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,11 +384,14 @@ def load_resume_state(run_dir: str | os.PathLike, cfg: RunConfig, world_size: in
         )
     if manifest["step"] != step:
         raise ResumeError(f"{manifest_path}: step {manifest['step']} does not match its directory name")
-    if manifest["config_sha256"] != config_sha256(cfg):
-        diff = config_differences(manifest["config"], cfg.to_dict())
+    diff = (
+        differences_from_saved(manifest["config"], cfg)
+        if manifest["config_sha256"] != config_sha256(cfg)
+        else []
+    )
+    if diff:
         raise ResumeError(
-            f"--resume: the config differs from the one {path} was written with: "
-            + ("; ".join(diff) if diff else "same values, different encoding")
+            f"--resume: the config differs from the one {path} was written with: " + "; ".join(diff)
         )
     if manifest["world_size"] != world_size:
         raise ResumeError(

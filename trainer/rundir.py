@@ -34,7 +34,7 @@ from trainer.config import RunConfig
 from trainer.data import TokenDataset
 from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import ExclusiveLock, remove_stale_temporaries
-from trainer.resume import ResumeError, config_differences, list_resume_states
+from trainer.resume import ResumeError, differences_from_saved, list_resume_states
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -197,7 +197,7 @@ def _check_same_config(out_dir: Path, cfg: RunConfig) -> None:
         saved = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise TrainerError(f"{path}: not a readable run config ({e})") from None
-    diff = config_differences(saved, cfg.to_dict())
+    diff = differences_from_saved(saved, cfg)
     if diff:
         raise ResumeError(
             f"--resume: the config differs from the one {out_dir} was started with: " + "; ".join(diff)

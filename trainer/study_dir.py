@@ -39,7 +39,7 @@ from typing import Any
 
 from trainer.checkpoint import atomic_write_text
 from trainer.errors import TrainerError
-from trainer.resume import config_differences
+from trainer.resume import config_differences, differences_from_saved
 from trainer.study import PlannedRun, Study, SweepChoice, SweepResult
 from trainer.train import CONFIG_FILE, METRICS_FILE, RUN_FILE
 
@@ -298,7 +298,7 @@ def completed_config_differences(out: Path, run: PlannedRun, study: Study) -> li
         saved = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         return [f"{path} unreadable: {e}"]
-    return config_differences(saved, run.config(study).to_dict())
+    return differences_from_saved(saved, run.config(study))
 
 
 # ----------------------------------------------------------------------------------------------------

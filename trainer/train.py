@@ -539,7 +539,7 @@ class Stepper:
         pre-clip gradient norm (the loss is the mean over the global batch) wait for :meth:`results`."""
         t = self.cfg.train
         lrs = self.optimizers.set_lr(step)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)  # promoted to float64 by a float64 model's loss
         for micro in range(t.grad_accum):
             x, y = self.batches.get(step, micro)  # (B, T) each
             # DDP all-reduces the gradients in the backward of the last micro-batch only
@@ -549,7 +549,7 @@ class Stepper:
                     loss = self.train_model(x, y)
                 (loss / t.grad_accum).backward()
             self.batches.prefetch(step, micro)  # host work while the device runs the queued kernels
-            loss_sum += loss.detach()
+            loss_sum = loss_sum + loss.detach()
         loss_mean = all_reduce_mean(loss_sum / t.grad_accum, self.info)
         grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)  # a device tensor: no sync
         if self.deferred or bool(torch.isfinite(torch.stack((loss_mean, grad_norm))).all()):
@@ -579,17 +579,19 @@ class Stepper:
 
 
 def autocast_factory(
-    device: torch.device, dtype: str, sdpa_backend: str = "default"
+    device: torch.device, dtype: str, sdpa_backend: str = "default", weights_dtype: str = "float32"
 ) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument factory of the forward passes' context: precision and attention kernels.
 
     ``dtype`` ``auto`` is bfloat16 autocast on CUDA and plain float32 on the CPU; parameters and
-    optimizer state stay float32 either way (autocast only lowers the matmul inputs).
+    optimizer state stay in ``weights_dtype`` either way (autocast only lowers the matmul inputs).
+    With ``weights_dtype`` ``float64`` ``auto`` means no autocast: the point of float64 weights is
+    float64 arithmetic throughout.
     ``sdpa_backend`` is ``train.sdpa_backend`` (:func:`trainer.step.sdpa_context`); ``default`` adds
     no context.
     """
     if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = "bfloat16" if device.type == "cuda" and weights_dtype != "float64" else "float32"
     if dtype == "float32":
         precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     elif dtype == "bfloat16":
@@ -837,7 +839,7 @@ def _loop(
 ) -> None:
     t = cfg.train
     milestones = milestone_steps(cfg, step_tokens, total_steps)
-    autocast = autocast_factory(device, t.dtype, t.sdpa_backend)
+    autocast = autocast_factory(device, t.dtype, t.sdpa_backend, t.weights_dtype)
     validator = Validator(
         ds.split("val"),
         t.val_tokens,
@@ -854,7 +856,8 @@ def _loop(
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)  # noqa: NPY002
     random.seed(t.seed)
-    model = LLM(cfg.model, loss_chunk_tokens=t.loss_chunk_tokens).to(device)
+    weights_dtype = getattr(torch, t.weights_dtype)
+    model = LLM(cfg.model, loss_chunk_tokens=t.loss_chunk_tokens).to(device, weights_dtype)
     optimizers = Optimizers(model, cfg.optim, total_steps, device.type)
     window = LossWindow(t.log_every)
     start_step = 0
