@@ -43,10 +43,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from trainer.checkpoint import write_safetensors
 from trainer.errors import TrainerError
 from trainer.fileio import ExclusiveLock, apply_default_mode, fsync_dir, remove_stale_temporaries
 
@@ -1087,7 +1088,7 @@ def _write_eval_batch(
     input_ids = torch.from_numpy(val[starts[:, None] + np.arange(seq_len)].astype(np.int64))  # (N, T)
     del val
     digest = eval_batch_sha256(input_ids)
-    save_file({"input_ids": input_ids}, str(directory / EVAL_BATCH_FILE), metadata={"sha256": digest})
+    write_safetensors(directory / EVAL_BATCH_FILE, {"input_ids": input_ids}, {"sha256": digest})
     apply_default_mode(directory / EVAL_BATCH_FILE)  # save_file makes it private, unlike the other files
     return {"n_seqs": n_seqs, "seq_len": seq_len, "split": "val", "starts": starts.tolist(), "sha256": digest}
 

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from trainer.checkpoint import unwrap_model
+from trainer.checkpoint import unwrap_model, write_safetensors
 from trainer.config import RunConfig
 from trainer.errors import TrainerError
 from trainer.fileio import apply_default_mode, fsync_dir
@@ -292,9 +292,9 @@ def save_resume_state(
         }
         skeleton, opt_tensors = flatten_state(optimizers.state_dict())
         rng_tensors, rng_json = capture_rng()
-        _write_fsync(tmp / "model.safetensors", lambda p: save_file(model_state, str(p)))
-        _write_fsync(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
-        _write_fsync(tmp / "rng.safetensors", lambda p: save_file(rng_tensors, str(p)))
+        _write_fsync(tmp / "model.safetensors", lambda p: write_safetensors(p, model_state))
+        _write_fsync(tmp / "optimizer.safetensors", lambda p: write_safetensors(p, opt_tensors))
+        _write_fsync(tmp / "rng.safetensors", lambda p: write_safetensors(p, rng_tensors))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
