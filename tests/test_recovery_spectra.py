@@ -4,7 +4,13 @@ around it are byte for byte as they were."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +250,101 @@ def test_ctrl_c_while_a_command_is_imported_is_one_line_and_exit_130(monkeypatch
         "Error: interrupted (Ctrl-C); every file written so far is complete, and re-running the command "
         "continues where it can"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# worker processes die with the command that started them
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/stat").is_file(), reason="finds processes through Linux /proc"
+)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None once it is reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has ended; it only waits for a reaper
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The multiprocessing workers whose parent is ``pid`` (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[1]) == pid:
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+def _poll(condition, deadline_s: float) -> bool:
+    """Whether ``condition()`` became true before the deadline (generous: this is not a speed test)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _kill_survivors(pids: list[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@needs_proc
+def test_sigkill_of_a_parallel_extraction_takes_its_workers_with_it(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("a", "b"):  # enough checkpoints that a worker left alone would compute for minutes
+        make_run(root, steps=tuple(range(0, 2000, 10)), name=name)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "cli.spectra", "extract", str(root), "--jobs", "2", "--no-progress", "--device", "cpu"],
+        cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        assert _poll(lambda: len(_workers_of(parent.pid)) == 2, 120), "the workers never started"
+        workers = _workers_of(parent.pid)
+        parent.kill()
+        parent.wait()
+        assert _poll(lambda: not any(map(_alive, workers)), 30), "workers outlived the killed extraction"
+    finally:
+        parent.kill()
+        _kill_survivors(workers)
+
+
+@needs_proc
+@pytest.mark.parametrize("mechanism", ["prctl", "watchdog"])
+def test_exit_with_parent_ends_a_process_whose_parent_was_killed(mechanism):
+    # the watchdog thread is what platforms without prctl get; forced here so that Linux tests it too
+    child = (
+        "import os, sys, time; import spectra.workers as w\n"
+        + ("w._kill_me_when_my_parent_dies = lambda: False\n" if mechanism == "watchdog" else "")
+        + "w.exit_with_parent(int(sys.argv[1])); print(os.getpid(), flush=True); time.sleep(600)"
+    )
+    launcher = (  # the parent: starts the child, then waits to be killed
+        "import os, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); time.sleep(600)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher, child], cwd=REPO, env=CHILD_ENV, stdout=subprocess.PIPE, text=True
+    )
+    pid = int(parent.stdout.readline())  # the child printed it once exit_with_parent had returned
+    try:
+        parent.kill()
+        parent.wait()
+        assert _poll(lambda: not _alive(pid), 30), f"{mechanism}: the child outlived its killed parent"
+    finally:
+        parent.kill()
+        _kill_survivors([pid])
