@@ -6,16 +6,19 @@ Plain functions and constants, imported as ``from helpers import ...`` (pytest's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import random
+import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import xarray as xr
 from safetensors.torch import load_file, save_file
@@ -96,6 +99,39 @@ def tiny_overrides(vocab: int, optim: Mapping[str, object] | None = None, **trai
         + [f"optim.{k}={json.dumps(v)}" for k, v in (optim or {}).items()]
         + [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
     )
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: int) -> Iterator[Path]:
+    """A real file system of ``size`` bytes (a tmpfs) mounted at ``path`` for the block, then unmounted.
+
+    What a full disk does to a command is tested on a real one: the kernel's ENOSPC, whatever the libraries
+    make of it. Mounting needs root (CI and the development machines run tests as root on Debian) in a
+    mount namespace that allows it; elsewhere the test is skipped with the reason.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        done = subprocess.CompletedProcess([], 1, "", str(e))
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs to fill (not root, or not permitted here): {done.stderr.strip()}"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True, timeout=30)
+
+
+def remount_read_only(path: Path) -> None:
+    """Make the file system mounted at ``path`` (by :func:`small_filesystem`) read-only: root cannot write either."""
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True, timeout=30)
 
 
 def read_jsonl(path: Path) -> list[dict]:

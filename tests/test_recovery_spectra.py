@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_run, synthetic_cube, write_cube
+from helpers import make_run, small_filesystem, synthetic_cube, write_cube
 
 from cli.spectra import main
 from spectra import report as rep
@@ -250,6 +250,46 @@ def test_ctrl_c_while_a_command_is_imported_is_one_line_and_exit_130(monkeypatch
         "Error: interrupted (Ctrl-C); every file written so far is complete, and re-running the command "
         "continues where it can"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# a full disk (a real one, a small tmpfs): one line naming the file, no temporary left, earlier files intact
+
+PAGE = 4096  # tmpfs allocates whole pages
+
+
+def pages(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+def test_a_full_disk_leaves_the_previous_cube_and_names_it(tmp_path):
+    run = make_run(tmp_path, steps=(0, 10, 20))
+    first = tmp_path / "first.nc"
+    extract(run / "checkpoints" / "tokens_000000000000.safetensors", out=first, progress=False)
+    # room for the one-step cube and two pages more: not for a temporary three-step cube beside it
+    with small_filesystem(tmp_path / "disk", pages(first.stat().st_size) + 2 * PAGE) as disk:
+        cube = disk / "spectra.nc"
+        shutil.copyfile(first, cube)
+        before = cube.read_bytes()
+        result = invoke("extract", run, "--out", cube, "--no-progress")
+        assert_one_line_error(result, f"no space left on device writing {cube}")
+        assert cube.read_bytes() == before
+        assert sorted(p.name for p in disk.iterdir()) == ["spectra.nc"]  # no temporary, no lock
+
+
+def test_a_full_disk_leaves_the_previous_report_and_names_the_file(tmp_path, cubes):
+    build(cubes, tmp_path / "first")
+    report_bytes = sum(pages(p.stat().st_size) for p in (tmp_path / "first").rglob("*") if p.is_file())
+    with small_filesystem(tmp_path / "disk", report_bytes + 16 * PAGE) as disk:  # not two reports
+        out = disk / "report"
+        shutil.copytree(tmp_path / "first", out)
+        before = listing(out)
+        result = invoke("report", *cubes, "-o", out, "--n-resamples", 100)
+        assert_one_line_error(result, f"no space left on device writing {out}/")
+        written = result.output.strip().split(f"writing {out}/")[1]
+        assert (tmp_path / "first" / written).is_file(), written  # a file of the report, by its final name
+        assert listing(out) == before
+        assert sorted(p.name for p in disk.iterdir()) == ["report"]  # no staging directory, no lock
 
 
 # ----------------------------------------------------------------------------------------------------

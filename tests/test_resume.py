@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -394,28 +395,29 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_data_dir, overri
 
 
 def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, tiny_data_dir, overrides, monkeypatch):
-    real_save = checkpoint_mod.save_file
+    # a failure in the middle of a write, of any cause; test_recovery_train fills a real file system
+    real_write = checkpoint_mod.write_safetensors
     calls = {"n": 0}
 
-    def half_then_fail(tensors, path, metadata=None):
+    def half_then_fail(path, tensors, metadata=None):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write half a file, then the disk "fills up"
-            real_save(tensors, path, metadata=metadata)
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then the write fails
+            real_write(path, tensors, metadata)
             data = Path(path).read_bytes()
             Path(path).write_bytes(data[: len(data) // 2])
-            raise OSError(28, "No space left on device", path)
-        real_save(tensors, path, metadata=metadata)
+            raise OSError(errno.EIO, "Input/output error", path)
+        real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint_mod, "save_file", half_then_fail)
-    out = tmp_path / "full-disk"
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(checkpoint_mod, "write_safetensors", half_then_fail)
+    out = tmp_path / "failed-write"
+    with pytest.raises(OSError, match="Input/output error"):
         train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["tokens_000000000000.safetensors"]  # no partial file, final-named or temporary
     for _, path in list_checkpoints(out / "checkpoints"):
         assert load_file(str(path))  # complete and readable
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "failed" and "No space left" in run["error"]
+    assert run["status"] == "failed" and "Input/output error" in run["error"]
 
 
 def test_resume_removes_temporary_checkpoint_files_of_a_killed_writer(tmp_path, tiny_data_dir, overrides):

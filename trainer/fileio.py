@@ -12,6 +12,8 @@ without leaving its own temporaries behind.
 - :func:`remove_stale_temporaries` deletes the hidden temporaries a killed writer left, matching only
   this command's own name patterns; it is called while the lock is held, so it never touches the
   temporary file of a writer that is still running.
+- A write that fails because the file system is full is a :class:`DiskFullError` naming the file
+  (:func:`naming_a_full_disk`), however the library that wrote it reported it.
 
 ``spectra`` has its own twin of these helpers (``spectra/fileio.py``): the two halves of the project
 share file formats, not code (see DESIGN.md). The lock file's content is part of that shared format
@@ -21,6 +23,7 @@ share file formats, not code (see DESIGN.md). The lock file's content is part of
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +31,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,72 @@ from trainer.errors import TrainerError
 
 class LockedError(TrainerError):
     """Another process holds the lock; the message names it."""
+
+
+class DiskFullError(TrainerError):
+    """A file could not be written because its file system is full (or the quota spent); names the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        super().__init__(f"no space left on device writing {self.path}")
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+_NEARLY_FULL_BYTES = 1 << 20
+"""Free space below which a write error that carries no errno is taken for a full file system."""
+
+
+def disk_is_full(error: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether ``error``, raised while writing into ``directory``, means that its file system is full.
+
+    An errno says so (ENOSPC, EDQUOT), on the error or on one it was raised from, and so does the
+    operating system's text of it inside a library's message (safetensors: ``I/O error: No space left on
+    device (os error 28)``). Some writers drop both: HDF5 under netCDF4 raises ``NetCDF: HDF error``,
+    numpy's ``tofile`` ``N requested and M written``. For an ``OSError`` or ``RuntimeError`` without an
+    errno the file system is asked instead: less than 1 MiB free (or no free inode). Call it before the
+    partial file is removed, while its blocks are still taken.
+    """
+    chain: list[BaseException] = []
+    node: BaseException | None = error
+    while node is not None and node not in chain:
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno in _DISK_FULL_ERRNOS
+        if any(text in str(e) for text in _DISK_FULL_TEXTS):
+            return True
+    if not isinstance(error, OSError | RuntimeError):
+        return False
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    free_blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may write into the reserve
+    return free_blocks * st.f_frsize < _NEARLY_FULL_BYTES or (st.f_files > 0 and st.f_ffree == 0)
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: str | os.PathLike, directory: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an error raised in the block because the file system is full into a :class:`DiskFullError`.
+
+    Parameters
+    ----------
+    path
+        The file the block writes, as the user knows it (a final name, not a temporary one).
+    directory
+        Where the block writes (default: ``path``'s directory); it must exist for the file system to be
+        asked (see :func:`disk_is_full`).
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if disk_is_full(e, directory if directory is not None else Path(path).parent):
+            raise DiskFullError(path) from e
+        raise
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -68,19 +137,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
 
     The temporary file is named ``.<name>.<random><suffix>`` and removed if ``write`` fails (or the
-    process is interrupted); the final file has the umask's mode, whatever ``write`` created.
+    process is interrupted); the final file has the umask's mode, whatever ``write`` created. A full file
+    system is a :class:`DiskFullError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    with naming_a_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
-        apply_default_mode(tmp)  # after write: save_file and HDF5 recreate the file with their own mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming_a_full_disk(path):  # inside: the file system is asked while the temporary takes space
+            write(tmp)
+            apply_default_mode(tmp)  # after write: save_file and HDF5 recreate the file with their own mode
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
