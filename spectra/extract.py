@@ -28,7 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from spectra.capture import SITES, LayerQK, capture_qk, check_batch
-from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
+from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, CUBE_VARIABLES, DamagedCubeError, open_cube
 from spectra.errors import SpectraError
 from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from spectra.load import (
@@ -337,18 +337,19 @@ def step_dataset(
     H, Hkv, D = wq_sv.shape[1], wk_sv.shape[1], wq_sv.shape[2]
     tokens_dtype = np.int64 if np.isfinite(tokens) else np.float64
     one = np.newaxis  # the step dimension, length 1
-    data_vars = {
-        "q_sv": (("step", "layer", "head", "site", "centering", "sv"), acts["q_sv"][one]),
-        "k_sv": (("step", "layer", "kv_head", "site", "centering", "sv"), acts["k_sv"][one]),
-        "wq_sv": (("step", "layer", "head", "sv"), wq_sv[one]),
-        "wk_sv": (("step", "layer", "kv_head", "sv"), wk_sv[one]),
-        "q_gamma": (("step", "layer", "dim"), q_gamma[one]),
-        "k_gamma": (("step", "layer", "dim"), k_gamma[one]),
-        "q_energy": (("step", "layer", "head", "site", "dim"), acts["q_energy"][one]),
-        "k_energy": (("step", "layer", "kv_head", "site", "dim"), acts["k_energy"][one]),
-        "train_loss": (("step",), np.array([train_loss], dtype=np.float64)),
-        "val_loss": (("step",), np.array([val_loss], dtype=np.float64)),
+    values = {
+        "q_sv": acts["q_sv"][one],
+        "k_sv": acts["k_sv"][one],
+        "wq_sv": wq_sv[one],
+        "wk_sv": wk_sv[one],
+        "q_gamma": q_gamma[one],
+        "k_gamma": k_gamma[one],
+        "q_energy": acts["q_energy"][one],
+        "k_energy": acts["k_energy"][one],
+        "train_loss": np.array([train_loss], dtype=np.float64),
+        "val_loss": np.array([val_loss], dtype=np.float64),
     }
+    data_vars = {name: (dims, values[name]) for name, dims in CUBE_VARIABLES.items()}
     coords = {
         "step": ("step", np.array([step], dtype=np.int64)),
         "tokens": ("step", np.array([tokens], dtype=tokens_dtype)),
@@ -375,6 +376,8 @@ def _read_cube(path: Path) -> xr.Dataset:
     :func:`spectra.cube_io.open_cube`, the one reader of the format."""
     try:
         return open_cube(path)
+    except DamagedCubeError:
+        raise  # its message says what to do, and extract never writes over it
     except SpectraError as e:
         raise SpectraError(
             f"{e}; the existing cube is left as it is: move it away or choose another --out"

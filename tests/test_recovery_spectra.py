@@ -20,6 +20,7 @@ from helpers import make_run, small_filesystem, synthetic_cube, write_cube
 
 from cli.spectra import main
 from spectra import report as rep
+from spectra.cube_io import open_cube
 from spectra.errors import SpectraError
 from spectra.extract import extract
 from spectra.fileio import ExclusiveLock
@@ -75,6 +76,28 @@ def test_a_damaged_cube_is_one_line_and_left_as_it_is(tmp_path, extracted, damag
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "z.nc"
     ]  # no report directory, no figure, no temporary
+
+
+@pytest.mark.parametrize("command", ["metrics-cube", "metrics-runs", "report", "extract"])
+def test_a_cube_missing_a_variable_is_named_as_damaged_and_left_as_it_is(tmp_path, extracted, command):
+    root = tmp_path / "runs"
+    run = root / "a"
+    shutil.copytree(extracted, run)
+    shutil.copytree(
+        extracted, root / "b"
+    )  # a whole cube beside it: the damaged one must not turn into NaN rows
+    cube = run / "spectra.nc"
+    write_cube(cube, open_cube(cube).drop_vars("k_sv"))
+    before = listing(root)
+    args = {
+        "metrics-cube": ["metrics", cube],
+        "metrics-runs": ["metrics", root],
+        "report": ["report", root, "-o", tmp_path / "rep", "--n-resamples", 100],
+        "extract": ["extract", run, "--no-progress"],  # must not take it for complete, nor replace it
+    }[command]
+    assert_one_line_error(invoke(*args), f"{cube}: damaged cube: the variable k_sv is missing")
+    assert listing(root) == before
+    assert not (tmp_path / "rep").exists()
 
 
 def test_extract_checks_its_output_before_computing(tmp_path, extracted, monkeypatch):
