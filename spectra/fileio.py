@@ -193,11 +193,12 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+def check_writable(path: str | os.PathLike, what: str = "output", directory: bool = False) -> Path:
     """Check, before any computing, that ``path`` can be created or replaced; return it.
 
-    The nearest existing ancestor must be a directory this process may write into, and ``path`` itself,
-    if it exists, must be a regular file (not a directory).
+    The nearest existing ancestor must be a directory this process may write into (a read-only file
+    system counts as not writable, for root too), and ``path`` itself, if it exists, must be a regular file
+    (not a directory), or a directory when ``directory`` (a report directory, replaced whole from beside it).
 
     Raises
     ------
@@ -205,7 +206,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
         Naming the path and why (a regular file where a directory is needed, no permission, ...).
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not directory:
         raise SpectraError(f"cannot write the {what} {path}: it is a directory")
     parent = path.parent
     while not parent.exists():
@@ -214,9 +215,26 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise SpectraError(f"cannot write the {what} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpectraError(f"cannot write the {what} {path}: no permission to write in {parent}")
+    why = not_writable(parent)
+    if why:
+        raise SpectraError(f"cannot write the {what} {path}: {parent} is not writable ({why})")
     return path
+
+
+def not_writable(directory: str | os.PathLike) -> str | None:
+    """Why this process cannot create files in the existing ``directory``, or None when it can.
+
+    >>> not_writable(tempfile.gettempdir()) is None
+    True
+    """
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "a read-only file system"  # root too: mounted read-only
+    except OSError:
+        pass
+    return "no permission"
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -254,9 +272,8 @@ class ExclusiveLock:
         self._fd: int | None = None
 
     def __enter__(self) -> ExclusiveLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -293,6 +310,19 @@ class ExclusiveLock:
             self.path.unlink()
         os.close(self._fd)
         self._fd = None
+
+    def _open(self) -> int:
+        """The lock file's descriptor (created, with its directory, if needed); an unwritable place is one line."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            where = self.path.parent if self.path.parent.is_dir() else e.filename
+            raise SpectraError(
+                f"cannot write the {self.what}: {where} is not writable ({e.strerror.lower()})"
+            ) from None
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +130,26 @@ def small_filesystem(path: Path, size: int) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(path)], capture_output=True, timeout=30)
 
 
-def remount_read_only(path: Path) -> None:
-    """Make the file system mounted at ``path`` (by :func:`small_filesystem`) read-only: root cannot write either."""
-    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True, timeout=30)
+@contextlib.contextmanager
+def unwritable_directory(path: Path, fill: Callable[[Path], object]) -> Iterator[Path]:
+    """The directory ``path``, filled by ``fill(path)``, then made unwritable for this process for the block.
+
+    Not root: its mode is 0555 (what a user meets in a shared directory). Root ignores modes, so there it is
+    a small file system (:func:`small_filesystem`) remounted read-only, which stops root too.
+    """
+    if os.geteuid() != 0:
+        path.mkdir(parents=True)
+        fill(path)
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    with small_filesystem(path, 8 << 20):
+        fill(path)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True, timeout=30)
+        yield path
 
 
 def read_jsonl(path: Path) -> list[dict]:

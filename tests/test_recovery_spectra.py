@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_run, small_filesystem, synthetic_cube, write_cube
+from helpers import make_run, small_filesystem, synthetic_cube, unwritable_directory, write_cube
 
 from cli.spectra import main
 from spectra import report as rep
@@ -24,6 +24,7 @@ from spectra.cube_io import open_cube
 from spectra.errors import SpectraError
 from spectra.extract import extract
 from spectra.fileio import ExclusiveLock
+from spectra.load import find_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,6 +115,26 @@ def test_extract_checks_its_output_before_computing(tmp_path, extracted, monkeyp
         "extract", extracted, "--out", tmp_path, "--no-progress"
     )  # click's own check: a usage error
     assert result.exit_code == 2 and f"'{tmp_path}' is a directory" in result.output
+
+
+@pytest.mark.parametrize("command", ["extract", "report", "surgery", "plot", "eval", "eval-tasks"])
+def test_an_unwritable_output_directory_is_one_line_naming_it(tmp_path, extracted, tiny_data_dir, command):
+    def fill(directory: Path) -> None:  # a run without a cube, so that extract has something to write
+        shutil.copytree(extracted, directory / "run", ignore=shutil.ignore_patterns("spectra.nc"))
+
+    with unwritable_directory(tmp_path / "ro", fill) as ro:
+        run = ro / "run"
+        args, where = {
+            "extract": (["extract", run, "--no-progress"], run),
+            "report": (["report", extracted, "-o", ro / "report", "--n-resamples", 100], ro),
+            "surgery": (["surgery", find_checkpoints(run)[-1], "--no-progress"], run),
+            "plot": (["plot", "trajectory", extracted, "-o", ro / "t.png"], ro),
+            "eval": (["eval", run, "--tasks", "any_task", "--no-progress"], run),
+            "eval-tasks": (["eval-tasks", tiny_data_dir, "-o", ro / "tasks"], ro),
+        }[command]
+        before = listing(ro)
+        assert_one_line_error(invoke(*args), f"{where} is not writable (")
+        assert listing(ro) == before
 
 
 def test_extract_into_a_locked_cube_is_refused_and_removes_only_its_own_debris(tmp_path, extracted):

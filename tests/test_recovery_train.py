@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import make_tiny_dataset, read_jsonl, small_filesystem, tiny_corpus, tiny_overrides
+from helpers import (
+    make_tiny_dataset,
+    read_jsonl,
+    small_filesystem,
+    tiny_corpus,
+    tiny_overrides,
+    unwritable_directory,
+)
 from safetensors.torch import load_file
 
 from cli.train import main as train_cli
@@ -330,3 +337,47 @@ def test_a_full_disk_stops_prepare_data_with_one_line_naming_the_file(tmp_path):
         )
         assert sorted(p.name for p in disk.iterdir()) == ["notes.txt"]  # no build directory, no lock
         assert (disk / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------------
+# an unwritable place: one line naming the directory, before any work
+
+
+@pytest.mark.parametrize("command", ["run", "run --resume", "prepare-data"])
+def test_an_unwritable_output_directory_is_one_line_naming_it(tmp_path, tiny_data_dir, overrides, command):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus()))
+
+    def fill(directory: Path) -> None:  # a run directory made by a run that was killed before it began
+        (directory / "killed").mkdir()
+        (directory / "killed" / "config.toml").write_text(
+            load_config("tiny", ['name="killed"', *overrides]).to_toml()
+        )
+
+    with unwritable_directory(tmp_path / "ro", fill) as ro:
+        sets = [f"--set={s}" for s in overrides]
+        args, where = {
+            "run": (
+                ["run", "tiny", "--data", tiny_data_dir, "--out", ro / "run", "--no-progress", *sets],
+                ro,
+            ),
+            "run --resume": (
+                [
+                    "run",
+                    "tiny",
+                    "--data",
+                    tiny_data_dir,
+                    "--out",
+                    ro / "killed",
+                    "--resume",
+                    "--no-progress",
+                    *sets,
+                ],
+                ro / "killed",
+            ),
+            "prepare-data": (["prepare-data", "-o", ro / "data", "--source", source, "--no-progress"], ro),
+        }[command]
+        before = listing(ro)
+        message = one_line_error(CliRunner().invoke(train_cli, [str(a) for a in args]))
+        assert message.startswith("cannot write the ") and f": {where} is not writable (" in message, message
+        assert listing(ro) == before

@@ -53,6 +53,7 @@ from trainer.fileio import (
     DiskFullError,
     ExclusiveLock,
     apply_default_mode,
+    check_writable,
     disk_is_full,
     fsync_dir,
     naming_a_full_disk,
@@ -947,6 +948,7 @@ def prepare_data(
         raise DataError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
     doc_filter.check_grade_available()
 
+    check_writable(out, "dataset directory")  # built beside it, then renamed into place
     out.parent.mkdir(parents=True, exist_ok=True)
     # one prepare-data per target at a time; under the lock, a hidden build directory of this target is
     # the debris of a killed run of this command, never a live one's

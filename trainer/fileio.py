@@ -165,6 +165,43 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def not_writable(directory: str | os.PathLike) -> str | None:
+    """Why this process cannot create files in the existing ``directory``, or None when it can."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "a read-only file system"  # root too: mounted read-only
+    except OSError:
+        pass
+    return "no permission"
+
+
+def check_writable(path: str | os.PathLike, what: str, into: bool = False) -> Path:
+    """Check, before any work, that ``path`` can be created, or written ``into`` when it is a directory.
+
+    The place checked is ``path`` itself when ``into`` is true and it is an existing directory (a run
+    directory, whose files are written in it), else the nearest existing ancestor of its parent (where it is
+    created, or built beside it and renamed into place). A read-only file system counts as not writable,
+    for root too. Whether ``path`` has the right kind is the caller's check.
+
+    Raises
+    ------
+    TrainerError
+        One line naming ``path`` (as ``what``) and the directory that stops it, with the reason.
+    """
+    path = Path(path)
+    place = path if into and path.is_dir() else path.parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise TrainerError(f"cannot write the {what} {path}: {place} is a file, not a directory")
+    why = not_writable(place)
+    if why:
+        raise TrainerError(f"cannot write the {what} {path}: {place} is not writable ({why})")
+    return path
+
+
 def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
     """Delete the files (or directories) in ``directory`` that match the glob ``patterns``; return them.
 
@@ -228,7 +265,7 @@ class ExclusiveLock:
 
     def __enter__(self) -> ExclusiveLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -255,6 +292,17 @@ class ExclusiveLock:
             self.path.unlink()
         os.close(self._fd)  # closing the last descriptor releases the flock
         self._fd = None
+
+    def _open(self) -> int:
+        """The lock file's descriptor (created if needed); a directory that cannot be written is one line."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise TrainerError(
+                f"cannot write the {self.what}: {self.path.parent} is not writable ({e.strerror.lower()})"
+            ) from None
 
 
 def _write_holder(fd: int) -> None:

@@ -31,7 +31,13 @@ import pandas as pd
 
 from spectra import plots
 from spectra.errors import SpectraError
-from spectra.fileio import DiskFullError, disk_is_full, naming_a_full_disk, replace_directory
+from spectra.fileio import (
+    DiskFullError,
+    check_writable,
+    disk_is_full,
+    naming_a_full_disk,
+    replace_directory,
+)
 from spectra.report.document import Block, FigureBlock, NotApplicable
 
 MANIFEST = "report-files.json"
@@ -115,6 +121,7 @@ def check_target(out: Path) -> list[str] | None:
     """
     if out.exists() and not out.is_dir():
         raise SpectraError(f"{out}: exists and is not a directory")
+    check_writable(out, "report directory", directory=True)  # it is built and swapped in beside it
     if not out.exists():
         return None
     previous = read_manifest(out)
