@@ -144,6 +144,9 @@ class UnreadableCheckpointsError(SpectraError):
             "replace or remove them, then run extract again"
         )
 
+    def __reduce__(self):  # rebuilt from its parts where a worker process hands it back
+        return type(self), (self.result, self.unreadable)
+
 
 def layer_reducer(n_heads: int, n_kv_heads: int, head_dim: int):
     """A ``capture_qk`` reducer: one layer's activations -> float64 spectra and energies (numpy).

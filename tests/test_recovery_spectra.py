@@ -336,6 +336,23 @@ def test_a_full_disk_leaves_the_previous_report_and_names_the_file(tmp_path, cub
         assert sorted(p.name for p in disk.iterdir()) == ["report"]  # no staging directory, no lock
 
 
+def test_a_parallel_extraction_names_a_damaged_checkpoint_and_extracts_the_rest(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("a", "b"):
+        make_run(root, steps=(0, 10, 20), name=name)
+    bad = root / "a" / "checkpoints" / "tokens_000000000640.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-100])  # an interrupted copy
+    result = invoke("extract", root, "--jobs", 2, "--no-progress")  # the error crosses from a worker process
+    assert result.exit_code == 1, result.output
+    assert result.output.count(str(bad)) == 2  # its run's "failed" line, and the command's error line
+    failed = next(line for line in result.output.splitlines() if line.startswith("failed"))
+    assert (
+        "1 checkpoint(s) could not be read" in failed and "added: 0, 20" in failed and "truncated" in failed
+    )
+    assert open_cube(root / "a").step.values.tolist() == [0, 20]
+    assert open_cube(root / "b").step.values.tolist() == [0, 10, 20]
+
+
 # ----------------------------------------------------------------------------------------------------
 # worker processes die with the command that started them
 

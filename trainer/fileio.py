@@ -50,6 +50,9 @@ class DiskFullError(TrainerError):
         self.path = Path(path)
         super().__init__(f"no space left on device writing {self.path}")
 
+    def __reduce__(self):  # rebuilt from its path where a worker process hands it back
+        return type(self), (self.path,)
+
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
