@@ -18,9 +18,11 @@ from spectra.errors import SpectraError
 from spectra.study import read_study
 
 __all__ = [
+    "DamagedCubeError",
     "CUBE_FILENAME",
     "CUBE_FORMAT",
     "CUBE_FORMAT_VERSION",
+    "CUBE_VARIABLES",
     "RUN_COORDS",
     "find_cubes",
     "n_tokens_attr",
@@ -35,6 +37,19 @@ CUBE_FORMAT_VERSION = 1
 """Newest ``format_version`` this reader understands."""
 CUBE_FILENAME = "spectra.nc"
 """A run directory's cube."""
+CUBE_VARIABLES: dict[str, tuple[str, ...]] = {
+    "q_sv": ("step", "layer", "head", "site", "centering", "sv"),
+    "k_sv": ("step", "layer", "kv_head", "site", "centering", "sv"),
+    "wq_sv": ("step", "layer", "head", "sv"),
+    "wk_sv": ("step", "layer", "kv_head", "sv"),
+    "q_gamma": ("step", "layer", "dim"),
+    "k_gamma": ("step", "layer", "dim"),
+    "q_energy": ("step", "layer", "head", "site", "dim"),
+    "k_energy": ("step", "layer", "kv_head", "site", "dim"),
+    "train_loss": ("step",),
+    "val_loss": ("step",),
+}
+"""Every cube's data variables and their dimensions (docs/cube.md); a cube without one is damaged."""
 RUN_COORDS = ("qk_norm", "optimizer", "seed", "data")
 """Global attributes that [`open_cubes`][spectra.cube_io.open_cubes] turns into ``run`` coordinates."""
 
@@ -50,6 +65,10 @@ _RUN_COORD_ATTRS = {
 }
 
 PathLike = str | os.PathLike[str]
+
+
+class DamagedCubeError(SpectraError):
+    """A cube file that lacks one of the cube's variables or has it over other dimensions; names the file."""
 
 
 def read_netcdf(file: Path) -> xr.Dataset:
@@ -96,8 +115,9 @@ def open_cube(path: PathLike) -> xr.Dataset:
     Raises
     ------
     SpectraError
-        If the file does not exist, is not a readable NetCDF file, or is not a cube of a format version this
-        reader understands; the message names the file.
+        If the file does not exist, is not a readable NetCDF file, is not a cube of a format version this
+        reader understands, or lacks one of the cube's variables (:data:`CUBE_VARIABLES`); the message
+        names the file.
 
     Examples
     --------
@@ -124,7 +144,29 @@ def open_cube(path: PathLike) -> xr.Dataset:
         )
     if "step" not in ds.dims or "tokens" not in ds.coords:
         raise SpectraError(f"{file}: a cube needs a 'step' dimension and a 'tokens' coordinate")
+    _check_variables(ds, file)
     return ds
+
+
+def _check_variables(ds: xr.Dataset, file: Path) -> None:
+    """Refuse a cube that lacks one of :data:`CUBE_VARIABLES` or has it over other dimensions.
+
+    Such a file was edited or damaged: read as it is, its runs would be rows of NaN in every summary and
+    ``extract`` would take it for complete.
+    """
+    rebuild = "move it aside and run `collapse-spectra extract` on its run to rebuild it"
+    missing = [name for name in CUBE_VARIABLES if name not in ds.data_vars]
+    if missing:
+        raise DamagedCubeError(
+            f"{file}: damaged cube: the variable{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'are' if len(missing) > 1 else 'is'} missing (a cube holds {', '.join(CUBE_VARIABLES)}); {rebuild}"
+        )
+    for name, dims in CUBE_VARIABLES.items():
+        if ds[name].dims != dims:
+            raise DamagedCubeError(
+                f"{file}: damaged cube: the variable {name} has the dimensions ({', '.join(ds[name].dims)}), "
+                f"not ({', '.join(dims)}); {rebuild}"
+            )
 
 
 def _is_run_dir(p: Path) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from spectra.errors import SpectraError
-from spectra.fileio import atomic_write
+from spectra.fileio import atomic_write, check_writable
 
 __all__ = [
     "MIN_SENTENCE_WORDS",
@@ -238,6 +238,7 @@ def write_dataset_tasks(
     if n_docs is not None and n_docs < 1:
         raise SpectraError(f"n_docs must be positive or None, got {n_docs}")
     name = _task_name(str(meta["name"]))
+    check_writable(out / f"{name}_cloze.yaml", "task file")  # every task file goes beside it
     source = json.dumps(
         f"{data_dir.resolve()} (eval batch sha256 {meta.get('eval_batch', {}).get('sha256')}), seed {seed}"
     )

@@ -37,7 +37,7 @@ from typing import Any
 
 from spectra.errors import SpectraError
 from spectra.evals_io import evals_path, read_eval_results, record_key, write_eval_results
-from spectra.fileio import ExclusiveLock, remove_stale_temporaries
+from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from spectra.load import (
     Checkpoint,
     find_checkpoints,
@@ -497,6 +497,8 @@ def evaluate(
         limit=limit, include_path=include_path, data_dir=data_dir, device=device, batch_size=batch_size,
         bootstrap_iters=bootstrap_iters, progress=progress,
     )  # fmt: skip
+    for target in targets:  # every place is checked before the first model is scored
+        check_writable(evals_path(target.run_dir), "eval results")
     results = []
     for target in targets:
         file = evals_path(target.run_dir)

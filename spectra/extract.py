@@ -28,7 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from spectra.capture import SITES, LayerQK, capture_qk, check_batch
-from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
+from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, CUBE_VARIABLES, DamagedCubeError, open_cube
 from spectra.errors import SpectraError
 from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from spectra.load import (
@@ -39,12 +39,14 @@ from spectra.load import (
     find_checkpoints,
     load_checkpoint,
     load_eval_batch,
+    model_config_differences,
     model_config_from_metadata,
     read_metadata,
     resolve_device,
     run_dir_of,
 )
 from spectra.svd import head_weight_singular_values, token_spectra
+from trainer.config import ConfigError, ModelConfig, model_config_from_dict
 
 CENTERINGS = ("uncentered", "centered")
 """Order of the cube's ``centering`` dimension."""
@@ -117,6 +119,33 @@ class ExtractResult:
     """Steps computed in this call."""
     skipped: tuple[int, ...]
     """Steps of the run's checkpoints that the cube already held."""
+
+
+class UnreadableCheckpointsError(SpectraError):
+    """Checkpoints of a run that could not be read; the run's others were extracted (``result``).
+
+    One damaged file (a truncated copy, a disk error) does not hold back the spectra of the good ones: they
+    are in the cube, and this error names each bad file once, with its reason, so that the command still
+    fails (exit status 1) and the gap is seen.
+    """
+
+    def __init__(self, result: ExtractResult, unreadable: list[tuple[Path, str]]):
+        self.result = result
+        self.unreadable = unreadable
+        held = len(result.added) + len(result.skipped)
+        where = (
+            f"the cube {result.path} holds the other {held} step(s) (added: {', '.join(map(str, result.added)) or 'none'})"
+            if held
+            else f"nothing was written to {result.path}"
+        )
+        reasons = "; ".join(reason for _, reason in unreadable)
+        super().__init__(
+            f"{len(unreadable)} checkpoint(s) could not be read and are not in the cube, {where}: {reasons}; "
+            "replace or remove them, then run extract again"
+        )
+
+    def __reduce__(self):  # rebuilt from its parts where a worker process hands it back
+        return type(self), (self.result, self.unreadable)
 
 
 def layer_reducer(n_heads: int, n_kv_heads: int, head_dim: int):
@@ -337,18 +366,19 @@ def step_dataset(
     H, Hkv, D = wq_sv.shape[1], wk_sv.shape[1], wq_sv.shape[2]
     tokens_dtype = np.int64 if np.isfinite(tokens) else np.float64
     one = np.newaxis  # the step dimension, length 1
-    data_vars = {
-        "q_sv": (("step", "layer", "head", "site", "centering", "sv"), acts["q_sv"][one]),
-        "k_sv": (("step", "layer", "kv_head", "site", "centering", "sv"), acts["k_sv"][one]),
-        "wq_sv": (("step", "layer", "head", "sv"), wq_sv[one]),
-        "wk_sv": (("step", "layer", "kv_head", "sv"), wk_sv[one]),
-        "q_gamma": (("step", "layer", "dim"), q_gamma[one]),
-        "k_gamma": (("step", "layer", "dim"), k_gamma[one]),
-        "q_energy": (("step", "layer", "head", "site", "dim"), acts["q_energy"][one]),
-        "k_energy": (("step", "layer", "kv_head", "site", "dim"), acts["k_energy"][one]),
-        "train_loss": (("step",), np.array([train_loss], dtype=np.float64)),
-        "val_loss": (("step",), np.array([val_loss], dtype=np.float64)),
+    values = {
+        "q_sv": acts["q_sv"][one],
+        "k_sv": acts["k_sv"][one],
+        "wq_sv": wq_sv[one],
+        "wk_sv": wk_sv[one],
+        "q_gamma": q_gamma[one],
+        "k_gamma": k_gamma[one],
+        "q_energy": acts["q_energy"][one],
+        "k_energy": acts["k_energy"][one],
+        "train_loss": np.array([train_loss], dtype=np.float64),
+        "val_loss": np.array([val_loss], dtype=np.float64),
     }
+    data_vars = {name: (dims, values[name]) for name, dims in CUBE_VARIABLES.items()}
     coords = {
         "step": ("step", np.array([step], dtype=np.int64)),
         "tokens": ("step", np.array([tokens], dtype=tokens_dtype)),
@@ -375,6 +405,8 @@ def _read_cube(path: Path) -> xr.Dataset:
     :func:`spectra.cube_io.open_cube`, the one reader of the format."""
     try:
         return open_cube(path)
+    except DamagedCubeError:
+        raise  # its message says what to do, and extract never writes over it
     except SpectraError as e:
         raise SpectraError(
             f"{e}; the existing cube is left as it is: move it away or choose another --out"
@@ -382,9 +414,18 @@ def _read_cube(path: Path) -> xr.Dataset:
 
 
 def _check_compatible(
-    path: Path, cube: xr.Dataset, run_name: str, model_config: str, batch_sha: str, drop_first: int
+    path: Path,
+    cube: xr.Dataset,
+    run_name: str,
+    model: tuple[Path, ModelConfig],
+    batch_sha: str,
+    drop_first: int,
 ) -> None:
-    """Refuse to mix spectra of another run, model, batch or drop_first into an existing cube."""
+    """Refuse to mix spectra of another run, model, batch or drop_first into an existing cube.
+
+    ``model`` is a checkpoint of the run and its model config, for a message naming both the file and the
+    field that differs.
+    """
     checks = [
         ("run_name", cube.attrs.get("run_name"), run_name),
         ("eval_batch_sha256", cube.attrs.get("eval_batch_sha256"), batch_sha),
@@ -397,11 +438,19 @@ def _check_compatible(
                 "differently cannot share a cube (choose another --out)"
             )
     try:
-        same_model = json.loads(str(cube.attrs.get("model_config", "null"))) == json.loads(model_config)
-    except json.JSONDecodeError as e:
-        raise SpectraError(f"{path}: the cube's model_config attribute is not valid JSON ({e})") from None
-    if not same_model:
-        raise SpectraError(f"{path}: the cube was computed for another model_config than these checkpoints")
+        recorded = model_config_from_dict(json.loads(str(cube.attrs.get("model_config", "null"))))
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise SpectraError(f"{path}: the cube's model_config attribute is not a model config ({e})") from None
+    checkpoint, cfg = model
+    differences = model_config_differences(recorded, cfg)
+    if differences:
+        fields = "; ".join(
+            f"{field}: {theirs!r} here, {ours!r} in the cube" for field, ours, theirs in differences
+        )
+        raise SpectraError(
+            f"{checkpoint}: its model_config differs from the one the cube {path} was computed for ({fields}); "
+            "spectra of another model cannot share a cube (choose another --out)"
+        )
 
 
 def write_cube(ds: xr.Dataset, path: str | os.PathLike) -> Path:
@@ -488,14 +537,19 @@ def extract(
 
     Raises
     ------
+    UnreadableCheckpointsError
+        After the cube is written with every readable checkpoint: the checkpoints that could not be read
+        (truncated, damaged, foreign), each named once with its reason.
     SpectraError
-        No checkpoints, unreadable or foreign checkpoints, checkpoints of different runs, a batch whose
-        hash differs (without ``force``), an existing cube of something else, a bad device.
+        No checkpoints or none readable, checkpoints of different runs or models (naming the checkpoint and
+        the field), a checkpoint whose model_config and run_config disagree, a batch whose hash differs
+        (without ``force``), an existing cube of something else or a damaged one, a bad device.
     """
     dev = resolve_device(device)
     paths = find_checkpoints(path)
     out = check_writable(Path(out) if out is not None else run_dir_of(path) / DEFAULT_CUBE_NAME, "cube")
-    first_path, first, steps = _run_headers(paths)
+    run, unreadable = _run_headers(paths)
+    first_path, first, steps = run.first_path, run.first, run.steps
     batch_file = _batch_file(batch, first_path, first)
     input_ids = load_eval_batch(batch_file, expected_sha256=first["eval_batch_sha256"], force=force)
     batch_sha = eval_batch_sha256(input_ids)
@@ -505,12 +559,13 @@ def extract(
         existing = _read_cube(out) if out.exists() else None
         done: set[int] = set()
         if existing is not None:
-            _check_compatible(out, existing, first["run_name"], first["model_config"], batch_sha, drop_first)
+            reference = (first_path, run.model_config)
+            _check_compatible(out, existing, first["run_name"], reference, batch_sha, drop_first)
             done = {int(s) for s in existing.step.values}
         todo = [(s, p) for s, p in sorted(steps.items()) if s not in done]
         skipped = tuple(s for s in sorted(steps) if s in done)
         if not todo:
-            return ExtractResult(path=out, added=(), skipped=skipped)
+            return _finished(ExtractResult(path=out, added=(), skipped=skipped), unreadable)
 
         forced = (
             ""
@@ -532,7 +587,11 @@ def extract(
         bar = tqdm(todo, desc=f"extract {first['run_name']}", unit="ckpt", disable=not progress)
         for step, p in bar:
             bar.set_postfix(step=step)
-            ckpt = load_checkpoint(p, dev, model=model)
+            try:
+                ckpt = load_checkpoint(p, dev, model=model)
+            except SpectraError as e:  # its header was fine, its tensors are not: the others go on
+                unreadable.append((p, str(e)))
+                continue
             model = ckpt.model
             new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=dev))
             if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
@@ -540,14 +599,45 @@ def extract(
                 last_flush = time.monotonic()
         bar.close()
         added = [int(d.step[0]) for d in new]
-        write_cube(combine_steps(existing, new, history(added)), out)
-    return ExtractResult(path=out, added=tuple(added), skipped=skipped)
+        if new:
+            write_cube(combine_steps(existing, new, history(added)), out)
+    return _finished(ExtractResult(path=out, added=tuple(added), skipped=skipped), unreadable)
 
 
-def _run_headers(paths: list[Path]) -> tuple[Path, dict[str, str], dict[int, Path]]:
-    """Read every checkpoint's header; check they are one run; return the first and ``{step: path}``."""
-    headers = [(p, read_metadata(p)) for p in paths]
+def _finished(result: ExtractResult, unreadable: list[tuple[Path, str]]) -> ExtractResult:
+    """``result``, or :class:`UnreadableCheckpointsError` carrying it when checkpoints were left out."""
+    if unreadable:
+        raise UnreadableCheckpointsError(result, unreadable)
+    return result
+
+
+@dataclass(frozen=True)
+class _RunHeaders:
+    """The readable checkpoints of one run: the first one's path, metadata and model, and ``{step: path}``."""
+
+    first_path: Path
+    first: dict[str, str]
+    model_config: ModelConfig
+    steps: dict[int, Path]
+
+
+def _run_headers(paths: list[Path]) -> tuple[_RunHeaders, list[tuple[Path, str]]]:
+    """Read every checkpoint's header and check the readable ones are one run and one model.
+
+    A file whose header cannot be read (truncated, damaged, not ours) is returned with the reason and left
+    out; readable checkpoints that disagree (another run, batch or model, a step twice) are refused, since
+    they mean that two runs were mixed, not that one file was damaged.
+    """
+    headers, unreadable = [], []
+    for p in paths:
+        try:
+            headers.append((p, read_metadata(p)))
+        except SpectraError as e:
+            unreadable.append((p, str(e)))
+    if not headers:
+        raise SpectraError("; ".join(reason for _, reason in unreadable))
     first_path, first = headers[0]
+    first_cfg = model_config_from_metadata(first_path, first)
     steps: dict[int, Path] = {}
     for p, meta in headers:
         for key in ("run_name", "eval_batch_sha256"):
@@ -555,8 +645,16 @@ def _run_headers(paths: list[Path]) -> tuple[Path, dict[str, str], dict[int, Pat
                 raise SpectraError(
                     f"{p}: {key} {meta[key]!r} differs from {first_path.name}'s {first[key]!r}"
                 )
-        if model_config_from_metadata(p, meta) != model_config_from_metadata(first_path, first):
-            raise SpectraError(f"{p}: model_config differs from {first_path.name}'s")
+        differences = model_config_differences(first_cfg, model_config_from_metadata(p, meta))
+        if differences:
+            fields = "; ".join(
+                f"{field}: {theirs!r} here, {ours!r} in {first_path.name}"
+                for field, ours, theirs in differences
+            )
+            raise SpectraError(
+                f"{p}: its model_config differs from {first_path.name}'s ({fields}); the checkpoints of one run "
+                "share one model"
+            )
         try:
             step = int(meta["step"])
         except ValueError:
@@ -564,7 +662,7 @@ def _run_headers(paths: list[Path]) -> tuple[Path, dict[str, str], dict[int, Pat
         if step in steps:
             raise SpectraError(f"{p} and {steps[step]} both hold step {step}")
         steps[step] = p
-    return first_path, first, steps
+    return _RunHeaders(first_path, first, first_cfg, steps), unreadable
 
 
 def _batch_file(batch: str | os.PathLike | None, first_path: Path, first: dict[str, str]) -> Path:
@@ -590,6 +688,7 @@ __all__ = [
     "CUBE_FORMAT",
     "CUBE_FORMAT_VERSION",
     "ExtractResult",
+    "UnreadableCheckpointsError",
     "combine_steps",
     "extract",
     "layer_reducer",

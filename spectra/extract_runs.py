@@ -3,7 +3,8 @@
 Each run is extracted by :func:`spectra.extract.extract` exactly as on its own, so each cube stays
 atomic, incremental and locked; a failing run is reported and the others go on. With ``jobs > 1`` the
 runs are shared out among that many worker processes (``spawn``: no forked torch state), the CPU threads
-split evenly between them, one line per finished run.
+split evenly between them, one line per finished run. The workers die with this process, however it
+dies (:mod:`spectra.workers`).
 
 Examples
 --------
@@ -14,16 +15,16 @@ Examples
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectra.errors import SpectraError
 from spectra.extract import ExtractResult, extract
 from spectra.study import is_study_dir, read_study
+from spectra.workers import worker_pool
 
 PathLike = str | os.PathLike[str]
 
@@ -138,8 +139,7 @@ def extract_runs(
         return out
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // min(jobs, len(runs)))
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=context) as pool:
+    with worker_pool(min(jobs, len(runs))) as pool:
         futures = {pool.submit(_extract_one, str(run), threads, options): run for run in runs}
         for future in as_completed(futures):
             error = future.exception()

@@ -11,6 +11,9 @@
   when the process dies, and the lock file names its holder for the process that is refused.
 - :func:`check_writable`: an output path that cannot be written is an error before hours of computing,
   not after.
+- :func:`naming_a_full_disk`: a write that fails because the file system is full is a
+  :class:`DiskFullError` naming the file, however the library that wrote it (netCDF4, matplotlib)
+  reported it.
 
 The trainer has a twin of these helpers (``trainer/fileio.py``): the two halves of the project share
 file formats (the lock file's JSON included, docs/recovery.md), not code.
@@ -28,12 +31,80 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from spectra.errors import SpectraError
+
+
+class DiskFullError(SpectraError):
+    """A file could not be written because its file system is full (or the quota spent); names the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        super().__init__(f"no space left on device writing {self.path}")
+
+    def __reduce__(self):  # rebuilt from its path where a worker process hands it back
+        return type(self), (self.path,)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+_NEARLY_FULL_BYTES = 1 << 20
+"""Free space below which a write error that carries no errno is taken for a full file system."""
+
+
+def disk_is_full(error: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether ``error``, raised while writing into ``directory``, means that its file system is full.
+
+    An errno says so (ENOSPC, EDQUOT), on the error or on one it was raised from, and so does the
+    operating system's text of it inside a library's message. Some writers drop both: HDF5 under netCDF4
+    raises ``NetCDF: HDF error``. For an ``OSError`` or ``RuntimeError`` without an errno the file system
+    is asked instead: less than 1 MiB free (or no free inode). Call it before the partial file is
+    removed, while its blocks are still taken.
+    """
+    chain: list[BaseException] = []
+    node: BaseException | None = error
+    while node is not None and node not in chain:
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno in _DISK_FULL_ERRNOS
+        if any(text in str(e) for text in _DISK_FULL_TEXTS):
+            return True
+    if not isinstance(error, OSError | RuntimeError):
+        return False
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    free_blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may write into the reserve
+    return free_blocks * st.f_frsize < _NEARLY_FULL_BYTES or (st.f_files > 0 and st.f_ffree == 0)
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: str | os.PathLike, directory: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an error raised in the block because the file system is full into a :class:`DiskFullError`.
+
+    Parameters
+    ----------
+    path
+        The file the block writes, as the user knows it (a final name, not a temporary one).
+    directory
+        Where the block writes (default: ``path``'s directory); it must exist for the file system to be
+        asked (see :func:`disk_is_full`).
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if disk_is_full(e, directory if directory is not None else Path(path).parent):
+            raise DiskFullError(path) from e
+        raise
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -72,6 +143,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
     Path
         ``path``.
 
+    Raises
+    ------
+    DiskFullError
+        The file system is full: the temporary file is removed and ``path`` is as it was.
+
     Examples
     --------
     >>> import tempfile, pathlib
@@ -80,19 +156,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
     'hi'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    with naming_a_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp makes the file private (0600); give it the mode a plain open() would have given (or the
     # mode of the file it replaces), after the write: some writers recreate the file with their own mode
     mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
     try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming_a_full_disk(path):  # inside: the file system is asked while the temporary takes space
+            write(tmp)
+            os.chmod(tmp, mode)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         # also on KeyboardInterrupt: the half-written temporary file must not outlive the attempt
         tmp.unlink(missing_ok=True)
@@ -118,11 +196,12 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+def check_writable(path: str | os.PathLike, what: str = "output", directory: bool = False) -> Path:
     """Check, before any computing, that ``path`` can be created or replaced; return it.
 
-    The nearest existing ancestor must be a directory this process may write into, and ``path`` itself,
-    if it exists, must be a regular file (not a directory).
+    The nearest existing ancestor must be a directory this process may write into (a read-only file
+    system counts as not writable, for root too), and ``path`` itself, if it exists, must be a regular file
+    (not a directory), or a directory when ``directory`` (a report directory, replaced whole from beside it).
 
     Raises
     ------
@@ -130,7 +209,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
         Naming the path and why (a regular file where a directory is needed, no permission, ...).
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not directory:
         raise SpectraError(f"cannot write the {what} {path}: it is a directory")
     parent = path.parent
     while not parent.exists():
@@ -139,9 +218,26 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise SpectraError(f"cannot write the {what} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpectraError(f"cannot write the {what} {path}: no permission to write in {parent}")
+    why = not_writable(parent)
+    if why:
+        raise SpectraError(f"cannot write the {what} {path}: {parent} is not writable ({why})")
     return path
+
+
+def not_writable(directory: str | os.PathLike) -> str | None:
+    """Why this process cannot create files in the existing ``directory``, or None when it can.
+
+    >>> not_writable(tempfile.gettempdir()) is None
+    True
+    """
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "a read-only file system"  # root too: mounted read-only
+    except OSError:
+        pass
+    return "no permission"
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -179,9 +275,8 @@ class ExclusiveLock:
         self._fd: int | None = None
 
     def __enter__(self) -> ExclusiveLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -218,6 +313,19 @@ class ExclusiveLock:
             self.path.unlink()
         os.close(self._fd)
         self._fd = None
+
+    def _open(self) -> int:
+        """The lock file's descriptor (created, with its directory, if needed); an unwritable place is one line."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            where = self.path.parent if self.path.parent.is_dir() else e.filename
+            raise SpectraError(
+                f"cannot write the {self.what}: {where} is not writable ({e.strerror.lower()})"
+            ) from None
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

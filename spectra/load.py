@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -155,13 +156,52 @@ def _metadata_json(path: Path, meta: dict[str, str], key: str) -> Any:
 
 
 def model_config_from_metadata(path: str | os.PathLike, meta: dict[str, str]) -> ModelConfig:
-    """The ``ModelConfig`` recorded in a checkpoint's metadata; bad or unknown keys name the file."""
+    """The ``ModelConfig`` recorded in a checkpoint's metadata, checked against the run config beside it.
+
+    The metadata holds the model twice: ``model_config``, which rebuilds it, and the ``model`` table of
+    ``run_config``, which the cube records. A checkpoint whose two disagree (an edited header) is refused,
+    naming the file and the field, rather than measured under one config and recorded under the other.
+
+    Raises
+    ------
+    SpectraError
+        Bad or unknown keys in either, or a field on which they differ.
+    """
     path = Path(path)
-    data = _metadata_json(path, meta, "model_config")
+    cfg = _model_config(path, _metadata_json(path, meta, "model_config"), "model_config")
+    run_config = _metadata_json(path, meta, "run_config")
+    if isinstance(run_config, dict) and "model" in run_config:
+        recorded = _model_config(path, run_config["model"], "run_config.model")
+        differences = model_config_differences(cfg, recorded)
+        if differences:
+            fields = "; ".join(
+                f"model_config.{field} = {ours!r} but run_config.model.{field} = {theirs!r}"
+                for field, ours, theirs in differences
+            )
+            raise SpectraError(f"{path}: the metadata contradicts itself: {fields} (an edited header?)")
+    return cfg
+
+
+def _model_config(path: Path, data: Any, key: str) -> ModelConfig:
     try:
         return model_config_from_dict(data)
     except ConfigError as e:
-        raise SpectraError(f"{path}: invalid model_config in the metadata: {e}") from None
+        raise SpectraError(f"{path}: invalid {key} in the metadata: {e}") from None
+
+
+def model_config_differences(a: ModelConfig, b: ModelConfig) -> list[tuple[str, Any, Any]]:
+    """``(field, value in a, value in b)`` for every field of two model configs that differs.
+
+    >>> from dataclasses import replace
+    >>> cfg = model_config_from_dict({"vocab_size": 64})
+    >>> model_config_differences(cfg, replace(cfg, rope_theta=500000.0))
+    [('rope_theta', 10000.0, 500000.0)]
+    """
+    return [
+        (f.name, getattr(a, f.name), getattr(b, f.name))
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

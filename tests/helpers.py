@@ -6,16 +6,20 @@ Plain functions and constants, imported as ``from helpers import ...`` (pytest's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import xarray as xr
 from safetensors.torch import load_file, save_file
@@ -96,6 +100,56 @@ def tiny_overrides(vocab: int, optim: Mapping[str, object] | None = None, **trai
         + [f"optim.{k}={json.dumps(v)}" for k, v in (optim or {}).items()]
         + [f"train.{k}={json.dumps(v)}" for k, v in train.items()]
     )
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: int) -> Iterator[Path]:
+    """A real file system of ``size`` bytes (a tmpfs) mounted at ``path`` for the block, then unmounted.
+
+    What a full disk does to a command is tested on a real one: the kernel's ENOSPC, whatever the libraries
+    make of it. Mounting needs root (CI and the development machines run tests as root on Debian) in a
+    mount namespace that allows it; elsewhere the test is skipped with the reason.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        done = subprocess.CompletedProcess([], 1, "", str(e))
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs to fill (not root, or not permitted here): {done.stderr.strip()}"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def unwritable_directory(path: Path, fill: Callable[[Path], object]) -> Iterator[Path]:
+    """The directory ``path``, filled by ``fill(path)``, then made unwritable for this process for the block.
+
+    Not root: its mode is 0555 (what a user meets in a shared directory). Root ignores modes, so there it is
+    a small file system (:func:`small_filesystem`) remounted read-only, which stops root too.
+    """
+    if os.geteuid() != 0:
+        path.mkdir(parents=True)
+        fill(path)
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    with small_filesystem(path, 8 << 20):
+        fill(path)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True, timeout=30)
+        yield path
 
 
 def read_jsonl(path: Path) -> list[dict]:

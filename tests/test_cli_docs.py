@@ -74,3 +74,18 @@ def test_every_option_documented_in_help(prog, name):
     for param in command(prog, name).params:
         if isinstance(param, click.Option) and not param.hidden:
             assert param.help, f"{prog} {name} {param.opts[0]} has no help text"
+
+
+def test_jobs_below_one_is_a_usage_error_wherever_a_spectra_command_has_jobs():
+    """``--jobs 0`` is click's usage error (exit 2, the option named) in every collapse-spectra command that has it."""
+    with_jobs = [
+        name
+        for prog, name in COMMANDS
+        if prog == "collapse-spectra" and any(p.name == "jobs" for p in command(prog, name).params)
+    ]
+    assert with_jobs  # extract at least
+    for name in with_jobs:
+        for bad in ("0", "-1"):
+            result = CliRunner().invoke(spectra_main, [name, "somewhere", "--jobs", bad])
+            assert result.exit_code == 2, (name, result.output)
+            assert "Invalid value for '--jobs'" in result.output and "x>=1" in result.output, result.output

@@ -132,6 +132,26 @@ def test_unknown_preset(tmp_path, tiny_args):
     assert result.exit_code == 1 and "'huge'" in result.output
 
 
+@pytest.mark.parametrize("command", ["run", "study"])
+@pytest.mark.parametrize("kind", ["binary", "directory"])
+def test_a_binary_file_or_a_directory_as_config_is_one_line(tmp_path, tiny_args, command, kind):
+    if kind == "binary":  # a PNG's signature: 0x89 is no UTF-8 start byte
+        given = tmp_path / "image.toml"
+        given.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+        expected = f"{given}: not a TOML file (TOML is UTF-8 text; byte 0x89 at offset 0 is not UTF-8"
+    else:  # a run directory passed where its config file was meant
+        given = tmp_path / "some-run"
+        (given / "checkpoints").mkdir(parents=True)
+        expected = f"{given} is a directory, not a TOML file"
+    out = tmp_path / "out"
+    args = [command, str(given), "--out", str(out)] + (tiny_args if command == "run" else [])
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {expected}"), result.output
+    assert not out.exists()
+
+
 def test_existing_run_dir_is_refused_and_untouched(tmp_path, tiny_args, trained):
     out = tmp_path / "copy"
     shutil.copytree(trained[0], out)

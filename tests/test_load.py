@@ -131,12 +131,23 @@ def test_read_metadata_and_load_refuse_bad_files(run, tmp_path):
 
 def test_load_checkpoint_refuses_bad_metadata_values_and_mismatched_tensors(run, tmp_path):
     good = checkpoint_files(run)[0]
-    cfg = json.loads(read_metadata(good)["model_config"])
+    meta = read_metadata(good)
+    cfg, run_cfg = json.loads(meta["model_config"]), json.loads(meta["run_config"])
+    wider = {**cfg, "d_ff": 96}  # said in both places, so that the header agrees with itself
     cases = {
         rewrite(good, tmp_path / "a.safetensors", model_config="{not json"): "model_config is not valid JSON",
         rewrite(good, tmp_path / "b.safetensors", model_config=json.dumps({**cfg, "colour": 1})): "colour",
-        rewrite(good, tmp_path / "c.safetensors", model_config=json.dumps({**cfg, "d_ff": 96})): "do not fit",
+        rewrite(
+            good,
+            tmp_path / "c.safetensors",
+            model_config=json.dumps(wider),
+            run_config=json.dumps({**run_cfg, "model": wider}),
+        ): "do not fit",
         rewrite(good, tmp_path / "d.safetensors", step="ten"): "step='ten' is not an integer",
+        # the model recorded twice, differently: which one the weights were trained under is unknown
+        rewrite(
+            good, tmp_path / "e.safetensors", model_config=json.dumps({**cfg, "rope_theta": 500000.0})
+        ): r"the metadata contradicts itself: model_config.rope_theta = 500000.0 but run_config.model.rope_theta = 10000.0",
     }
     for path, message in cases.items():
         with pytest.raises(SpectraError, match=message) as info:

@@ -4,19 +4,27 @@ around it are byte for byte as they were."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import make_run, synthetic_cube, write_cube
+from helpers import make_run, small_filesystem, synthetic_cube, unwritable_directory, write_cube
 
 from cli.spectra import main
 from spectra import report as rep
+from spectra.cube_io import open_cube
 from spectra.errors import SpectraError
 from spectra.extract import extract
 from spectra.fileio import ExclusiveLock
+from spectra.load import find_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,6 +79,28 @@ def test_a_damaged_cube_is_one_line_and_left_as_it_is(tmp_path, extracted, damag
     ]  # no report directory, no figure, no temporary
 
 
+@pytest.mark.parametrize("command", ["metrics-cube", "metrics-runs", "report", "extract"])
+def test_a_cube_missing_a_variable_is_named_as_damaged_and_left_as_it_is(tmp_path, extracted, command):
+    root = tmp_path / "runs"
+    run = root / "a"
+    shutil.copytree(extracted, run)
+    shutil.copytree(
+        extracted, root / "b"
+    )  # a whole cube beside it: the damaged one must not turn into NaN rows
+    cube = run / "spectra.nc"
+    write_cube(cube, open_cube(cube).drop_vars("k_sv"))
+    before = listing(root)
+    args = {
+        "metrics-cube": ["metrics", cube],
+        "metrics-runs": ["metrics", root],
+        "report": ["report", root, "-o", tmp_path / "rep", "--n-resamples", 100],
+        "extract": ["extract", run, "--no-progress"],  # must not take it for complete, nor replace it
+    }[command]
+    assert_one_line_error(invoke(*args), f"{cube}: damaged cube: the variable k_sv is missing")
+    assert listing(root) == before
+    assert not (tmp_path / "rep").exists()
+
+
 def test_extract_checks_its_output_before_computing(tmp_path, extracted, monkeypatch):
     import spectra.extract as extract_mod
 
@@ -85,6 +115,26 @@ def test_extract_checks_its_output_before_computing(tmp_path, extracted, monkeyp
         "extract", extracted, "--out", tmp_path, "--no-progress"
     )  # click's own check: a usage error
     assert result.exit_code == 2 and f"'{tmp_path}' is a directory" in result.output
+
+
+@pytest.mark.parametrize("command", ["extract", "report", "surgery", "plot", "eval", "eval-tasks"])
+def test_an_unwritable_output_directory_is_one_line_naming_it(tmp_path, extracted, tiny_data_dir, command):
+    def fill(directory: Path) -> None:  # a run without a cube, so that extract has something to write
+        shutil.copytree(extracted, directory / "run", ignore=shutil.ignore_patterns("spectra.nc"))
+
+    with unwritable_directory(tmp_path / "ro", fill) as ro:
+        run = ro / "run"
+        args, where = {
+            "extract": (["extract", run, "--no-progress"], run),
+            "report": (["report", extracted, "-o", ro / "report", "--n-resamples", 100], ro),
+            "surgery": (["surgery", find_checkpoints(run)[-1], "--no-progress"], run),
+            "plot": (["plot", "trajectory", extracted, "-o", ro / "t.png"], ro),
+            "eval": (["eval", run, "--tasks", "any_task", "--no-progress"], run),
+            "eval-tasks": (["eval-tasks", tiny_data_dir, "-o", ro / "tasks"], ro),
+        }[command]
+        before = listing(ro)
+        assert_one_line_error(invoke(*args), f"{where} is not writable (")
+        assert listing(ro) == before
 
 
 def test_extract_into_a_locked_cube_is_refused_and_removes_only_its_own_debris(tmp_path, extracted):
@@ -244,3 +294,158 @@ def test_ctrl_c_while_a_command_is_imported_is_one_line_and_exit_130(monkeypatch
         "Error: interrupted (Ctrl-C); every file written so far is complete, and re-running the command "
         "continues where it can"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# a full disk (a real one, a small tmpfs): one line naming the file, no temporary left, earlier files intact
+
+PAGE = 4096  # tmpfs allocates whole pages
+
+
+def pages(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+def test_a_full_disk_leaves_the_previous_cube_and_names_it(tmp_path):
+    run = make_run(tmp_path, steps=(0, 10, 20))
+    first = tmp_path / "first.nc"
+    extract(run / "checkpoints" / "tokens_000000000000.safetensors", out=first, progress=False)
+    # room for the one-step cube and two pages more: not for a temporary three-step cube beside it
+    with small_filesystem(tmp_path / "disk", pages(first.stat().st_size) + 2 * PAGE) as disk:
+        cube = disk / "spectra.nc"
+        shutil.copyfile(first, cube)
+        before = cube.read_bytes()
+        result = invoke("extract", run, "--out", cube, "--no-progress")
+        assert_one_line_error(result, f"no space left on device writing {cube}")
+        assert cube.read_bytes() == before
+        assert sorted(p.name for p in disk.iterdir()) == ["spectra.nc"]  # no temporary, no lock
+
+
+def test_a_full_disk_leaves_the_previous_report_and_names_the_file(tmp_path, cubes):
+    build(cubes, tmp_path / "first")
+    report_bytes = sum(pages(p.stat().st_size) for p in (tmp_path / "first").rglob("*") if p.is_file())
+    with small_filesystem(tmp_path / "disk", report_bytes + 16 * PAGE) as disk:  # not two reports
+        out = disk / "report"
+        shutil.copytree(tmp_path / "first", out)
+        before = listing(out)
+        result = invoke("report", *cubes, "-o", out, "--n-resamples", 100)
+        assert_one_line_error(result, f"no space left on device writing {out}/")
+        written = result.output.strip().split(f"writing {out}/")[1]
+        assert (tmp_path / "first" / written).is_file(), written  # a file of the report, by its final name
+        assert listing(out) == before
+        assert sorted(p.name for p in disk.iterdir()) == ["report"]  # no staging directory, no lock
+
+
+def test_a_parallel_extraction_names_a_damaged_checkpoint_and_extracts_the_rest(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("a", "b"):
+        make_run(root, steps=(0, 10, 20), name=name)
+    bad = root / "a" / "checkpoints" / "tokens_000000000640.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-100])  # an interrupted copy
+    result = invoke("extract", root, "--jobs", 2, "--no-progress")  # the error crosses from a worker process
+    assert result.exit_code == 1, result.output
+    assert result.output.count(str(bad)) == 2  # its run's "failed" line, and the command's error line
+    failed = next(line for line in result.output.splitlines() if line.startswith("failed"))
+    assert (
+        "1 checkpoint(s) could not be read" in failed and "added: 0, 20" in failed and "truncated" in failed
+    )
+    assert open_cube(root / "a").step.values.tolist() == [0, 20]
+    assert open_cube(root / "b").step.values.tolist() == [0, 10, 20]
+
+
+# ----------------------------------------------------------------------------------------------------
+# worker processes die with the command that started them
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/stat").is_file(), reason="finds processes through Linux /proc"
+)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None once it is reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has ended; it only waits for a reaper
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The multiprocessing workers whose parent is ``pid`` (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[1]) == pid:
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+def _poll(condition, deadline_s: float) -> bool:
+    """Whether ``condition()`` became true before the deadline (generous: this is not a speed test)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _kill_survivors(pids: list[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@needs_proc
+def test_sigkill_of_a_parallel_extraction_takes_its_workers_with_it(tmp_path):
+    root = tmp_path / "runs"
+    for name in ("a", "b"):  # enough checkpoints that a worker left alone would compute for minutes
+        make_run(root, steps=tuple(range(0, 2000, 10)), name=name)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "cli.spectra", "extract", str(root), "--jobs", "2", "--no-progress", "--device", "cpu"],
+        cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        assert _poll(lambda: len(_workers_of(parent.pid)) == 2, 120), "the workers never started"
+        workers = _workers_of(parent.pid)
+        parent.kill()
+        parent.wait()
+        assert _poll(lambda: not any(map(_alive, workers)), 30), "workers outlived the killed extraction"
+    finally:
+        parent.kill()
+        _kill_survivors(workers)
+
+
+@needs_proc
+@pytest.mark.parametrize("mechanism", ["prctl", "watchdog"])
+def test_exit_with_parent_ends_a_process_whose_parent_was_killed(mechanism):
+    # the watchdog thread is what platforms without prctl get; forced here so that Linux tests it too
+    child = (
+        "import os, sys, time; import spectra.workers as w\n"
+        + ("w._kill_me_when_my_parent_dies = lambda: False\n" if mechanism == "watchdog" else "")
+        + "w.exit_with_parent(int(sys.argv[1])); print(os.getpid(), flush=True); time.sleep(600)"
+    )
+    launcher = (  # the parent: starts the child, then waits to be killed
+        "import os, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); time.sleep(600)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher, child], cwd=REPO, env=CHILD_ENV, stdout=subprocess.PIPE, text=True
+    )
+    pid = int(parent.stdout.readline())  # the child printed it once exit_with_parent had returned
+    try:
+        parent.kill()
+        parent.wait()
+        assert _poll(lambda: not _alive(pid), 30), f"{mechanism}: the child outlived its killed parent"
+    finally:
+        parent.kill()
+        _kill_survivors([pid])

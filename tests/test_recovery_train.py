@@ -12,9 +12,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_dataset, read_jsonl, tiny_overrides
+from click.testing import CliRunner
+from helpers import (
+    make_tiny_dataset,
+    read_jsonl,
+    small_filesystem,
+    tiny_corpus,
+    tiny_overrides,
+    unwritable_directory,
+)
 from safetensors.torch import load_file
 
+from cli.train import main as train_cli
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
 from trainer.errors import RunLockedError, TrainerError
@@ -273,3 +282,102 @@ def test_holder_details_survive_in_the_lock_file(tmp_path):
     with ExclusiveLock(tmp_path / ".lock", "x"):
         info = json.loads((tmp_path / ".lock").read_text())
         assert info["pid"] == os.getpid() and info["host"] and info["since"] and "command" in info
+
+
+# ----------------------------------------------------------------------------------------------------
+# a full disk (a real one, a small tmpfs): one line naming the file, no temporary left, earlier files intact
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0].removeprefix("Error: ")
+
+
+def test_a_full_disk_stops_a_run_with_one_line_naming_the_checkpoint(tmp_path, tiny_data_dir, overrides):
+    # 64 KiB hold config.toml and run.json but not the first checkpoint (24k float32 weights, 97 KB)
+    with small_filesystem(tmp_path / "disk", 64 * 1024) as disk:
+        out = disk / "run"
+        args = [
+            "run",
+            "tiny",
+            "--data",
+            tiny_data_dir,
+            "--out",
+            out,
+            "--no-progress",
+            *(f"--set={s}" for s in overrides),
+        ]
+        result = CliRunner().invoke(train_cli, [str(a) for a in args])
+        checkpoint = out / "checkpoints" / "tokens_000000000000.safetensors"
+        assert one_line_error(result) == f"no space left on device writing {checkpoint}"
+        # no temporary checkpoint, no lock; what was written before is whole
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+            "checkpoints",
+            "config.toml",
+            "run.json",
+        ]
+        assert (out / "config.toml").read_text() == load_config("tiny", ['name="run"', *overrides]).to_toml()
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == "failed" and f"writing {checkpoint}" in record["error"]
+
+
+def test_a_full_disk_stops_prepare_data_with_one_line_naming_the_file(tmp_path):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus()))
+    with small_filesystem(tmp_path / "disk", 32 * 1024) as disk:  # the token files alone need about 40 KB
+        (disk / "notes.txt").write_text("mine")
+        out = disk / "tiny"
+        args = ["prepare-data", "-o", out, "--source", source, "--vocab-size", "300", "--no-progress"]
+        message = one_line_error(CliRunner().invoke(train_cli, [str(a) for a in args]))
+        written = message.removeprefix(f"no space left on device writing {out}/")
+        assert written in {"tokenizer.json", "train.bin", "val.bin", "test.bin", "eval_batch.safetensors"}, (
+            message
+        )
+        assert sorted(p.name for p in disk.iterdir()) == ["notes.txt"]  # no build directory, no lock
+        assert (disk / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------------
+# an unwritable place: one line naming the directory, before any work
+
+
+@pytest.mark.parametrize("command", ["run", "run --resume", "prepare-data"])
+def test_an_unwritable_output_directory_is_one_line_naming_it(tmp_path, tiny_data_dir, overrides, command):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus()))
+
+    def fill(directory: Path) -> None:  # a run directory made by a run that was killed before it began
+        (directory / "killed").mkdir()
+        (directory / "killed" / "config.toml").write_text(
+            load_config("tiny", ['name="killed"', *overrides]).to_toml()
+        )
+
+    with unwritable_directory(tmp_path / "ro", fill) as ro:
+        sets = [f"--set={s}" for s in overrides]
+        args, where = {
+            "run": (
+                ["run", "tiny", "--data", tiny_data_dir, "--out", ro / "run", "--no-progress", *sets],
+                ro,
+            ),
+            "run --resume": (
+                [
+                    "run",
+                    "tiny",
+                    "--data",
+                    tiny_data_dir,
+                    "--out",
+                    ro / "killed",
+                    "--resume",
+                    "--no-progress",
+                    *sets,
+                ],
+                ro / "killed",
+            ),
+            "prepare-data": (["prepare-data", "-o", ro / "data", "--source", source, "--no-progress"], ro),
+        }[command]
+        before = listing(ro)
+        message = one_line_error(CliRunner().invoke(train_cli, [str(a) for a in args]))
+        assert message.startswith("cannot write the ") and f": {where} is not writable (" in message, message
+        assert listing(ro) == before

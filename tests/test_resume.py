@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -15,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import read_jsonl, tiny_overrides
+from helpers import make_tiny_dataset, read_jsonl, tiny_overrides
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import trainer.checkpoint as checkpoint_mod
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import list_checkpoints, write_safetensors
 from trainer.config import RunConfig, load_config
 from trainer.errors import TrainerError
 from trainer.model import LLM
@@ -65,6 +67,10 @@ def uninterrupted(tmp_path_factory, tiny_data_dir, overrides, one_thread) -> Pat
     out = tmp_path_factory.mktemp("ref") / "run"
     train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
     return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _final_weights(run: Path) -> dict[str, bytes]:
@@ -265,6 +271,50 @@ def test_resume_refuses_a_directory_that_holds_no_run(tmp_path, tiny_data_dir, o
 
 
 # ----------------------------------------------------------------------------------------------------
+# byte-reproducible files: a checksum verifies a replication
+
+
+def test_two_identical_runs_write_byte_identical_checkpoints_and_states(
+    tmp_path, tiny_data_dir, overrides, uninterrupted
+):
+    out = tmp_path / uninterrupted.name  # the run name is the directory's, and it is in the metadata
+    train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
+    written = sorted(p.relative_to(out) for p in out.rglob("*.safetensors"))
+    assert written == sorted(p.relative_to(uninterrupted) for p in uninterrupted.rglob("*.safetensors"))
+    assert {p.parts[0] for p in written} == {"checkpoints", "resume"}
+    for rel in written:
+        assert sha256(out / rel) == sha256(uninterrupted / rel), rel
+
+
+def test_write_safetensors_sorts_the_metadata_and_reads_back_like_save_file(tmp_path):
+    # values with every character JSON escapes, and non-ASCII: the rewritten header keeps its length
+    metadata = {f"key_{i:02d}": f'v{i} "q" \\ \n \t \x01 é ∑' for i in range(20)}
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int64)}
+    reference = tmp_path / "library.safetensors"
+    save_file(tensors, str(reference), metadata=metadata)
+    digests = set()
+    for i in range(3):
+        path = tmp_path / f"ours{i}.safetensors"
+        write_safetensors(path, tensors, metadata)
+        digests.add(sha256(path))
+        with safe_open(str(path), "pt") as ours, safe_open(str(reference), "pt") as lib:
+            assert ours.metadata() == lib.metadata() == metadata
+            assert sorted(ours.keys()) == sorted(lib.keys())
+            for k in lib.keys():
+                assert torch.equal(ours.get_tensor(k), lib.get_tensor(k))
+        assert path.stat().st_size == reference.stat().st_size
+    assert len(digests) == 1
+    write_safetensors(tmp_path / "plain.safetensors", tensors)  # no metadata: nothing to sort
+    assert load_file(str(tmp_path / "plain.safetensors")).keys() == tensors.keys()
+
+
+def test_a_prepared_dataset_has_a_byte_identical_eval_batch(tmp_path, tiny_data_dir):
+    again = make_tiny_dataset(tmp_path, vocab_size=300, eval_seqs=2, eval_seq_len=32)
+    name = "eval_batch.safetensors"
+    assert sha256(again / name) == sha256(tiny_data_dir / name)
+
+
+# ----------------------------------------------------------------------------------------------------
 # kill and resume: bit-identical final weights
 
 LAUNCHER = textwrap.dedent(
@@ -286,15 +336,15 @@ LAUNCHER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         train_mod.MetricsLogger.log = log_then_die
     elif kind == "mid-resume-write":  # SIGKILL after the first file of the N-th resume state
-        save = resume_mod.save_file
+        save = resume_mod.write_safetensors
         count = {"states": 0}
-        def save_then_die(tensors, path, *args, **kwargs):
-            save(tensors, path, *args, **kwargs)
-            if path.endswith("model.safetensors"):
+        def save_then_die(path, tensors, *args, **kwargs):
+            save(path, tensors, *args, **kwargs)
+            if str(path).endswith("model.safetensors"):
                 count["states"] += 1
                 if count["states"] == int(where):
                     os.kill(os.getpid(), signal.SIGKILL)
-        resume_mod.save_file = save_then_die
+        resume_mod.write_safetensors = save_then_die
     train_mod.train(load_config("tiny", overrides), data_dir, out, progress=False)
     """
 )
@@ -340,6 +390,7 @@ def test_kill_then_resume_is_bit_identical(
             assert torch.equal(ref[k], got[k]), f"{path.name}: {k}"
         with safe_open(str(ref_path), "pt") as a, safe_open(str(path), "pt") as b:
             assert a.metadata() == b.metadata()  # losses, step, tokens: the same numbers
+        assert sha256(path) == sha256(ref_path), path.name  # so a checksum verifies the replication
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [p.name for _, p in ckpts]
 
     def losses(run: Path) -> list[tuple]:
@@ -379,28 +430,29 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_data_dir, overri
 
 
 def test_checkpoint_write_failure_leaves_only_complete_files(tmp_path, tiny_data_dir, overrides, monkeypatch):
-    real_save = checkpoint_mod.save_file
+    # a failure in the middle of a write, of any cause; test_recovery_train fills a real file system
+    real_write = checkpoint_mod.write_safetensors
     calls = {"n": 0}
 
-    def half_then_fail(tensors, path, metadata=None):
+    def half_then_fail(path, tensors, metadata=None):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write half a file, then the disk "fills up"
-            real_save(tensors, path, metadata=metadata)
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then the write fails
+            real_write(path, tensors, metadata)
             data = Path(path).read_bytes()
             Path(path).write_bytes(data[: len(data) // 2])
-            raise OSError(28, "No space left on device", path)
-        real_save(tensors, path, metadata=metadata)
+            raise OSError(errno.EIO, "Input/output error", path)
+        real_write(path, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint_mod, "save_file", half_then_fail)
-    out = tmp_path / "full-disk"
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(checkpoint_mod, "write_safetensors", half_then_fail)
+    out = tmp_path / "failed-write"
+    with pytest.raises(OSError, match="Input/output error"):
         train(load_config("tiny", overrides), tiny_data_dir, out, progress=False)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["tokens_000000000000.safetensors"]  # no partial file, final-named or temporary
     for _, path in list_checkpoints(out / "checkpoints"):
         assert load_file(str(path))  # complete and readable
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "failed" and "No space left" in run["error"]
+    assert run["status"] == "failed" and "Input/output error" in run["error"]
 
 
 def test_resume_removes_temporary_checkpoint_files_of_a_killed_writer(tmp_path, tiny_data_dir, overrides):

@@ -25,8 +25,10 @@ key                    value
 =====================  ==========================================================================
 
 Files are written to a temporary name in the same directory, flushed, then renamed, so a crash
-never leaves a half-written file under a final name. This module is the writer; ``spectra`` reads
-the same format on its own (through safetensors alone), as the contract in docs/checkpoints.md says.
+never leaves a half-written file under a final name. The same weights and metadata give the same bytes
+(:func:`write_safetensors`), so a checksum verifies a replication. This module is the writer;
+``spectra`` reads the same format on its own (through safetensors alone), as the contract in
+docs/checkpoints.md says.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ __all__ = [
     "list_checkpoints",
     "save_checkpoint",
     "unwrap_model",
+    "write_safetensors",
 ]
 
 FORMAT = "collapse-checkpoint"
@@ -87,6 +91,47 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with the header metadata in sorted key order: same input, same bytes.
+
+    safetensors orders the tensors itself (by alignment, then name) but writes the ``__metadata__`` table
+    from a Rust ``HashMap``, whose order is randomised per map: two identical calls give files with
+    different hashes (safetensors 0.8 has no option for a fixed order). The header is therefore rewritten
+    in place with the metadata keys sorted: the same keys and values in compact JSON, escaped as
+    serde_json escapes them, so it has the same length and the tensor data does not move. Every
+    safetensors file the trainer writes (checkpoints, resume state, the eval batch) goes through here.
+
+    Examples
+    --------
+    >>> import hashlib, tempfile
+    >>> path = tempfile.mkdtemp() + "/x.safetensors"
+    >>> digests = set()
+    >>> for _ in range(3):
+    ...     write_safetensors(path, {"w": torch.ones(2)}, {k: "v" for k in "abcdefgh"})
+    ...     digests.add(hashlib.sha256(open(path, "rb").read()).hexdigest())
+    >>> len(digests)
+    1
+    """
+    save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
+    if metadata:
+        _sort_header_metadata(Path(path))
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` keys sorted."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # keeps its place, first
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # cannot happen for the same strings; never move the tensor data
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces too
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]) -> Path:
     """Write the model's weights (in their own dtype, contiguous, CPU) and the metadata, atomically.
 
@@ -101,4 +146,4 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: M
     for k, v in metadata.items():
         header[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+    return atomic_write(path, lambda tmp: write_safetensors(tmp, state, header))

@@ -470,11 +470,29 @@ def preset_description(name: str) -> str:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The plain data of a TOML file; a missing file or invalid TOML is a :class:`ConfigError` naming it."""
+    """The plain data of a TOML file.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file in one line: missing, a directory, unreadable, not UTF-8 text (TOML is UTF-8, so a
+        binary file is refused at its first undecodable byte) or invalid TOML.
+    """
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a TOML file (TOML is UTF-8 text; byte {e.object[e.start]:#04x} at offset {e.start} "
+            "is not UTF-8: a binary file?)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 

@@ -43,12 +43,22 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from trainer.checkpoint import write_safetensors
 from trainer.errors import TrainerError
-from trainer.fileio import ExclusiveLock, apply_default_mode, fsync_dir, remove_stale_temporaries
+from trainer.fileio import (
+    DiskFullError,
+    ExclusiveLock,
+    apply_default_mode,
+    check_writable,
+    disk_is_full,
+    fsync_dir,
+    naming_a_full_disk,
+    remove_stale_temporaries,
+)
 
 FORMAT = "collapse-dataset"
 FORMAT_VERSION = 1
@@ -726,7 +736,8 @@ class _SplitWriter:
                 out[pos + 1 : pos + 1 + len(ids)] = ids
                 pos += len(ids) + 1
                 self.lengths[split].append(len(ids) + 1)
-            out.tofile(self._files[split])
+            with naming_a_full_disk(self.directory / f"{split}.bin"):  # numpy's message names no file
+                out.tofile(self._files[split])
 
     def finish(self, seed: int) -> dict[str, dict[str, Any]]:
         """Write ``{split}.bin`` with the documents in a seeded random order; return the split table."""
@@ -740,7 +751,7 @@ class _SplitWriter:
             # every source, instead of whichever came first.
             order = np.random.default_rng([seed, i]).permutation(len(lengths))
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
-            with open(final, "wb") as f:
+            with naming_a_full_disk(final), open(final, "wb") as f:
                 if n_tokens:
                     staged = np.memmap(self._staging[split], dtype=self.dtype, mode="r", shape=(n_tokens,))
                     for chunk in np.array_split(order, -(-len(order) // COPY_CHUNK_DOCS)):
@@ -937,6 +948,7 @@ def prepare_data(
         raise DataError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
     doc_filter.check_grade_available()
 
+    check_writable(out, "dataset directory")  # built beside it, then renamed into place
     out.parent.mkdir(parents=True, exist_ok=True)
     # one prepare-data per target at a time; under the lock, a hidden build directory of this target is
     # the debris of a killed run of this command, never a live one's
@@ -993,7 +1005,8 @@ def _build_dataset(
             )
         else:
             tok, raw, tok_info = _load_tokenizer(tokenizer, eot_token)
-        (tmp / TOKENIZER_FILE).write_bytes(raw)
+        with naming_a_full_disk(tmp / TOKENIZER_FILE):
+            (tmp / TOKENIZER_FILE).write_bytes(raw)
         # A literal "<|endoftext|>" inside a document is text, not a document boundary.
         tok.encode_special_tokens = True
         dtype = np.dtype(np.uint16 if tok_info["vocab_size"] <= 2**16 else np.uint32)
@@ -1040,13 +1053,29 @@ def _build_dataset(
             "versions": _versions(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        with naming_a_full_disk(tmp / META_FILE):
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        full = _full_disk_in_build(e, tmp, out)  # asked before the removal frees the space
         if writer is not None:
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)  # best effort: the original error is the one to report
+        if full is not None:
+            raise full from e.__cause__ if isinstance(e, DiskFullError) else e
         raise
+
+
+def _full_disk_in_build(error: BaseException, tmp: Path, out: Path) -> DiskFullError | None:
+    """A full disk while building ``out`` in ``tmp``, as an error naming the file by its place in ``out``.
+
+    None for any other error, and for a :class:`DiskFullError` that already names a file outside ``tmp``.
+    """
+    if isinstance(error, DiskFullError):
+        return DiskFullError(out / error.path.relative_to(tmp)) if error.path.is_relative_to(tmp) else None
+    if isinstance(error, Exception) and disk_is_full(error, tmp):
+        return DiskFullError(out)
+    return None
 
 
 def _train_tokenizer(
@@ -1087,7 +1116,8 @@ def _write_eval_batch(
     input_ids = torch.from_numpy(val[starts[:, None] + np.arange(seq_len)].astype(np.int64))  # (N, T)
     del val
     digest = eval_batch_sha256(input_ids)
-    save_file({"input_ids": input_ids}, str(directory / EVAL_BATCH_FILE), metadata={"sha256": digest})
+    with naming_a_full_disk(directory / EVAL_BATCH_FILE):
+        write_safetensors(directory / EVAL_BATCH_FILE, {"input_ids": input_ids}, {"sha256": digest})
     apply_default_mode(directory / EVAL_BATCH_FILE)  # save_file makes it private, unlike the other files
     return {"n_seqs": n_seqs, "seq_len": seq_len, "split": "val", "starts": starts.tolist(), "sha256": digest}
 

@@ -12,6 +12,8 @@ without leaving its own temporaries behind.
 - :func:`remove_stale_temporaries` deletes the hidden temporaries a killed writer left, matching only
   this command's own name patterns; it is called while the lock is held, so it never touches the
   temporary file of a writer that is still running.
+- A write that fails because the file system is full is a :class:`DiskFullError` naming the file
+  (:func:`naming_a_full_disk`), however the library that wrote it reported it.
 
 ``spectra`` has its own twin of these helpers (``spectra/fileio.py``): the two halves of the project
 share file formats, not code (see DESIGN.md). The lock file's content is part of that shared format
@@ -21,6 +23,7 @@ share file formats, not code (see DESIGN.md). The lock file's content is part of
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +31,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,75 @@ from trainer.errors import TrainerError
 
 class LockedError(TrainerError):
     """Another process holds the lock; the message names it."""
+
+
+class DiskFullError(TrainerError):
+    """A file could not be written because its file system is full (or the quota spent); names the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        super().__init__(f"no space left on device writing {self.path}")
+
+    def __reduce__(self):  # rebuilt from its path where a worker process hands it back
+        return type(self), (self.path,)
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+_NEARLY_FULL_BYTES = 1 << 20
+"""Free space below which a write error that carries no errno is taken for a full file system."""
+
+
+def disk_is_full(error: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether ``error``, raised while writing into ``directory``, means that its file system is full.
+
+    An errno says so (ENOSPC, EDQUOT), on the error or on one it was raised from, and so does the
+    operating system's text of it inside a library's message (safetensors: ``I/O error: No space left on
+    device (os error 28)``). Some writers drop both: HDF5 under netCDF4 raises ``NetCDF: HDF error``,
+    numpy's ``tofile`` ``N requested and M written``. For an ``OSError`` or ``RuntimeError`` without an
+    errno the file system is asked instead: less than 1 MiB free (or no free inode). Call it before the
+    partial file is removed, while its blocks are still taken.
+    """
+    chain: list[BaseException] = []
+    node: BaseException | None = error
+    while node is not None and node not in chain:
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno in _DISK_FULL_ERRNOS
+        if any(text in str(e) for text in _DISK_FULL_TEXTS):
+            return True
+    if not isinstance(error, OSError | RuntimeError):
+        return False
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    free_blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may write into the reserve
+    return free_blocks * st.f_frsize < _NEARLY_FULL_BYTES or (st.f_files > 0 and st.f_ffree == 0)
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(path: str | os.PathLike, directory: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an error raised in the block because the file system is full into a :class:`DiskFullError`.
+
+    Parameters
+    ----------
+    path
+        The file the block writes, as the user knows it (a final name, not a temporary one).
+    directory
+        Where the block writes (default: ``path``'s directory); it must exist for the file system to be
+        asked (see :func:`disk_is_full`).
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if disk_is_full(e, directory if directory is not None else Path(path).parent):
+            raise DiskFullError(path) from e
+        raise
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -68,19 +140,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
 
     The temporary file is named ``.<name>.<random><suffix>`` and removed if ``write`` fails (or the
-    process is interrupted); the final file has the umask's mode, whatever ``write`` created.
+    process is interrupted); the final file has the umask's mode, whatever ``write`` created. A full file
+    system is a :class:`DiskFullError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    with naming_a_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
-        apply_default_mode(tmp)  # after write: save_file and HDF5 recreate the file with their own mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming_a_full_disk(path):  # inside: the file system is asked while the temporary takes space
+            write(tmp)
+            apply_default_mode(tmp)  # after write: save_file and HDF5 recreate the file with their own mode
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -91,6 +166,43 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def not_writable(directory: str | os.PathLike) -> str | None:
+    """Why this process cannot create files in the existing ``directory``, or None when it can."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "a read-only file system"  # root too: mounted read-only
+    except OSError:
+        pass
+    return "no permission"
+
+
+def check_writable(path: str | os.PathLike, what: str, into: bool = False) -> Path:
+    """Check, before any work, that ``path`` can be created, or written ``into`` when it is a directory.
+
+    The place checked is ``path`` itself when ``into`` is true and it is an existing directory (a run
+    directory, whose files are written in it), else the nearest existing ancestor of its parent (where it is
+    created, or built beside it and renamed into place). A read-only file system counts as not writable,
+    for root too. Whether ``path`` has the right kind is the caller's check.
+
+    Raises
+    ------
+    TrainerError
+        One line naming ``path`` (as ``what``) and the directory that stops it, with the reason.
+    """
+    path = Path(path)
+    place = path if into and path.is_dir() else path.parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise TrainerError(f"cannot write the {what} {path}: {place} is a file, not a directory")
+    why = not_writable(place)
+    if why:
+        raise TrainerError(f"cannot write the {what} {path}: {place} is not writable ({why})")
+    return path
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
@@ -156,7 +268,7 @@ class ExclusiveLock:
 
     def __enter__(self) -> ExclusiveLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -183,6 +295,17 @@ class ExclusiveLock:
             self.path.unlink()
         os.close(self._fd)  # closing the last descriptor releases the flock
         self._fd = None
+
+    def _open(self) -> int:
+        """The lock file's descriptor (created if needed); a directory that cannot be written is one line."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise TrainerError(
+                f"cannot write the {self.what}: {self.path.parent} is not writable ({e.strerror.lower()})"
+            ) from None
 
 
 def _write_holder(fd: int) -> None:

@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from trainer.checkpoint import unwrap_model
+from trainer.checkpoint import unwrap_model, write_safetensors
 from trainer.config import ConfigError, RunConfig, run_config_from_dict
 from trainer.errors import TrainerError
-from trainer.fileio import apply_default_mode, fsync_dir
+from trainer.fileio import apply_default_mode, fsync_dir, naming_a_full_disk
 
 FORMAT = "collapse-resume"
 FORMAT_VERSION = 1
@@ -254,13 +254,14 @@ def list_resume_states(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _write_fsync(path: Path, write) -> None:
-    write(path)
-    apply_default_mode(
-        path
-    )  # save_file creates private files; resume state is the run's, like its checkpoints
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _write_fsync(path: Path, write, final_dir: Path) -> None:
+    """``write(path)``, the umask's mode, fsync; a full disk is named by the file's place in ``final_dir``."""
+    with naming_a_full_disk(final_dir / path.name, path.parent):
+        write(path)
+        # save_file creates private files; resume state is the run's, like its checkpoints
+        apply_default_mode(path)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def save_resume_state(
@@ -299,19 +300,20 @@ def save_resume_state(
         The final directory.
     """
     root = resume_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / _state_dirname(step)
     tmp = root / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    with naming_a_full_disk(final, run_dir):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         model_state = {
             k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()
         }
         skeleton, opt_tensors = flatten_state(optimizers.state_dict())
         rng_tensors, rng_json = capture_rng()
-        _write_fsync(tmp / "model.safetensors", lambda p: save_file(model_state, str(p)))
-        _write_fsync(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
-        _write_fsync(tmp / "rng.safetensors", lambda p: save_file(rng_tensors, str(p)))
+        _write_fsync(tmp / "model.safetensors", lambda p: write_safetensors(p, model_state), final)
+        _write_fsync(tmp / "optimizer.safetensors", lambda p: write_safetensors(p, opt_tensors), final)
+        _write_fsync(tmp / "rng.safetensors", lambda p: write_safetensors(p, rng_tensors), final)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -325,7 +327,7 @@ def save_resume_state(
             "metrics": metrics,
         }
         # allow_nan: the accumulator may hold NaN placeholders; Python's json reads them back
-        _write_fsync(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, sort_keys=True)))
+        _write_fsync(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, sort_keys=True)), final)
         fsync_dir(tmp)
         if final.exists():  # only after a resume that redoes a step; keep the swap atomic
             old = root / f"{_OLD_PREFIX}{final.name}-{secrets.token_hex(4)}"

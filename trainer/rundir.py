@@ -33,7 +33,7 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import RunConfig
 from trainer.data import TokenDataset
 from trainer.errors import RunLockedError, TrainerError
-from trainer.fileio import ExclusiveLock, remove_stale_temporaries
+from trainer.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from trainer.resume import ResumeError, differences_from_saved, list_resume_states
 
 METRICS_FILE = "metrics.jsonl"
@@ -81,6 +81,7 @@ def prepare_run_dir(out_dir: Path, resume: bool) -> None:
         raise TrainerError(f"run directory {out_dir} exists and is not a directory")
     if resume and not out_dir.is_dir():
         raise ResumeError(f"--resume: run directory {out_dir} does not exist")
+    check_writable(out_dir, "run directory", into=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -52,6 +52,7 @@ from trainer.distributed import (
     wrap_ddp,
 )
 from trainer.errors import TrainerError
+from trainer.fileio import DiskFullError, naming_a_full_disk
 from trainer.model import LLM
 from trainer.optim import Optimizers, clip_grad_norm
 from trainer.resume import load_resume_state, save_resume_state
@@ -249,10 +250,11 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        with naming_a_full_disk(self.path):  # a partial last line is dropped by the next --resume
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
 
     def truncate_after(self, step: int) -> int:
         """Keep only lines with ``step <= step`` (atomically); return how many lines were dropped.
@@ -1037,9 +1039,12 @@ def _loop(
         record.finish("interrupted", step, (step - start_step) * step_tokens, error=reason)
         raise TrainingInterrupted(reason) from None
     except BaseException as e:
-        record.finish(
-            _status_of(e), step, (step - start_step) * step_tokens, error=f"{type(e).__name__}: {e}"
-        )
+        try:
+            record.finish(
+                _status_of(e), step, (step - start_step) * step_tokens, error=f"{type(e).__name__}: {e}"
+            )
+        except DiskFullError:
+            pass  # run.json stays "running" (the next --resume marks the segment killed); report the first error
         raise
     finally:
         bar.close()

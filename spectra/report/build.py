@@ -9,11 +9,19 @@ from pathlib import Path
 
 from spectra import gamma as gamma_analysis
 from spectra import stats
-from spectra.fileio import ExclusiveLock, remove_stale_temporaries
+from spectra.fileio import ExclusiveLock, naming_a_full_disk, remove_stale_temporaries
 from spectra.report.context import check_options, load_context
 from spectra.report.document import Block, to_html, to_markdown
 from spectra.report.inputs import resolve_inputs
-from spectra.report.output import REPORT_HTML, REPORT_MD, ReportWriter, check_target, commit, new_staging
+from spectra.report.output import (
+    REPORT_HTML,
+    REPORT_MD,
+    ReportWriter,
+    check_target,
+    commit,
+    full_disk_in_staging,
+    new_staging,
+)
 from spectra.report.sections import SECTIONS
 from spectra.study import is_study_dir, read_study
 
@@ -91,8 +99,12 @@ def build_report(
             w.text(REPORT_MD, to_markdown(TITLE, blocks))
             w.text(REPORT_HTML, to_html(TITLE, blocks, w.images))
             w.manifest()
-        except BaseException:
+        except BaseException as e:
+            full = full_disk_in_staging(e, staging, out)  # before the removal frees the space
             shutil.rmtree(staging, ignore_errors=True)
+            if full is not None:
+                raise full from e
             raise
-        commit(staging, out, previous)
+        with naming_a_full_disk(out, out.parent):
+            commit(staging, out, previous)
     return out / REPORT_HTML

@@ -11,7 +11,9 @@ lists what the report wrote; it is how a later report knows what is its own:
   new report directory (hard links: no copy, no moment at which they exist nowhere); one whose name the new
   report would use is never replaced: the report is refused and names it;
 - one ``collapse-spectra report`` at a time writes a directory (a lock beside it), and the staging
-  directories of killed reports are removed by the next one.
+  directories of killed reports are removed by the next one;
+- a full disk is one error naming the report's file that could not be written, by its place in the report
+  directory (:func:`full_disk_in_staging`); the staging directory is removed and the previous report stays.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ import pandas as pd
 
 from spectra import plots
 from spectra.errors import SpectraError
-from spectra.fileio import replace_directory
+from spectra.fileio import (
+    DiskFullError,
+    check_writable,
+    disk_is_full,
+    naming_a_full_disk,
+    replace_directory,
+)
 from spectra.report.document import Block, FigureBlock, NotApplicable
 
 MANIFEST = "report-files.json"
@@ -69,14 +77,16 @@ class ReportWriter:
     def csv(self, name: str, frame: pd.DataFrame) -> str:
         """Write ``tables/<name>`` and return ``name`` (for the table's CSV link)."""
         path = self.staging / "tables" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(path, index=False)
+        with naming_a_full_disk(path, self.staging):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(path, index=False)
         self.written.append(str(path.relative_to(self.staging)))
         return name
 
     def text(self, name: str, content: str) -> Path:
         path = self.staging / name
-        path.write_text(content, encoding="utf-8")
+        with naming_a_full_disk(path):
+            path.write_text(content, encoding="utf-8")
         self.written.append(name)
         return path
 
@@ -111,6 +121,7 @@ def check_target(out: Path) -> list[str] | None:
     """
     if out.exists() and not out.is_dir():
         raise SpectraError(f"{out}: exists and is not a directory")
+    check_writable(out, "report directory", directory=True)  # it is built and swapped in beside it
     if not out.exists():
         return None
     previous = read_manifest(out)
@@ -125,8 +136,23 @@ def check_target(out: Path) -> list[str] | None:
 def new_staging(out: Path) -> Path:
     """A fresh hidden directory beside ``out`` to build the report in."""
     staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    staging.mkdir(parents=True)
+    with naming_a_full_disk(out):
+        staging.mkdir(parents=True)
     return staging
+
+
+def full_disk_in_staging(error: BaseException, staging: Path, out: Path) -> DiskFullError | None:
+    """A full disk while building the report ``out`` in ``staging``, naming the file by its place in ``out``.
+
+    None for any other error. Call it before the staging directory is removed (the file system is asked
+    while the partial files still take their space).
+    """
+    if isinstance(error, DiskFullError):
+        inside = error.path.is_relative_to(staging)
+        return DiskFullError(out / error.path.relative_to(staging) if inside else error.path)
+    if isinstance(error, Exception) and disk_is_full(error, staging):
+        return DiskFullError(out)
+    return None
 
 
 def _own_debris(rel: str) -> bool:
