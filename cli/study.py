@@ -22,7 +22,7 @@ from trainer.study_runner import plan_text, run_study, status_text
 )
 @click.option(
     "--jobs",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Runs at a time [local: one per GPU, or 1 on the CPU; slurm: no cap].",
 )
@@ -49,14 +49,29 @@ from trainer.study_runner import plan_text, run_study, status_text
 )
 @click.option("--partition", default=None, help="slurm: the partition of the jobs [the cluster's default].")
 @click.option(
-    "--time", "time_min", type=int, default=24 * 60, help="slurm: time limit of each job, in minutes."
+    "--time",
+    "time_min",
+    type=click.IntRange(min=1),
+    default=24 * 60,
+    help="slurm: time limit of each job, in minutes.",
 )
 @click.option(
-    "--gpus-per-job", type=int, default=1, help="slurm: GPUs per job (more than one: DDP on one node)."
+    "--gpus-per-job",
+    type=click.IntRange(min=0),
+    default=None,
+    help="slurm: GPUs per job, more than one: DDP on one node [1 where the partition's nodes have GPUs, else 0].",
 )
-@click.option("--cpus-per-job", type=int, default=None, help="slurm: CPU cores per job [8 per GPU].")
 @click.option(
-    "--mem-gb", type=float, default=None, help="slurm: memory per job in GB [the partition's default]."
+    "--cpus-per-job",
+    type=click.IntRange(min=1),
+    default=None,
+    help="slurm: CPU cores per job [8 per GPU, or 8; at most a node's cores].",
+)
+@click.option(
+    "--mem-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="slurm: memory per job in GB [the partition's default].",
 )
 @click.option(
     "--slurm-setup",
@@ -76,7 +91,7 @@ def study(
     data_root: Path | None,
     partition: str | None,
     time_min: int,
-    gpus_per_job: int,
+    gpus_per_job: int | None,
     cpus_per_job: int | None,
     mem_gb: float | None,
     slurm_setup: tuple[str, ...],

@@ -8,13 +8,12 @@ launch real workers.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import doctest
-import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,10 +23,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import TINY_MODEL_OVERRIDES
+from study_helpers import (
+    HANG_GUARD_S,
+    inprocess,
+    inprocess_launch,
+    tiny_study_text,
+    tree_bytes,
+    write_tiny_study,
+)
 
 import trainer.config
 import trainer.executors
+import trainer.slurm_queue
 import trainer.study
 import trainer.study_dir
 import trainer.train as train_mod
@@ -36,6 +43,7 @@ from trainer.config import ConfigError, load_config
 from trainer.executors import (
     EXIT_LOCKED,
     LocalExecutor,
+    RunnerInterrupted,
     RunOutcome,
     RunTask,
     SlurmExecutor,
@@ -44,6 +52,7 @@ from trainer.executors import (
     worker_command,
 )
 from trainer.model import LLM
+from trainer.rundir import lock_run_dir
 from trainer.study import (
     SweepConfig,
     SweepResult,
@@ -56,85 +65,15 @@ from trainer.study import (
     sweep_grid,
     sweep_runs,
 )
-from trainer.study_dir import check_study_dir, lock_holder, read_run_state, study_lock
+from trainer.study_dir import check_study_dir, live_holder, lock_holder, read_run_state, study_lock
 from trainer.study_runner import StudyIncompleteError, plan_text, run_study, status_text
-from trainer.worker import main as worker_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ----------------------------------------------------------------------------------------------------
-# a tiny study: 24k-parameter model, 10 optimizer steps of 128 tokens per main run
-
-
-def tiny_study_text(vocab: int, **fields: object) -> str:
-    """A study of two configurations (A: muon + QK-norm with a 2-point sweep; B: adamw, no QK-norm, no
-    sweep) x 2 seeds on the session's tiny dataset; ``fields`` replace top-level keys (TOML values)."""
-    shared = [f"model.vocab_size={vocab}", *TINY_MODEL_OVERRIDES]
-    shared += ["train.batch_size=4", "train.seq_len=32", "train.val_tokens=256", "train.log_every=1"]
-    top = {
-        "name": '"tiny-study"',
-        "base": '"tiny"',
-        "set": json.dumps(shared),
-        "seeds": "[0, 1]",
-        "tokens": "1280",
-        **{k: str(v) for k, v in fields.items()},
-    }
-    return (
-        "\n".join(f"{k} = {v}" for k, v in top.items())
-        + """
-[datasets]
-standard = "DATA"
-
-[sweep]
-multipliers = [0.5, 2.0]
-tokens = 640
-seed = 7
-
-[[configurations]]
-label = "A"
-qk_norm = "learned"
-optimizer = "muon"
-
-[[configurations]]
-label = "B"
-description = "AdamW, no QK-norm"
-qk_norm = "none"
-optimizer = "adamw"
-sweep = { multipliers = [] }
-"""
-    )
-
-
 @pytest.fixture
 def study_file(tmp_path, tiny_data_dir, tiny_vocab) -> Path:
-    path = tmp_path / "tiny-study.toml"
-    path.write_text(tiny_study_text(tiny_vocab).replace("DATA", str(tiny_data_dir)))
-    return path
-
-
-def inprocess_launch(task: RunTask, env=None, *, threads=None, on_start=None, nproc=1) -> RunOutcome:
-    """The worker's own code in this process, its output in the task's log (for one job at a time)."""
-    Path(task.log).parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with open(task.log, "a") as log, contextlib.redirect_stdout(log):
-        print(f"=== attempt {task.attempt} of {task.name} (in process) ===")
-        args = worker_command(task)[3:]  # drop `python -m trainer.worker`
-        rc = worker_main(args)
-    return classify(task, rc, time.monotonic() - t0)
-
-
-def inprocess(jobs: int = 1) -> LocalExecutor:
-    return LocalExecutor(jobs, gpus=[], cpus=1, launch=inprocess_launch)
-
-
-def tree_bytes(root: Path) -> dict[str, tuple[str, int]]:
-    """sha256 and mtime (ns) of every file under ``root``: a finished run must not be touched."""
-    return {
-        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    return write_tiny_study(tmp_path / "tiny-study.toml", tiny_data_dir, tiny_vocab)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,9 +478,12 @@ def test_one_study_process_per_directory(study_file, tmp_path):
     out = tmp_path / "study"
     with study_lock(out):
         assert lock_holder(out) == f"pid {os.getpid()} on {os.uname().nodename}"
-        with pytest.raises(Exception, match=rf"another collapse-train study process \(pid {os.getpid()}"):
+        with pytest.raises(
+            Exception, match=rf"study directory {out} is in use by process pid {os.getpid()} on"
+        ):
             run_study(study_file, out, executor=inprocess(), echo=lambda line: None)
     assert lock_holder(out) is None
+    assert not (out / "study.lock").exists()  # removed when its holder is done, like every lock (recovery.md)
 
 
 def test_a_run_held_by_another_process_is_running_elsewhere_not_failed(study_file, tmp_path):
@@ -627,36 +569,6 @@ def test_one_run_per_gpu():
     assert LocalExecutor(gpus=["0", "1", "2"]).jobs == 3 and LocalExecutor(gpus=[]).jobs == 1
 
 
-def test_slurm_parameters_map_onto_submitit(tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit")
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "srun").write_text(
-        "#!/bin/sh\nexit 1\n"
-    )  # submitit looks for srun, never runs it here
-    (tmp_path / "bin" / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    options = SlurmOptions(
-        partition="gpu", time_min=90, gpus_per_job=2, array_parallelism=3, setup=("source venv/bin/activate",)
-    )
-    ex = SlurmExecutor(tmp_path / "slurm", options)._executor()
-    assert isinstance(ex, submitit.AutoExecutor) and ex.cluster == "slurm"
-    params = ex._executor.parameters
-    assert (params["partition"], params["time"], params["gpus_per_node"], params["array_parallelism"]) == (
-        "gpu",
-        90,
-        2,
-        3,
-    )
-    assert params["cpus_per_task"] == 16 and params["ntasks_per_node"] == 1
-    assert params["setup"] == ["source venv/bin/activate"]
-    assert worker_command(tasks(1)[0], nproc=2)[1:5] == [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-    ]
-
-
 # ----------------------------------------------------------------------------------------------------
 # child processes: a failing run, a killed study, SLURM through submitit's local cluster
 
@@ -719,7 +631,9 @@ def test_a_study_killed_mid_way_resumes_and_leaves_finished_runs_byte_for_byte(s
     out = tmp_path / "study"
     lines: list[str] = []
     executor = LocalExecutor(1, gpus=[], launch=b_s0_killed_then_the_study)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(
+        RunnerInterrupted, match="interrupted by SIGINT; the runs in progress were told to stop"
+    ):
         run_study(study_file, out, executor=executor, echo=lines.append)
     assert any(
         "failed    runs/B-s0  attempt 1: killed by signal SIGKILL" in x and "retrying" in x for x in lines
@@ -749,6 +663,89 @@ def test_a_study_killed_mid_way_resumes_and_leaves_finished_runs_byte_for_byte(s
     assert record["segments"][1]["start_step"] == 5  # the resume state of the plan checkpoint at step 5
     assert any("start     runs/B-s0" in x and "resume" in x for x in lines)
     assert "main: 4 run(s): 3 finished (skipped), 0 to start, 1 to resume" in lines
+
+
+def start_study_process(study_file: Path, out: Path) -> subprocess.Popen:
+    """``collapse-train study`` of B's two runs, two at a time, in a process of its own; the runs are long
+    (400k tokens, minutes) so that they are still training whenever the test stops the study."""
+    study_file.write_text(study_file.read_text().replace("tokens = 1280", "tokens = 400000"))
+    command = [sys.executable, "-m", "cli.train", "study", str(study_file), "--out", str(out), "--only", "B"]
+    return subprocess.Popen(
+        [*command, "--jobs", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def wait_until_training(proc: subprocess.Popen, out: Path) -> list[int]:
+    """The pids of the workers of B-s0 and B-s1 (their run directories' lock holders), once both have logged a
+    step: their stop handlers are then in place."""
+    runs = [out / "runs" / "B-s0", out / "runs" / "B-s1"]
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        holders = [live_holder(run / ".lock") for run in runs]
+        if all(holders) and all(read_run_state(run).tokens > 0 for run in runs):
+            return [h["pid"] for h in holders]
+        time.sleep(0.2)
+    pytest.fail(f"the runs did not start training in {HANG_GUARD_S} s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_stop_the_study_and_its_runs_alike(study_file, tmp_path, signum):
+    """Real processes: a runner and two workers. --status sees the live workers; SIGTERM (``kill``, a batch
+    system) stops the study as Ctrl-C does: one line, exit status 130, each run told to stop and said to be
+    stopped (not "retrying"), nothing left running."""
+    out = tmp_path / "study"
+    proc = start_study_process(study_file, out)
+    pids = wait_until_training(proc, out)
+    status = status_text(study_file, out)
+    assert "2 running, 0 stopped" in status and all(f"(pid {pid} on " in status for pid in pids)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == [
+        f"Error: interrupted by {name}; the runs in progress were told to stop (each writes a resume state and "
+        "records where it stopped): run the study again to resume them"
+    ]
+    stopped = [line for line in stdout.splitlines() if "] stopped   runs/B-s" in line]
+    assert len(stopped) == 2 and all("the next invocation resumes it" in line for line in stopped)
+    assert "retrying" not in stdout and "failed" not in stdout
+    assert not any(alive(pid) for pid in pids)  # the runner waited for them
+    assert {read_run_state(out / "runs" / r).status for r in ("B-s0", "B-s1")} == {"interrupted"}
+    assert "0 running, 2 stopped, 0 failed" in status_text(study_file, out)
+
+
+@pytest.mark.slow
+def test_a_killed_study_takes_its_runs_with_it(study_file, tmp_path):
+    """SIGKILL leaves the runner no chance to forward anything: each worker notices its parent's death
+    (``PR_SET_PDEATHSIG``) and stops as on SIGTERM, instead of training on unsupervised."""
+    out = tmp_path / "study"
+    proc = start_study_process(study_file, out)
+    pids = wait_until_training(proc, out)
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids)
+    runs = [out / "runs" / r for r in ("B-s0", "B-s1")]
+    assert [read_run_state(run).status for run in runs] == ["interrupted", "interrupted"]  # not trained on
+    # "stopped by SIGTERM after step N" (the usual); "interrupted by SIGTERM during step N" where the signal
+    # came twice (gVisor sends the death signal for each thread of the parent that dies)
+    assert all(" by SIGTERM " in read_run_state(run).error for run in runs)
 
 
 @pytest.mark.slow
@@ -809,11 +806,20 @@ def test_status_prints_the_summary_without_starting_anything(study_file, tmp_pat
     assert "to do" in a0 and "chosen by the sweep" in a0
     assert any("sweep A: pending" in line for line in lines)
     assert tree_bytes(out) == before
-    with study_lock(out):  # a study process holds the directory: a "running" run is running
-        record = out / "runs" / "B-s1" / "run.json"
-        record.write_text(record.read_text().replace('"completed"', '"running"'))
-        assert "1 done, 0 diverged, 1 running, 0 stopped" in status_text(study_file, out)
+    record = out / "runs" / "B-s1" / "run.json"
+    record.write_text(record.read_text().replace('"completed"', '"running"'))
+    with study_lock(out):  # a study process works on the directory, but no process trains B-s1: stopped
+        assert "1 done, 0 diverged, 0 running, 1 stopped" in status_text(study_file, out)
+    with lock_run_dir(out / "runs" / "B-s1"):  # a live process holds the run: running, whoever started it
+        text = status_text(study_file, out)
+        assert (
+            "no study process is working on it" in text and "1 done, 0 diverged, 1 running, 0 stopped" in text
+        )
+        b1 = next(line for line in text.splitlines() if " B-s1 " in line)
+        assert b1.split()[2] == "running" and b1.endswith(f"(pid {os.getpid()} on {os.uname().nodename})")
     assert "1 done, 0 diverged, 0 running, 1 stopped" in status_text(study_file, out)
+    record.write_text(record.read_text().replace('"running"', '"interrupted"'))  # stopped by a signal
+    assert "1 done, 0 diverged, 0 running, 1 stopped, 0 failed" in status_text(study_file, out)
 
 
 def test_study_command_usage_errors(study_file):
@@ -823,6 +829,14 @@ def test_study_command_usage_errors(study_file):
     assert result.exit_code == 2 and "exclusive" in result.output
     result = CliRunner().invoke(train_main, ["study", "no-such-study", "--dry-run"])
     assert result.exit_code == 1 and "neither a shipped study" in result.output
+    for option in ("--jobs", "--cpus-per-job", "--time"):  # a usage error, as extract's --jobs 0 is
+        result = CliRunner().invoke(train_main, ["study", str(study_file), "--out", "x", option, "0"])
+        assert (
+            result.exit_code == 2
+            and f"Invalid value for '{option}': 0 is not in the range x>=1" in result.output
+        )
+    result = CliRunner().invoke(train_main, ["study", str(study_file), "--out", "x", "--gpus-per-job", "-1"])
+    assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output
 
 
 def test_check_study_dir_accepts_an_empty_directory(tmp_path, study_file):
@@ -830,7 +844,9 @@ def test_check_study_dir_accepts_an_empty_directory(tmp_path, study_file):
     assert check_study_dir(tmp_path / "empty", load_study(study_file)) is False
 
 
-@pytest.mark.parametrize("module", [trainer.study, trainer.study_dir, trainer.executors, trainer.config])
+@pytest.mark.parametrize(
+    "module", [trainer.study, trainer.study_dir, trainer.executors, trainer.slurm_queue, trainer.config]
+)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted and not result.failed

@@ -7,7 +7,8 @@ Layout (docs/studies.md is the reference; spectra reads it by its format, never 
         study.json            manifest: format "collapse-study", version, the study's sha256, one entry per run
         sweep.json            each configuration's learning-rate choice and the whole sweep table
         sweep.csv             the same table, one row per sweep run
-        study.lock            held (fcntl.flock) by the one collapse-train study process working here
+        study.lock            held (fcntl.flock) by the one collapse-train study process working here,
+                              removed when it ends
         sweep/<run>/          the sweep's run directories (ordinary run directories)
         runs/<run>/           the main runs, one per configuration and seed
         logs/sweep/<run>.log  each run's output (every attempt appended, with a header line)
@@ -39,6 +40,7 @@ from typing import Any
 
 from trainer.checkpoint import atomic_write_text
 from trainer.errors import TrainerError
+from trainer.fileio import ExclusiveLock
 from trainer.resume import config_differences, differences_from_saved
 from trainer.study import PlannedRun, Study, SweepChoice, SweepResult
 from trainer.train import CONFIG_FILE, METRICS_FILE, RUN_FILE
@@ -163,44 +165,68 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 @contextmanager
 def study_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/study.lock`` exclusively (``fcntl.flock``) while the block runs.
+    """Hold ``out/study.lock`` exclusively (:class:`trainer.fileio.ExclusiveLock`) while the block runs.
 
-    The lock is released by the kernel when the process dies, so a killed runner never leaves a stale
-    lock. The file keeps the holder's pid and host, for the message a second process gets.
+    Like every lock of this package: the file names its holder (pid, host, start time, command line)
+    for the message a second process gets, is removed when the block ends, and is released by the
+    kernel when the process dies however it dies, so a file left by a killed runner is no stale lock.
     """
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            raise TrainerError(
-                f"another collapse-train study process ({holder}) is working on {out}; "
-                "wait for it, or use --status to see its progress"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    with ExclusiveLock(out / LOCK_FILE, f"study directory {out}"):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def lock_holder(out: Path) -> str | None:
     """Who holds ``out/study.lock`` (pid and host), or None when no study process works on ``out``."""
-    path = out / LOCK_FILE
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
+    holder = live_holder(out / LOCK_FILE)
+    return None if holder is None else describe_holder(holder)
+
+
+def live_holder(lock_file: Path) -> dict[str, Any] | None:
+    """The holder recorded in ``lock_file`` (a lock of :class:`trainer.fileio.ExclusiveLock`) while it is alive.
+
+    A holder on this host is alive when its pid is: nothing is locked to find out, so a process that
+    takes the lock at that moment is never refused because of this look. A holder on another host
+    (a SLURM node, with the run directory on a shared filesystem) is asked through the lock itself.
+    """
     try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:  # no lock file: no holder (it is removed on release)
+        return None
+    try:
+        try:
+            holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+            holder = {}
+        if holder and holder.get("host") == socket.gethostname():
+            return holder if _pid_alive(holder["pid"]) else None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            return holder
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``pid 123 on node7``, or ``an unknown process`` when the lock file names none."""
+    if not holder:
+        return "an unknown process"
+    return f"pid {holder['pid']}" + (f" on {holder['host']}" if holder.get("host") else "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,15 +6,20 @@ Phase 2 trains configurations x seeds at the chosen rates. Each run is decided f
 directory: ``completed`` (or ``diverged``) runs are skipped without touching a file; a run directory
 that exists otherwise is resumed; a missing one is started. A run that fails is retried once, then
 reported with its log path while the others go on. A run whose directory another process holds is
-"running elsewhere": not retried, not failed. The directory layout is in :mod:`trainer.study_dir`.
+"running elsewhere": not retried, not failed. SIGINT (Ctrl-C) and SIGTERM stop the study alike: the
+runs in progress are told to stop (each writes a resume state), and the next invocation resumes them.
+The directory layout is in :mod:`trainer.study_dir`.
 
 :func:`plan_text` is ``--dry-run`` and :func:`status_text` is ``--status``: both only read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -26,11 +31,14 @@ from trainer.executors import (
     Executor,
     LocalExecutor,
     RunEvent,
+    RunnerInterrupted,
     RunOutcome,
     RunTask,
     SlurmExecutor,
     SlurmOptions,
+    SubmissionRefused,
 )
+from trainer.rundir import LOCK_FILE as RUN_LOCK_FILE
 from trainer.study import (
     Configuration,
     PlannedRun,
@@ -48,8 +56,14 @@ from trainer.study import (
 )
 from trainer.study_dir import (
     SLURM_DIR,
+    STUDY_JSON,
+    STUDY_TOML,
+    SWEEP_CSV,
+    SWEEP_JSON,
     check_study_dir,
     completed_config_differences,
+    describe_holder,
+    live_holder,
     lock_holder,
     read_run_state,
     study_lock,
@@ -217,31 +231,30 @@ def run_study(
     study = load_study(source, data_root)
     out = Path(out).expanduser().resolve()
     configurations = selected_configurations(study, only)
-    check_study_dir(out, study)  # refuse before creating anything
+    out_existed = out.exists()
+    had_study = check_study_dir(out, study)  # refuse before creating anything
     check_datasets(study, configurations, echo)
     ex = make_executor(executor, out, jobs, slurm)
     t0 = time.monotonic()
-    with study_lock(out):
-        check_study_dir(out, study)  # again, now that no other study process can change it
-        write_study_toml(out, study, str(source))
-        choices = current_choices(study, out)
-        write_study_json(out, study, all_runs(study, choices), choices)
-        echo(f"study {study.name} in {out}: {', '.join(c.label for c in configurations)}; {_describe(ex)}")
-        runner = _Runner(study, out, ex, echo)
-
-        sweep = [r for c in configurations for r in sweep_runs(study, c)]
-        if sweep:
-            runner.phase("sweep", sweep)
-        choices = current_choices(study, out)
-        write_sweep_files(out, study, choices)
-        write_study_json(out, study, all_runs(study, choices), choices)
-        for c in configurations:
-            if c.sweep.enabled:
-                echo(_choice_line(choices[c.label]))
-
-        main = [r for c in configurations for r in main_runs(study, c, choices[c.label]) if r.lrs is not None]
-        runner.phase("main", main)
-        summary = runner.summary(configurations, choices)
+    runner = _Runner(study, out, ex, echo)
+    try:
+        with _stop_signals(runner), study_lock(out):
+            try:
+                summary = runner.run(configurations, str(source))
+            except SubmissionRefused:
+                if not had_study and not runner.submitted:
+                    _remove_unstarted_study(out)
+                raise
+    except SubmissionRefused:
+        if not out_existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: the study made nothing else there
+        raise
+    except KeyboardInterrupt as e:
+        raise RunnerInterrupted(
+            f"interrupted by {str(e) or 'SIGINT'}; the runs in progress were told to stop (each writes a resume "
+            "state and records where it stopped): run the study again to resume them"
+        ) from None
     _print_summary(summary, out, time.monotonic() - t0, echo)
     if not summary.complete:
         what = [f"{len(summary.failed)} run(s) failed"] if summary.failed else []
@@ -249,6 +262,44 @@ def run_study(
         what += summary.problems
         raise StudyIncompleteError(f"study {study.name} is not finished: " + "; ".join(what))
     return summary
+
+
+@contextlib.contextmanager
+def _stop_signals(runner: _Runner) -> Iterator[None]:
+    """SIGTERM stops the study as SIGINT (Ctrl-C) does: a ``KeyboardInterrupt`` in the main thread.
+
+    The runner is marked as stopping first, so that the runs that end because they were told to stop are
+    said to be stopped, not failed. A signal this process was started ignoring (``nohup``, a
+    background job of a script) stays ignored; outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        runner.stopping = signal.Signals(signum).name
+        raise KeyboardInterrupt(runner.stopping)
+
+    previous = {
+        sig: signal.signal(sig, stop)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _remove_unstarted_study(out: Path) -> None:
+    """Remove the files of a study that never started (sbatch refused its first jobs): the study's own
+    files written by this invocation into a directory that held no study. Run directories, logs and
+    anything else are not touched (none was made: nothing was submitted)."""
+    for name in (STUDY_TOML, STUDY_JSON, SWEEP_JSON, SWEEP_CSV):
+        (out / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (out / SLURM_DIR).rmdir()  # only when empty: the executor removed its refused submission's files
 
 
 def _describe(ex: Executor) -> str:
@@ -262,8 +313,35 @@ class _Runner:
     def __init__(self, study: Study, out: Path, executor: Executor, echo: Echo):
         self.study, self.out, self.executor, self.echo = study, out, executor, echo
         self.outcomes: dict[str, RunOutcome] = {}
+        self.stopping: str | None = None
+        """The signal that is stopping the study (SIGINT or SIGTERM), once one came."""
+        self.submitted = False
+        """Whether any run was queued or started by this invocation."""
         self._started = 0
         self._total = 0
+
+    def run(self, configurations: Sequence[Configuration], source: str) -> StudySummary:
+        """Both phases of the selected configurations (the study directory's lock held)."""
+        study, out, echo = self.study, self.out, self.echo
+        check_study_dir(out, study)  # again, now that no other study process can change it
+        write_study_toml(out, study, source)
+        choices = current_choices(study, out)
+        write_study_json(out, study, all_runs(study, choices), choices)
+        echo(
+            f"study {study.name} in {out}: {', '.join(c.label for c in configurations)}; {_describe(self.executor)}"
+        )
+        sweep = [r for c in configurations for r in sweep_runs(study, c)]
+        if sweep:
+            self.phase("sweep", sweep)
+        choices = current_choices(study, out)
+        write_sweep_files(out, study, choices)
+        write_study_json(out, study, all_runs(study, choices), choices)
+        for c in configurations:
+            if c.sweep.enabled:
+                echo(_choice_line(choices[c.label]))
+        main = [r for c in configurations for r in main_runs(study, c, choices[c.label]) if r.lrs is not None]
+        self.phase("main", main)
+        return self.summary(configurations, choices)
 
     def phase(self, phase: str, runs: Sequence[PlannedRun]) -> None:
         todo, finished = [], []
@@ -292,7 +370,7 @@ class _Runner:
         tasks = [self._task(r, 1) for r, _ in todo]
         by_name = {r.name: r for r, _ in todo}
         outcomes = self.executor.run(tasks, self._report)
-        retry = [self._task(by_name[o.name], 2) for o in outcomes if o.status == "failed"]
+        retry = [self._task(by_name[o.name], 2) for o in outcomes if o.status == "failed" and o.retryable]
         self.outcomes.update({o.name: o for o in outcomes})
         if retry:
             self._total, self._started = len(retry), 0
@@ -308,16 +386,21 @@ class _Runner:
             run_dir=str(self.out / run.run_dir),
             log=str(self.out / run.log),
             attempt=attempt,
+            resume=read_run_state(self.out / run.run_dir).status not in ("missing", "new"),
         )
 
     def _report(self, event: RunEvent) -> None:
         t, stamp = event.task, datetime.now().strftime("%H:%M:%S")
         log = Path(t.log).relative_to(self.out)
-        if event.kind == "queued":
+        if event.kind == "note":
+            self.echo(f"[{stamp}] note      {event.where}")
+        elif event.kind == "queued":
+            self.submitted = True
             self.echo(f"[{stamp}] queued    {t.label}  {event.where}")
         elif event.kind == "start":
+            self.submitted = True
             self._started += 1
-            how = "resume" if read_run_state(Path(t.run_dir)).status not in ("missing", "new") else "new"
+            how = "resume" if t.resume else "new"  # as planned: by now the run may have written its run.json
             self.echo(
                 f"[{stamp}] start     {t.label}  ({self._started}/{self._total}, {how}, attempt {t.attempt}, "
                 f"{event.where})  log {log}"
@@ -332,11 +415,17 @@ class _Runner:
                 self.echo(f"[{stamp}] diverged  {t.label}  {_duration(o.elapsed_s)}  {o.message}")
             elif o.status == "locked":
                 self.echo(f"[{stamp}] elsewhere {t.label}  another process holds it: {o.message}")
-            else:
-                then = "retrying once" if t.attempt == 1 else "giving up"
+            elif self.stopping:  # it ended because the study told it to stop
                 self.echo(
-                    f"[{stamp}] failed    {t.label}  attempt {t.attempt}: {o.message}; {then}; log {log}"
+                    f"[{stamp}] stopped   {t.label}  {o.message.removesuffix(': continue with --resume')}; "
+                    f"the next invocation resumes it; log {log}"
                 )
+            else:
+                then = (
+                    "not retried" if not o.retryable else "retrying once" if t.attempt == 1 else "giving up"
+                )
+                where = f"; log {log}" if Path(t.log).exists() else ""  # a job that never ran wrote none
+                self.echo(f"[{stamp}] failed    {t.label}  attempt {t.attempt}: {o.message}; {then}{where}")
 
     def summary(
         self, configurations: Sequence[Configuration], choices: dict[str, SweepChoice]
@@ -376,7 +465,7 @@ def _print_summary(s: StudySummary, out: Path, elapsed: float, echo: Echo) -> No
     counts = ", ".join(f"{s.counts.get(k, 0)} {'running elsewhere' if k == 'running' else k}" for k in order)
     echo(f"summary: {sum(s.counts.values())} run(s): {counts}; {_duration(elapsed)} elapsed")
     for run_dir, log, message in s.failed:
-        echo(f"  failed: {run_dir}: {message} (log: {log})")
+        echo(f"  failed: {run_dir}: {message}" + (f" (log: {log})" if Path(log).exists() else ""))
     for run_dir in s.elsewhere:
         echo(
             f"  running elsewhere: {run_dir} (another process holds it; run the study again when it is done)"
@@ -481,8 +570,9 @@ def plan_text(
 def status_text(source: str | Path, out: str | Path, *, data_root: str | Path | None = None) -> str:
     """``--status``: each run's state, tokens and time, the sweep's choices and totals; nothing is written.
 
-    A run whose ``run.json`` says ``running`` counts as running while a study process holds the
-    study directory, and as ``stopped`` (killed, to resume) otherwise.
+    A run is ``running`` while a live process holds its run directory's lock (its pid and host are
+    shown), whatever its ``run.json`` says; a run that was stopped (``interrupted``) or killed (its
+    ``run.json`` still says ``running``) is ``stopped``: the next invocation resumes it.
     """
     study = load_study(source, data_root)
     out_path = Path(out).expanduser().resolve()
@@ -495,13 +585,15 @@ def status_text(source: str | Path, out: str | Path, *, data_root: str | Path | 
     wall = 0.0
     for r in all_runs(study, choices):
         state = read_run_state(out_path / r.run_dir)
+        held = None if state.finished else live_holder(out_path / r.run_dir / RUN_LOCK_FILE)
         key = {
             "completed": "done",
             "diverged": "diverged",
             "failed": "failed",
-            "interrupted": "failed",
-            "running": "running" if holder else "stopped",
+            "interrupted": "stopped",
+            "running": "stopped",
         }.get(state.status, "to do")
+        key = "running" if held is not None else key
         counts[key] = counts.get(key, 0) + 1
         total = state.total_tokens or _planned_tokens(study, r)
         done_tokens += state.tokens
@@ -511,6 +603,7 @@ def status_text(source: str | Path, out: str | Path, *, data_root: str | Path | 
             f"  {r.phase:<5}  {r.name:<18} {key:<9} {_tokens(state.tokens):>8} / {_tokens(total):<8} "
             f"{_duration(state.wall_time_s) if state.status != 'missing' else '-':>8}  "
             f"{_loss(state.final_val_loss):>7}  {format_lrs(r.lrs)}"
+            + (f"  ({describe_holder(held)})" if held is not None else "")
         )
     order = ("done", "diverged", "running", "stopped", "failed", "to do")
     head = [

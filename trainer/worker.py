@@ -5,19 +5,55 @@ SLURM requeue does the right thing without being told: a ``completed`` run is le
 existing run directory is resumed (``resume=True``), a missing or empty one is started. The exit
 status tells the executor how it ended: 0 completed, :data:`trainer.executors.EXIT_DIVERGED`,
 :data:`trainer.executors.EXIT_LOCKED` (another process holds the run directory), 1 any other error
-(its message on the last ``error: ...`` line).
+(its message on the last ``error: ...`` line). With ``--parent-pid`` it stops (as on SIGTERM) when the
+process that launched it dies, however it dies (:func:`stop_with_parent`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from trainer.config import ConfigError, run_config_from_dict
 from trainer.errors import RunLockedError, TrainerError
 from trainer.executors import EXIT_DIVERGED, EXIT_LOCKED
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when its parent dies (Linux)."""
+
+
+def stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """SIGTERM this process when ``parent_pid`` (the study runner that launched it) dies, however it dies.
+
+    The workers run in sessions of their own (a Ctrl-C reaches the runner only, which forwards it), so
+    nothing else would stop them after a SIGKILL of the runner: they would train on unsupervised. SIGTERM
+    stops a run like Ctrl-C does (a resume state is written, ``run.json`` says ``interrupted``). On Linux
+    the kernel sends it (``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent every ``poll_s``.
+    A parent that is already gone stops this process at once.
+    """
+    try:
+        kernel_watches = (
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+        )
+    except (OSError, AttributeError):  # no prctl: not Linux
+        kernel_watches = False
+    if os.getppid() != parent_pid:  # it died before the line above: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+    if not kernel_watches:
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(poll_s)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset directory")
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process dies")
     args = parser.parse_args(argv)
+    if args.parent_pid:
+        stop_with_parent(args.parent_pid)
 
     import torch
 
