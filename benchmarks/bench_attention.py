@@ -8,7 +8,8 @@ random (B, H, T, D) queries and (B, Hkv, T, D) keys and values of the preset's s
 ``trainer.step.sdpa_context`` for every setting: the median of ``--repeats`` after ``--warmup``. A kernel
 that cannot take the inputs on this device reports the error instead of a time, so the output shows
 which kernel ``auto`` can fall through to (``auto`` takes the first of cuDNN, flash, efficient, math that
-runs). The largest difference of each output from the math kernel's is printed as a check.
+runs). The largest difference of each output and gradient from the math kernel's, as a fraction of that
+tensor's largest entry, is printed as a check.
 
 With grouped-query attention the model calls SDPA with ``enable_gqa=True``, which (PyTorch's issue
 tracker, pytorch/pytorch#181528) only the flash kernel takes; the rows ``<kernel>+expand_kv`` time the
@@ -43,7 +44,7 @@ def _sync(device: torch.device) -> None:
 def benchmark(
     preset: str, device: torch.device, batch: int, seq_len: int | None, warmup: int, repeats: int
 ) -> dict:
-    """One row per setting: ``ms`` (forward + backward) and ``max_diff`` from math, or ``error``."""
+    """One row per setting: ``ms`` (forward + backward) and ``max_rel_diff_from_math``, or ``error``."""
     cfg = load_config(preset).model
     T = min(seq_len or cfg.context_length, cfg.context_length)
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
@@ -88,8 +89,12 @@ def benchmark(
             rows[name] = {"error": str(e).splitlines()[0][:200]}
             continue
         reference = reference or outputs
-        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs, reference))
-        rows[name] = {"ms": 1000 * statistics.median(times), "max_diff_from_math": diff}
+        # relative to each tensor's largest entry: rounding scales with the size of the numbers
+        diff = max(
+            ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+            for a, b in zip(outputs, reference)
+        )
+        rows[name] = {"ms": 1000 * statistics.median(times), "max_rel_diff_from_math": diff}
     return {
         "preset": preset,
         "device": str(device),
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {setting:>9}: cannot run here ({row['error']})")
         else:
             print(
-                f"  {setting:>9}: {row['ms']:8.2f} ms   max |difference| from math {row['max_diff_from_math']:.1e}"
+                f"  {setting:>9}: {row['ms']:8.2f} ms   max |difference| from math {row['max_rel_diff_from_math']:.1e}"
+                " of the largest entry"
             )
     return 0
 

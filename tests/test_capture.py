@@ -62,11 +62,15 @@ def test_unit_and_normed_follow_rmsnorm():
     lq = capture_qk(model, ids)[0]
     norm = model.blocks[0].attn.k_norm
     # unit = x / sqrt(mean(x^2) + eps), computed here in float64 from the raw projection
+    # (float32 rms_norm over D = 8: the mean square errs by at most 8 u, its rsqrt by half that plus a rounding,
+    # the product by one more: 7 u = 4.2e-7 relative, u = 2**-24)
     x = lq.k["proj"].double()
-    expected = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.eps)
+    ms = x.square().mean(-1, keepdim=True)
+    expected = x * torch.rsqrt(ms + norm.eps)
     torch.testing.assert_close(lq.k["unit"].double(), expected, rtol=1e-6, atol=1e-7)
-    rms = lq.k["unit"].square().mean(-1).sqrt()
-    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=0)
+    # so the RMS is 1 up to the epsilon, sqrt(ms / (ms + eps)) exactly (an epsilon of 1e-5 would be 180 times off)
+    rms = lq.k["unit"].double().square().mean(-1).sqrt()
+    torch.testing.assert_close(rms, (ms / (ms + norm.eps)).sqrt().squeeze(-1), rtol=1e-6, atol=0)
     # normed is the norm's own output: unit times the learned gain
     torch.testing.assert_close(lq.k["normed"], lq.k["unit"] * norm.weight, rtol=1e-6, atol=1e-6)
     seen = record(norm, model, ids)

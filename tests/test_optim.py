@@ -12,11 +12,12 @@ import torch
 from helpers import tiny_model_config
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch.optim._muon import _zeropower_via_newtonschulz as torch_newton_schulz  # private in torch 2.13
 
 from trainer.config import ConfigError, ModelConfig, OptimConfig, load_config
 from trainer.errors import TrainerError
 from trainer.model import LLM
-from trainer.muon import BatchedMuon
+from trainer.muon import NS_DTYPES, QUINTIC, BatchedMuon, newton_schulz_schedule, orthogonalize
 from trainer.optim import MUON_ADJUST_LR_FN, Optimizers, clip_grad_norm, lr_multiplier, param_groups
 
 SMALL = tiny_model_config(context_length=16)
@@ -169,12 +170,17 @@ def test_muon_steps_the_matrices_and_adamw_the_rest():
     assert changed == {n for n, p in model.named_parameters()}  # the learned QK gains moved too
 
 
-@pytest.mark.parametrize("impl", ["torch", "batched"])
-def test_one_muon_step_is_an_orthogonalised_update(impl):
-    """One step from zero momentum moves W by lr * sqrt(max(1, A/B)) * NS5(G): the same singular vectors as
-    the gradient G, each singular value s mapped by the quintic iteration applied to s / ||G||_F."""
+@pytest.mark.parametrize(
+    ("impl", "ns_dtype"), [("torch", "bfloat16"), ("batched", "bfloat16"), ("batched", "float64")]
+)
+def test_one_muon_step_is_an_orthogonalised_update(impl, ns_dtype):
+    """One step from zero momentum moves W by lr * sqrt(max(1, A/B)) * NS5(U), U the Nesterov update of the
+    gradient G: the implementation's own Newton-Schulz on U, with the learning rate of the shape; and NS5(U) has
+    the singular vectors of G, each singular value s mapped by the quintic iteration applied to s / ||G||_F."""
     model = build()
-    cfg = OptimConfig(name="muon", muon_lr=0.02, muon_weight_decay=0.0, muon_impl=impl)
+    cfg = OptimConfig(
+        name="muon", muon_lr=0.02, muon_weight_decay=0.0, muon_impl=impl, muon_ns_dtype=ns_dtype
+    )
     opt = Optimizers(model, cfg, total_steps=5, device_type="cpu")
     w = model.blocks[
         0
@@ -182,19 +188,43 @@ def test_one_muon_step_is_an_orthogonalised_update(impl):
     before = w.detach().clone()
     x, y = batch(0)
     model(x, y).backward()
-    grad = w.grad.double()
+    grad = w.grad.detach().clone()
     opt.optimizers[0].step()
-    update = (before - w.detach()).double() / (0.02 * math.sqrt(64 / 32))
+    lr = 0.02 * math.sqrt(64 / 32)
+    update = (
+        before.double() - w.detach().double()
+    ) / lr  # the difference of two float32 numbers, exact in float64
+
+    # the Nesterov update from zero momentum, by the optimizers' own float32 ops (buf = 0 lerp G, U = G lerp buf),
+    # through the same Newton-Schulz kernel on the same input: the same numbers bit for bit, so only the float32
+    # rounding of W - lr * O remains (the product and the sum, each 2**-24 of numbers below max|W| + lr)
+    nesterov = grad.lerp(torch.zeros_like(grad).lerp_(grad, 1 - cfg.muon_momentum), cfg.muon_momentum)
+    schedule = newton_schulz_schedule("quintic", 5)
+    if impl == "torch":
+        kernel = torch_newton_schulz(nesterov, QUINTIC, 5, 1e-7)
+    else:
+        kernel = orthogonalize(nesterov[None], schedule, NS_DTYPES[ns_dtype])[
+            0
+        ]  # stacked, as the step calls it
+    rounding = 2 * 2**-24 * (before.abs().max().item() + lr) / lr
+    torch.testing.assert_close(update, kernel.double(), rtol=0, atol=rounding)
+    # a learning rate without the sqrt(2) of the shape, or another adjust_lr_fn, is 13% to 41% of the update off
 
     rank = x.numel()  # 24 tokens: the gradient has rank 24 < 32
-    s_grad = torch.linalg.svdvals(grad)[:rank]
-    expected = s_grad / grad.norm()
-    for _ in range(5):  # Keller Jordan's quintic coefficients, as in torch.optim.Muon
-        expected = 3.4445 * expected - 4.7750 * expected**3 + 2.0315 * expected**5
-    expected = expected.sort(descending=True).values  # the polynomial is not monotone on (0, 1)
     s_update = torch.linalg.svdvals(update)[:rank]
-    assert torch.allclose(s_update, expected, atol=0.02)  # Newton-Schulz runs in bfloat16
-    assert 0.5 < s_update.min() and s_update.max() < 1.3  # roughly orthogonal, not exactly
+    assert (
+        0.5 < s_update.min() and s_update.max() < 1.3
+    )  # roughly orthogonal (the quintic maps into [0.68, 1.2])
+    if ns_dtype == "float64":  # the maths, to float64 rounding and the float32 rounding above
+        s_grad = torch.linalg.svdvals(grad.double())[:rank]
+        expected = s_grad / grad.double().norm()
+        for _ in range(5):  # Keller Jordan's quintic coefficients, as in torch.optim.Muon
+            expected = 3.4445 * expected - 4.7750 * expected**3 + 2.0315 * expected**5
+        expected = expected.sort(descending=True).values  # the polynomial is not monotone on (0, 1)
+        # Weyl: a singular value moves by at most the spectral norm of the perturbation, at most its Frobenius
+        # norm, sqrt(64 * 32) times its largest entry; the float32 roundings of O and of W - lr * O
+        bound = math.sqrt(64 * 32) * (rounding + 2**-24 * 1.2)
+        torch.testing.assert_close(s_update, expected, rtol=0, atol=bound)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -517,12 +517,19 @@ def test_worker_exit_codes_classify_the_outcome(tmp_path):
 # executors: the --jobs cap, GPUs, threads
 
 
-def fake_jobs(record: list, seconds: float = 0.15):
-    """A stand-in launch that records (name, start, end, env) and sleeps."""
+def fake_jobs(record: list, seconds: float = 0.15, together: int = 0):
+    """A stand-in launch that records (name, start, end, env, threads) and sleeps.
+
+    Tasks r0 .. r<together - 1> also wait until all of them are running (a barrier, at most 60 s), so their
+    recorded spans overlap whatever the machine's speed or load: overlap from the sleeps alone would be a race.
+    """
     lock = threading.Lock()
+    barrier = threading.Barrier(together) if together else None
 
     def launch(task, env=None, *, threads=None, on_start=None, nproc=1):
         start = time.monotonic()
+        if barrier is not None and int(task.name.removeprefix("r")) < together:
+            barrier.wait(timeout=60)  # BrokenBarrierError if the executor never runs them side by side
         time.sleep(seconds)
         with lock:
             record.append((task.name, start, time.monotonic(), env, threads))
@@ -547,10 +554,10 @@ def tasks(n: int) -> list[RunTask]:
 def test_the_jobs_cap_holds_and_the_cores_are_split():
     record: list = []
     events: list = []
-    ex = LocalExecutor(jobs=2, gpus=[], cpus=6, launch=fake_jobs(record))
+    ex = LocalExecutor(jobs=2, gpus=[], cpus=6, launch=fake_jobs(record, together=2))
     outcomes = ex.run(tasks(7), events.append)
     assert [o.name for o in outcomes] == [f"r{i}" for i in range(7)]  # in task order
-    assert max_overlap(record) == 2  # the cap, and it is used
+    assert max_overlap(record) == 2  # the cap, and it is used (r0 and r1 met at the barrier)
     assert {(env["OMP_NUM_THREADS"], threads) for *_, env, threads in record} == {("3", 3)}
     starts = [e.time for e in events if e.kind == "start"]
     ends = sorted(e.time for e in events if e.kind == "end")
@@ -559,7 +566,7 @@ def test_the_jobs_cap_holds_and_the_cores_are_split():
 
 def test_one_run_per_gpu():
     record: list = []
-    ex = LocalExecutor(jobs=8, gpus=["0", "3"], cpus=16, launch=fake_jobs(record))
+    ex = LocalExecutor(jobs=8, gpus=["0", "3"], cpus=16, launch=fake_jobs(record, together=2))
     assert ex.jobs == 2 and ex.threads_per_job == 8
     ex.run(tasks(6), lambda event: None)
     assert max_overlap(record) == 2
