@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -453,3 +456,28 @@ def test_cuda_bf16_compiled_run(tmp_path, tiny_data_dir, tiny_vocab):
     # bf16 autocast changes the numbers a little, not the trajectory
     eager_cpu = train(tiny_config(tiny_vocab, log_every=1), tiny_data_dir, tmp_path / "cpu", progress=False)
     assert _losses(out) == pytest.approx(_losses(eager_cpu), rel=0.05)
+
+
+SIGTERM_WHILE_RECORDING = """
+import os, signal, sys
+from pathlib import Path
+from trainer.train import signals_deferred
+
+with signals_deferred():
+    os.kill(os.getpid(), signal.SIGTERM)  # default action: end the process, but not before the block is done
+    Path(sys.argv[1]).write_text("recorded")
+print("unreachable")
+"""
+
+
+def test_a_signal_while_the_outcome_is_recorded_waits_for_the_record(tmp_path):
+    """torchrun's SIGTERM to the surviving rank can land while it records a failure: the record comes first."""
+    marker = tmp_path / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_RECORDING, str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGTERM and marker.read_text() == "recorded"
+    assert "unreachable" not in proc.stdout

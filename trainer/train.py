@@ -689,6 +689,31 @@ class StopSignals:
         )
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the run records how it ended; they take effect right after.
+
+    The loop's own handlers are gone by the time a failure is recorded, so a signal in that window (torchrun
+    stopping the other ranks when one fails, a second Ctrl-C) would end the process with run.json still
+    saying ``running``. Handlers (process-wide, unlike a thread's signal mask: torch's threads would take the
+    signal) note what arrives; afterwards the previous handlers are back and the first noted signal is sent
+    again. Only the main thread can install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            os.kill(os.getpid(), arrived[0])
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
@@ -1032,17 +1057,20 @@ def _loop(
                     )
             barrier(info)  # every rank finished its last step: only then is the run complete
     except TrainingInterrupted as e:
-        record.finish("interrupted", step, (step - start_step) * step_tokens, error=str(e))
+        with signals_deferred():
+            record.finish("interrupted", step, (step - start_step) * step_tokens, error=str(e))
         raise
     except KeyboardInterrupt as e:
         reason = _interrupted_reason(e, stop, step, total_steps, step_tokens, saved["step"])
-        record.finish("interrupted", step, (step - start_step) * step_tokens, error=reason)
+        with signals_deferred():
+            record.finish("interrupted", step, (step - start_step) * step_tokens, error=reason)
         raise TrainingInterrupted(reason) from None
     except BaseException as e:
         try:
-            record.finish(
-                _status_of(e), step, (step - start_step) * step_tokens, error=f"{type(e).__name__}: {e}"
-            )
+            with signals_deferred():
+                record.finish(
+                    _status_of(e), step, (step - start_step) * step_tokens, error=f"{type(e).__name__}: {e}"
+                )
         except DiskFullError:
             pass  # run.json stays "running" (the next --resume marks the segment killed); report the first error
         raise
