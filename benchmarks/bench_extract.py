@@ -8,12 +8,12 @@ Builds a randomly initialised model of a preset, a random batch, and times (best
 after one warm-up):
 
 - ``forward``: ``model(ids)`` under ``torch.no_grad()``, the full network with its LM head;
-- ``capture``: ``spectra.capture.capture_qk`` with a no-op reduction (hooks and copies only;
+- ``capture``: ``spectra.extract.capture.capture_qk`` with a no-op reduction (hooks and copies only;
   the pass stops after the last layer's read-out, so it skips the last MLP and the LM head);
-- ``extract``: ``spectra.extract.spectra_for_checkpoint``, everything one checkpoint costs in
+- ``extract``: ``spectra.extract.run.spectra_for_checkpoint``, everything one checkpoint costs in
   ``collapse-spectra extract`` except reading the file.
 
-It also compares the two SVD routes of ``spectra.svd.token_spectra`` on one layer's stacked
+It also compares the two SVD routes of ``spectra.extract.svd.token_spectra`` on one layer's stacked
 activations (all sites, queries and keys): time and largest disagreement with ``numpy.linalg.svd``
 relative to each matrix's largest singular value.
 """
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.capture import capture_qk
-from spectra.extract import spectra_for_checkpoint
-from spectra.load import Checkpoint, eval_batch_sha256
-from spectra.svd import token_spectra
+from spectra.extract.capture import capture_qk
+from spectra.extract.load import Checkpoint, eval_batch_sha256
+from spectra.extract.run import spectra_for_checkpoint
+from spectra.extract.svd import token_spectra
 from trainer.config import load_config
 from trainer.model import LLM
 

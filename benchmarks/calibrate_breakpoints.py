@@ -6,8 +6,8 @@
 For each number of checkpoints (log-spaced over three decades of tokens) and each true shape (a straight decline
 of 5 PR per decade; a plateau at 40 then a fall of 10 per decade from 10^6.5 tokens), it draws ``--repeats``
 series with Gaussian noise of each ``--noise`` standard deviation and counts how many breakpoints the fit chooses,
-with plain BIC (margin 0) and with the margin ``spectra.dynamics.BIC_MARGIN`` that the library uses. This is the
-evidence behind that margin, quoted in ``spectra.dynamics`` and on docs/dynamics.md; it also prints the seconds
+with plain BIC (margin 0) and with the margin ``spectra.analysis.dynamics.BIC_MARGIN`` that the library uses. This is the
+evidence behind that margin, quoted in ``spectra.analysis.dynamics`` and on docs/dynamics.md; it also prints the seconds
 per fit.
 """
 
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from spectra import dynamics
+from spectra.analysis import dynamics
 
 
 def chosen(fit: dynamics.PiecewiseFit, margin: float) -> int:

@@ -307,7 +307,7 @@ def _write_checkpoint(preset: str, where: Path, seqs: int, seq_len: int) -> tupl
     """A randomly initialised checkpoint of ``preset`` and a random eval batch beside it."""
     from safetensors.torch import save_file
 
-    from spectra.load import eval_batch_sha256
+    from spectra.extract.load import eval_batch_sha256
     from trainer.checkpoint import save_checkpoint
     from trainer.config import load_config
     from trainer.model import LLM

@@ -13,8 +13,9 @@ import click
 
 from cli.common import out_option, reports_errors
 from cli.surgery import surgery
-from spectra import gamma, plots, stats
 from spectra import report as lib
+from spectra.analysis import gamma, stats
+from spectra.figures import trajectories as plots
 
 __all__ = ["plot", "report", "surgery"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from cli.common import device_option, no_progress_option, reports_errors
-from spectra.eval_tasks import write_dataset_tasks
-from spectra.evals import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP_ITERS, evaluate
+from spectra.evals.run import DEFAULT_BATCH_SIZE, DEFAULT_BOOTSTRAP_ITERS, evaluate
+from spectra.evals.tasks import write_dataset_tasks
 
 
 def _tasks(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:

@@ -1,5 +1,5 @@
 """``collapse-spectra extract``: compute a run's spectra cube from its checkpoints, or a public model's from
-its revisions (one library call either way: :func:`spectra.extract.extract` or
+its revisions (one library call either way: :func:`spectra.extract.run.extract` or
 :func:`spectra.hf.extract.extract_public`)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from cli.common import device_option, no_progress_option, out_option, reports_errors
-from spectra.extract import extract as extract_cube
-from spectra.extract_runs import extract_runs, is_collection
+from spectra.extract.run import extract as extract_cube
+from spectra.extract.runs import extract_runs, is_collection
 from spectra.hf.revisions import is_public_source
 
 _PUBLIC_ONLY = ("--revisions", "--tokens-per-step", "--dtype")

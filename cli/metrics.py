@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from cli.common import reports_errors
-from spectra.cube_io import open_cubes
-from spectra.metrics import METRIC_NAMES, summary_table
+from spectra.analysis.metrics import METRIC_NAMES, summary_table
+from spectra.cube import open_cubes
 
 # columns repeated on every row of the CSV; the table prints them once, in its title
 _SELECTION = ["metric", "var", "site", "centering"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.common import device_option, no_progress_option, out_option, reports_errors
-from spectra import surgery as lib
+from spectra.surgery import run as lib
 
 
 def _split(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Offline spectral analysis of attention queries and keys: cubes, metrics, and a ``.spectra`` accessor.
 
 ``import spectra`` never imports torch: reading cubes and computing metrics works in any notebook. The
-extraction (which rebuilds models from checkpoints and needs torch) is the submodule ``spectra.extract``,
+extraction (which rebuilds models from checkpoints and needs torch) is the package ``spectra.extract``,
 imported only when first accessed.
 
 Examples
@@ -17,10 +17,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from spectra import accessor  # noqa: F401  (registers DataArray.spectra and Dataset.spectra)
-from spectra.cube_io import open_cube, open_cubes
-from spectra.errors import SpectraError
-from spectra.metrics import (
+from spectra.analysis import accessor  # noqa: F401  (registers DataArray.spectra and Dataset.spectra)
+from spectra.analysis.metrics import (
     compute,
     condition_number,
     decay_exponent,
@@ -31,6 +29,8 @@ from spectra.metrics import (
     stable_rank,
     summary_table,
 )
+from spectra.cube import open_cube, open_cubes
+from spectra.errors import SpectraError
 
 __all__ = [
     "SpectraError",
@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 # Lazily imported submodules (PEP 562): they import torch. A plain function named ``extract`` cannot stand
-# in for the submodule of the same name: importing ``spectra.extract`` anywhere (the CLI does) rebinds the
-# package attribute ``spectra.extract`` to the module, so ``spectra.extract.extract(...)`` is the call.
+# in for the subpackage of the same name: importing ``spectra.extract`` anywhere (the CLI does) rebinds the
+# package attribute ``spectra.extract`` to the subpackage, so ``spectra.extract.extract(...)`` is the call.
 _LAZY_SUBMODULES = ("extract",)
 
 

@@ -18,7 +18,7 @@ def one_thread() -> Iterator[None]:
 
     Tiny models gain nothing from threads and the test machine's cores are shared. A module opts in with
     ``pytestmark = pytest.mark.usefixtures("one_thread")``. It is not for every module: test_extract checks
-    how spectra.svd splits work over ``torch.get_num_threads()`` threads, which one thread would skip.
+    how spectra.extract.svd splits work over ``torch.get_num_threads()`` threads, which one thread would skip.
     Session-scoped fixtures are set up before it and run with the default count; a module-scoped fixture
     that must run on one thread asks for ``one_thread`` itself.
     """

@@ -24,7 +24,7 @@ import torch
 import xarray as xr
 from safetensors.torch import load_file, save_file
 
-from spectra.cube_io import open_cubes
+from spectra.cube import open_cubes
 from trainer.checkpoint import save_checkpoint
 from trainer.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
 from trainer.data import prepare_data

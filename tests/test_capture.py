@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import perturbed_llm, tiny_model_config
 
-from spectra.capture import SITES, LayerQK, capture_qk
 from spectra.errors import SpectraError
+from spectra.extract.capture import SITES, LayerQK, capture_qk
 from trainer.model import LLM, Rotary
 
 B, T = 2, 12

@@ -13,8 +13,8 @@ from helpers import CENTERINGS, N_TOKENS, SITES, make_cube, write_cube
 
 import spectra
 from cli.metrics import metrics as metrics_command
+from spectra.analysis.metrics import summary_table
 from spectra.errors import SpectraError
-from spectra.metrics import summary_table
 
 STEPS = (0, 10, 20)
 TOKENS_PER_STEP = 512

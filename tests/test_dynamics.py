@@ -10,8 +10,8 @@ import pytest
 import scipy.optimize
 from helpers import CENTERINGS, SITES, make_cube, stack
 
-from spectra import dynamics, stats
-from spectra.dynamics import (
+from spectra.analysis import dynamics, stats
+from spectra.analysis.dynamics import (
     breakpoint_spread,
     breakpoint_table,
     fit_piecewise,
@@ -20,8 +20,8 @@ from spectra.dynamics import (
     plateau_segments,
     sudden_segment,
 )
+from spectra.analysis.metrics import participation_ratio_sv
 from spectra.errors import SpectraError
-from spectra.metrics import participation_ratio_sv
 
 TOKENS = np.geomspace(1e5, 1e8, 13)  # 4 checkpoints per decade: the grid holds every half of an interval
 X = np.log10(TOKENS)
@@ -242,8 +242,8 @@ def test_docstring_examples_run() -> None:
 
 def test_metrics_tables_and_figures_take_a_dense_trajectory() -> None:
     """`train.milestones = "plan+log"` gives 40-50 checkpoints: every consumer of the steps must take them."""
-    from spectra import plots
-    from spectra.metrics import summary_table
+    from spectra.analysis.metrics import summary_table
+    from spectra.figures import trajectories as plots
 
     ds = stack([dense_cube("A1-s0", 0, (4.5, 5.5)), dense_cube("A1-s1", 1, (4.6, 5.4))])
     assert ds.sizes["step"] == len(STEPS) == 47

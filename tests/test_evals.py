@@ -17,17 +17,17 @@ pytest.importorskip("lm_eval", reason="the optional 'eval' extra (scripts/test.s
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from spectra import evals as spectra_evals  # noqa: E402
-from spectra import evals_io  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
-from spectra.evals import (  # noqa: E402
+from spectra.evals import results as evals_io  # noqa: E402
+from spectra.evals import run as spectra_evals  # noqa: E402
+from spectra.evals.run import (  # noqa: E402
     evaluate,
     evaluate_checkpoint,
     parse_num_fewshot,
     resolve_eval_inputs,
     task_manager_for,
 )
-from spectra.load import load_checkpoint  # noqa: E402
+from spectra.extract.load import load_checkpoint  # noqa: E402
 from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.config import OptimConfig, RunConfig, TrainConfig  # noqa: E402
 
@@ -211,8 +211,8 @@ def test_every_request_matches_the_direct_log_likelihood(
 ) -> None:
     from types import SimpleNamespace
 
-    from spectra.evals import load_dataset_tokenizer
-    from spectra.lm_eval_model import CollapseLM
+    from spectra.evals.lm_eval_model import CollapseLM
+    from spectra.evals.run import load_dataset_tokenizer
 
     ckpt = load_checkpoint(sorted((eval_run / "checkpoints").iterdir())[-1])
     tok, eot, _, _ = load_dataset_tokenizer(ckpt)
@@ -462,7 +462,7 @@ def test_command_scores_a_directory_of_runs(tmp_path: Path, eval_run: Path, task
 
 
 def test_dataset_tasks_are_held_out_seeded_and_scored(tmp_path: Path, tiny_data_dir: Path, eval_run: Path) -> None:
-    from spectra.eval_tasks import N_CHOICES, read_split_documents, write_dataset_tasks
+    from spectra.evals.tasks import N_CHOICES, read_split_documents, write_dataset_tasks
 
     written = write_dataset_tasks(tiny_data_dir, tmp_path / "a", n_docs=20, seed=1, min_words=5)
     assert sorted(written) == ["tiny_choice", "tiny_cloze"]

@@ -13,12 +13,14 @@ import pytest
 from helpers import flat_spectrum, synthetic_cube, write_cube
 from test_dynamics import dense_cube
 
-from spectra import evals_io, evals_stats, stats
-from spectra.cube_io import open_cubes
+from spectra.analysis import stats
+from spectra.analysis.metrics import participation_ratio_sv
+from spectra.analysis.null import headline_with_null
+from spectra.cube import open_cubes
 from spectra.errors import SpectraError
-from spectra.metrics import participation_ratio_sv
-from spectra.null import headline_with_null
-from spectra.plots_dynamics import pr_vs_score, trajectory_with_breakpoints
+from spectra.evals import results as evals_io
+from spectra.evals import scores as evals_stats
+from spectra.figures.dynamics import pr_vs_score, trajectory_with_breakpoints
 
 # (run directory, configuration, seed, PR rank of every head, choice accuracy, cloze accuracy)
 RUNS = [
@@ -151,8 +153,8 @@ def test_trajectory_figure_marks_breakpoints_and_plateaus(tmp_path: Path) -> Non
 
 def test_the_report_modules_import_no_torch() -> None:
     code = (
-        "import sys, spectra.dynamics, spectra.null, spectra.evals_io, spectra.evals_stats, spectra.plots_dynamics, "
-        "spectra.eval_tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
+        "import sys, spectra.analysis.dynamics, spectra.analysis.null, spectra.evals.results, spectra.evals.scores, spectra.figures.dynamics, "
+        "spectra.evals.tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

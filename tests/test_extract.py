@@ -15,7 +15,7 @@ import xarray as xr
 from helpers import checkpoint_files, eval_ids, make_run
 from safetensors.torch import load_file, save_file
 
-from spectra.extract import CENTERINGS, extract
+from spectra.extract.run import CENTERINGS, extract
 from trainer.config import ModelConfig
 from trainer.model import LLM
 
@@ -54,7 +54,7 @@ def numpy_head_keys(
 
 @pytest.mark.parametrize("shape", [(5, 40, 8), (2, 3, 64, 16), (7, 7)])
 def test_singular_values_match_numpy(shape):
-    from spectra.svd import singular_values
+    from spectra.extract.svd import singular_values
 
     x = np.random.default_rng(1).normal(size=shape)
     for centered in (False, True):
@@ -67,7 +67,7 @@ def test_singular_values_match_numpy(shape):
 
 @pytest.mark.parametrize("method", ["qr", "svd"])
 def test_token_spectra_match_numpy_also_when_ill_conditioned(method):
-    from spectra.svd import token_spectra
+    from spectra.extract.svd import token_spectra
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, 300, 16))
@@ -86,7 +86,7 @@ def test_token_spectra_match_numpy_also_when_ill_conditioned(method):
 
 
 def test_energy_is_the_spectrum_spread_over_coordinates():
-    from spectra.svd import token_spectra
+    from spectra.extract.svd import token_spectra
 
     x = torch.randn(4, 50, 6, dtype=torch.float64)
     before = x.clone()
@@ -100,14 +100,14 @@ def test_energy_is_the_spectrum_spread_over_coordinates():
 
 
 def test_token_spectra_refuses_fewer_tokens_than_coordinates():
-    from spectra.svd import token_spectra
+    from spectra.extract.svd import token_spectra
 
     with pytest.raises(ValueError, match="N=3 < D=4"):
         token_spectra(torch.randn(3, 4))
 
 
 def test_head_weight_singular_values_match_numpy_per_slice():
-    from spectra.svd import head_weight_singular_values
+    from spectra.extract.svd import head_weight_singular_values
 
     w = np.random.default_rng(3).normal(size=(2, 4 * 8, 32))  # (L, H*D, d_model)
     got = head_weight_singular_values(torch.from_numpy(w), n_heads=4).numpy()
@@ -409,7 +409,7 @@ def test_sigkill_during_the_write_leaves_the_old_cube(tmp_path):
 import os, signal
 from pathlib import Path
 import xarray as xr
-from spectra.extract import extract
+from spectra.extract.run import extract
 real = xr.Dataset.to_netcdf
 def killed(self, path, *args, **kwargs):
     real(self, path, *args, **kwargs)
@@ -427,7 +427,7 @@ extract({str(run)!r}, progress=False)
 
 
 def test_a_long_extraction_keeps_its_finished_checkpoints(tmp_path, monkeypatch):
-    import spectra.extract as extract_module
+    import spectra.extract.run as extract_module
 
     run = make_run(tmp_path, steps=(0, 10, 20))
     real = extract_module.spectra_for_checkpoint
@@ -456,7 +456,7 @@ def test_extraction_is_deterministic(tmp_path):
 
 
 def test_qr_r_split_over_threads_matches_one_call_and_restores_threads():
-    from spectra.svd import qr_r
+    from spectra.extract.svd import qr_r
 
     x = torch.randn(3, 5, 40, 6, dtype=torch.float64)
     threads = torch.get_num_threads()

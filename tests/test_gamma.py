@@ -1,4 +1,4 @@
-"""Gamma vs importance (spectra.gamma): Spearman correlation on constructed cases with known answers."""
+"""Gamma vs importance (spectra.analysis.gamma): Spearman correlation on constructed cases with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 from helpers import stack, synthetic_cube
 
-from spectra import gamma as gm
+from spectra.analysis import gamma as gm
 from spectra.errors import SpectraError
 
 D = 8

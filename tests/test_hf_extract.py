@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
-from spectra.cube_io import open_cube, open_cubes  # noqa: E402
+from spectra.cube import open_cube, open_cubes  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
+from spectra.extract.load import load_eval_batch  # noqa: E402
 from spectra.hf.capture import CAPTURE_ATTENTION, capture_public_qk  # noqa: E402
 from spectra.hf.extract import extract_public  # noqa: E402
-from spectra.load import load_eval_batch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

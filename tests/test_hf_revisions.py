@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from spectra.cube_io import open_cube  # noqa: E402
+from spectra.cube import open_cube  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
 from spectra.hf.extract import extract_public  # noqa: E402
 from spectra.hf.revisions import (  # noqa: E402

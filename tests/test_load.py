@@ -12,7 +12,7 @@ from helpers import checkpoint_files, eval_ids, make_run
 from safetensors.torch import load_file, save_file
 
 from spectra.errors import SpectraError
-from spectra.load import (
+from spectra.extract.load import (
     Checkpoint,
     eval_batch_sha256,
     find_checkpoints,

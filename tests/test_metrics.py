@@ -12,9 +12,8 @@ import pytest
 import xarray as xr
 
 import spectra
-from spectra import accessor, metrics
-from spectra.errors import SpectraError
-from spectra.metrics import (
+from spectra.analysis import accessor, metrics
+from spectra.analysis.metrics import (
     RANKME_EPS,
     condition_number_kernel,
     decay_exponent_kernel,
@@ -25,6 +24,7 @@ from spectra.metrics import (
     rankme_kernel,
     stable_rank_kernel,
 )
+from spectra.errors import SpectraError
 
 KERNELS = {
     "pr_sv": participation_ratio_sv,
@@ -384,7 +384,7 @@ def test_package_exports_and_lazy_extract() -> None:
 
 def test_import_spectra_does_not_import_torch() -> None:
     code = (
-        "import sys, spectra, spectra.metrics, spectra.accessor, spectra.cube_io; "
+        "import sys, spectra, spectra.analysis.metrics, spectra.analysis.accessor, spectra.cube; "
         "import xarray as xr; xr.DataArray([1.0], dims='sv').spectra.stable_rank(); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )

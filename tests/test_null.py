@@ -9,10 +9,10 @@ import pytest
 import xarray as xr
 from helpers import stack, synthetic_cube
 
-from spectra import null, stats
+from spectra.analysis import null, stats
+from spectra.analysis.metrics import participation_ratio
+from spectra.analysis.null import fraction_of_null, headline_with_null, null_metric, null_spectra, null_values
 from spectra.errors import SpectraError
-from spectra.metrics import participation_ratio
-from spectra.null import fraction_of_null, headline_with_null, null_metric, null_spectra, null_values
 
 
 def eig_pr_ratio_of_expectations(n: int, d: int) -> float:

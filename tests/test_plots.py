@@ -1,4 +1,4 @@
-"""Figures (spectra.plots): every figure has data on its axes, says what it shows, and refuses empty input."""
+"""Figures (spectra.figures.trajectories): every figure has data on its axes, says what it shows, and refuses empty input."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import xarray as xr
 from helpers import stack, surgery_result, synthetic_cube
 
-from spectra import plots
 from spectra.errors import SpectraError
+from spectra.figures import trajectories as plots
 
 
 @pytest.fixture(scope="module")

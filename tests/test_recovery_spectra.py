@@ -20,11 +20,11 @@ from helpers import make_run, small_filesystem, synthetic_cube, unwritable_direc
 
 from cli.spectra import main
 from spectra import report as rep
-from spectra.cube_io import open_cube
+from spectra.cube import open_cube
 from spectra.errors import SpectraError
-from spectra.extract import extract
+from spectra.extract.load import find_checkpoints
+from spectra.extract.run import extract
 from spectra.fileio import ExclusiveLock
-from spectra.load import find_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +102,7 @@ def test_a_cube_missing_a_variable_is_named_as_damaged_and_left_as_it_is(tmp_pat
 
 
 def test_extract_checks_its_output_before_computing(tmp_path, extracted, monkeypatch):
-    import spectra.extract as extract_mod
+    import spectra.extract.run as extract_mod
 
     monkeypatch.setattr(extract_mod, "spectra_for_checkpoint", lambda *a, **k: pytest.fail("computed first"))
     blocker = tmp_path / "a-file"
@@ -430,7 +430,7 @@ def test_sigkill_of_a_parallel_extraction_takes_its_workers_with_it(tmp_path):
 def test_exit_with_parent_ends_a_process_whose_parent_was_killed(mechanism):
     # the watchdog thread is what platforms without prctl get; forced here so that Linux tests it too
     child = (
-        "import os, sys, time; import spectra.workers as w\n"
+        "import os, sys, time; import spectra.extract.workers as w\n"
         + ("w._kill_me_when_my_parent_dies = lambda: False\n" if mechanism == "watchdog" else "")
         + "w.exit_with_parent(int(sys.argv[1])); print(os.getpid(), flush=True); time.sleep(600)"
     )

@@ -14,7 +14,7 @@ from helpers import surgery_result, synthetic_cube, write_cube
 
 from cli.analysis import plot, report
 from spectra import report as rep
-from spectra import stats
+from spectra.analysis import stats
 from spectra.errors import SpectraError
 
 

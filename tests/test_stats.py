@@ -1,4 +1,4 @@
-"""Statistics across heads, seeds and configurations (spectra.stats), on constructed cubes with known answers.
+"""Statistics across heads, seeds and configurations (spectra.analysis.stats), on constructed cubes with known answers.
 
 The cubes come from ``helpers.synthetic_cube``, which builds one exactly per docs/cube.md.
 """
@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 from helpers import flat_spectrum, stack, synthetic_cube
 
-from spectra import stats
+from spectra.analysis import stats
 from spectra.errors import SpectraError
 
 # ------------------------------------------------------------------------------------------------

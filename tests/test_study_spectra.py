@@ -13,8 +13,8 @@ from helpers import make_run, synthetic_cube, write_cube
 
 from cli.spectra import main
 from spectra import report as rep
-from spectra import stats
-from spectra.cube_io import find_cubes, open_cubes
+from spectra.analysis import stats
+from spectra.cube import find_cubes, open_cubes
 from spectra.errors import SpectraError
 from spectra.report.context import with_study_labels
 from spectra.study import read_study
@@ -167,7 +167,7 @@ def test_report_on_a_study_has_its_labels_and_a_learning_rate_section(study, tmp
 
 
 def test_the_lr_figure_marks_the_choice_and_the_diverged_run(study):
-    from spectra import plots_sweep
+    from spectra.figures import sweep as plots_sweep
 
     s = read_study(study)
     fig = plots_sweep.lr_sweep(s.sweep_table(), s.configurations(), s.name)

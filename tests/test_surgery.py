@@ -18,8 +18,8 @@ from scipy import stats
 
 import cli.surgery
 from spectra.errors import SpectraError
-from spectra.load import eval_batch_sha256, load_checkpoint
-from spectra.surgery import (
+from spectra.extract.load import eval_batch_sha256, load_checkpoint
+from spectra.surgery.run import (
     DEFAULT_FRACTIONS,
     evaluate_loss,
     gamma_removal_orders,
@@ -490,7 +490,7 @@ def test_a_second_call_adds_cells_and_keeps_the_first_ones(tmp_path, trained, da
     out = tmp_path / "surgery.nc"
     first = xr.load_dataset(surgery(trained, data_dir, out=out, fractions=(0.0, 0.5), seeds=2, **QUICK))
     calls = []
-    import spectra.surgery as surgery_mod
+    import spectra.surgery.run as surgery_mod
 
     real = surgery_mod.evaluate_loss
 
@@ -532,7 +532,7 @@ def test_another_experiment_in_the_same_file_is_refused(tmp_path, trained, data_
 
 
 def test_an_unwritable_out_is_refused_before_computing(tmp_path, trained, data_dir, monkeypatch):
-    import spectra.surgery as surgery_mod
+    import spectra.surgery.run as surgery_mod
 
     monkeypatch.setattr(
         surgery_mod, "run_surgery", lambda *a, **k: pytest.fail("computed before checking --out")

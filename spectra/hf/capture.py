@@ -23,7 +23,7 @@ is not part of the recorded vectors.
 input's dtype, before the gain; the mean runs over ``head_dim`` for per-head norms and over the whole
 projection for OLMo-2's.
 
-Memory: as in :mod:`spectra.capture`, each layer is reduced as soon as its attention function has run
+Memory: as in :mod:`spectra.extract.capture`, each layer is reduced as soon as its attention function has run
 and the forward pass stops after the last requested layer, so one layer's activations are alive at a
 time and the later layers, the final norm and any LM head are not computed.
 """
@@ -38,8 +38,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from spectra.capture import LayerQK, heads_first_bhtd, heads_first_bthd
 from spectra.errors import SpectraError
+from spectra.extract.capture import LayerQK, heads_first_bhtd, heads_first_bthd
 from spectra.hf.adapters import Architecture, HeadLayout, architecture_for, head_layout
 
 CAPTURE_ATTENTION = "collapse_capture"
@@ -231,7 +231,7 @@ def capture_public_qk(
     Returns
     -------
     dict
-        ``{layer: reduce(LayerQK)}`` (or ``LayerQK``), heads first as in :func:`spectra.capture.capture_qk`:
+        ``{layer: reduce(LayerQK)}`` (or ``LayerQK``), heads first as in :func:`spectra.extract.capture.capture_qk`:
         ``q[site]`` is ``(n_heads, N, D)``, ``k[site]`` ``(n_kv_heads, N, D)``; ``unit`` only for QK-norm
         families.
     """

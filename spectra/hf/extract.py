@@ -1,6 +1,6 @@
 """Spectra cubes of public models: one ``step`` per released revision, through ``transformers``.
 
-``extract_public`` is the counterpart of :func:`spectra.extract.extract` for models we did not train:
+``extract_public`` is the counterpart of :func:`spectra.extract.run.extract` for models we did not train:
 the same cube schema (``docs/cube.md``), so ``metrics``, ``plot`` and ``report`` read it unchanged. What
 a public checkpoint cannot say is recorded as such: the optimizer is ``unknown``, the seed ``-1``, the
 training data ``unknown`` and the losses NaN, each with an attribute saying why.
@@ -32,9 +32,10 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
+from spectra.cube import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
 from spectra.errors import SpectraError
-from spectra.extract import (
+from spectra.extract.load import eval_batch_path, eval_batch_sha256, load_eval_batch, resolve_device
+from spectra.extract.run import (
     ExtractResult,
     check_enough_tokens,
     combine_steps,
@@ -42,6 +43,7 @@ from spectra.extract import (
     step_dataset,
     write_cube,
 )
+from spectra.extract.svd import head_weight_singular_values
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from spectra.hf.adapters import (
     Architecture,
@@ -69,8 +71,6 @@ from spectra.hf.revisions import (
     plan_revisions,
 )
 from spectra.hf.tokenizer import check_tokenizer
-from spectra.load import eval_batch_path, eval_batch_sha256, load_eval_batch, resolve_device
-from spectra.svd import head_weight_singular_values
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``--dtype`` choices: the precision of the weights and of the forward pass (spectra are float64)."""
@@ -79,7 +79,7 @@ UNKNOWN = "unknown"
 UNKNOWN_SEED = -1
 """The ``seed`` of a public model's cube (``open_cubes`` needs an integer)."""
 
-_FLUSH_SECONDS = 60.0  # as spectra.extract: a kill loses at most this much work
+_FLUSH_SECONDS = 60.0  # as spectra.extract.run: a kill loses at most this much work
 _CONFIG_KEYS = (  # what must agree between revisions (and with an existing cube) for spectra to share a cube
     "model_type",
     "hidden_size",
@@ -263,7 +263,7 @@ def spectra_for_public_model(
 ) -> xr.Dataset:
     """The cube's variables for one revision, as a Dataset with a ``step`` dimension of length 1.
 
-    As :func:`spectra.extract.spectra_for_checkpoint`: one forward pass (in the model's dtype) records
+    As :func:`spectra.extract.run.spectra_for_checkpoint`: one forward pass (in the model's dtype) records
     every site (:func:`spectra.hf.capture.capture_public_qk`), each layer is reduced to float64 spectra
     and energies, and the weight spectra come from each head's rows of W_q and W_k. Gains: ``q_gamma`` /
     ``k_gamma`` hold a QK-norm gain shared by the heads of a layer (Gemma's effective ``1 + weight``), NaN
@@ -475,7 +475,7 @@ def extract_public(
 
     Notes
     -----
-    Incremental and atomic like :func:`spectra.extract.extract`: revisions whose step the cube holds are
+    Incremental and atomic like :func:`spectra.extract.run.extract`: revisions whose step the cube holds are
     neither downloaded nor loaded; the cube is written to a temporary file and renamed, at most once a
     minute during a long extraction. One model is in memory at a time.
 

@@ -3,8 +3,8 @@
 :func:`build_report` is the library call behind ``collapse-spectra report RUN_OR_CUBE... -o DIR``;
 :func:`render_plot` is the one behind ``collapse-spectra plot KIND CUBE... -o FILE``. Both resolve their
 inputs (a run directory means its ``spectra.nc`` and, if present, its ``surgery.nc``; a cube file means
-itself), open the cubes with :func:`spectra.cube_io.open_cubes`, and call the pure functions of
-:mod:`spectra.stats`, :mod:`spectra.gamma` and :mod:`spectra.plots`.
+itself), open the cubes with :func:`spectra.cube.open_cubes`, and call the pure functions of
+:mod:`spectra.analysis.stats`, :mod:`spectra.analysis.gamma` and :mod:`spectra.figures.trajectories`.
 
 The package, by concept:
 

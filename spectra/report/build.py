@@ -7,8 +7,8 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from spectra import gamma as gamma_analysis
-from spectra import stats
+from spectra.analysis import gamma as gamma_analysis
+from spectra.analysis import stats
 from spectra.fileio import ExclusiveLock, naming_a_full_disk, remove_stale_temporaries
 from spectra.report.context import check_options, load_context
 from spectra.report.document import Block, to_html, to_markdown
@@ -63,7 +63,7 @@ def build_report(
     gamma_site
         Where the gamma analysis reads the coordinate energy: ``unit`` (before gamma) or ``normed``.
     simple_data, complex_data
-        Dataset names forced into the simple / complex class (see :func:`spectra.stats.data_class`).
+        Dataset names forced into the simple / complex class (see :func:`spectra.analysis.stats.data_class`).
     n_resamples, seed
         Bootstrap resamples and the seed of their generator.
     echo

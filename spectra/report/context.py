@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
-from spectra import gamma as gamma_analysis
-from spectra import stats
-from spectra.cube_io import open_cube, open_cubes
+from spectra.analysis import gamma as gamma_analysis
+from spectra.analysis import stats
+from spectra.analysis.null import headline_with_null
+from spectra.cube import open_cube, open_cubes
 from spectra.errors import SpectraError
-from spectra.evals_io import read_eval_results
-from spectra.null import headline_with_null
+from spectra.evals.results import read_eval_results
 from spectra.report.inputs import RunInput, load_surgery
 from spectra.study import Study
 
@@ -31,7 +31,7 @@ class ReportContext:
     cubes: list[xr.Dataset]
     """Each run's cube as written (its own attributes)."""
     ds: xr.Dataset
-    """All cubes along ``run`` (:func:`spectra.cube_io.open_cubes`)."""
+    """All cubes along ``run`` (:func:`spectra.cube.open_cubes`)."""
     run_names: list[str]
     """The ``run`` labels of ``ds``, in input order."""
     surgeries: dict[str, xr.Dataset]
@@ -45,7 +45,7 @@ class ReportContext:
     centering: str
     gamma_site: str
     labels_kw: dict
-    """``simple_data`` / ``complex_data`` for the configuration labels (:func:`spectra.stats.data_class`)."""
+    """``simple_data`` / ``complex_data`` for the configuration labels (:func:`spectra.analysis.stats.data_class`)."""
     n_resamples: int
     seed: int
     runs: pd.DataFrame = field(init=False)
@@ -54,7 +54,7 @@ class ReportContext:
     configs: pd.DataFrame = field(init=False)
     comparisons: pd.DataFrame = field(init=False)
     headline: pd.DataFrame = field(init=False)
-    """``summaries`` with each run's PR against its Gaussian null (:func:`spectra.null.headline_with_null`)."""
+    """``summaries`` with each run's PR against its Gaussian null (:func:`spectra.analysis.null.headline_with_null`)."""
 
     def __post_init__(self) -> None:
         kw = self.labels_kw
@@ -104,7 +104,7 @@ def with_study_labels(ds: xr.Dataset, studies: Sequence[Study]) -> xr.Dataset:
     """Give the runs that belong to a study its configuration label and data class (``run`` coordinates).
 
     Runs are matched by their directory (the cube's parent); runs of no study get empty strings, for
-    which :func:`spectra.stats.run_table` falls back to the plan's labels and the dataset-name rule.
+    which :func:`spectra.analysis.stats.run_table` falls back to the plan's labels and the dataset-name rule.
     """
     if not studies:
         return ds

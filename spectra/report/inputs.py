@@ -10,9 +10,9 @@ from pathlib import Path
 
 import xarray as xr
 
-from spectra.cube_io import CUBE_FILENAME, find_cubes, open_cube, read_netcdf
+from spectra.cube import CUBE_FILENAME, find_cubes, open_cube, read_netcdf
 from spectra.errors import SpectraError
-from spectra.evals_io import EVALS_FILENAME
+from spectra.evals.results import EVALS_FILENAME
 
 SURGERY_FILENAME = "surgery.nc"
 SURGERY_FORMAT = "collapse-surgery"
@@ -39,7 +39,7 @@ def resolve_inputs(inputs: Iterable[PathLike]) -> tuple[list[RunInput], list[tup
       (a directory of cubes may hold other runs' results).
 
     Returns the runs and the runs skipped because they have no cube yet, with the reason
-    (:func:`spectra.cube_io.find_cubes`: the same rule as ``collapse-spectra metrics``). Raises
+    (:func:`spectra.cube.find_cubes`: the same rule as ``collapse-spectra metrics``). Raises
     :class:`SpectraError` for a path that is none of these, naming it, or when no cube is left.
     """
     cubes, skipped = find_cubes(list(inputs))

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from spectra import plots
 from spectra.errors import SpectraError
+from spectra.figures import trajectories as plots
 from spectra.fileio import (
     DiskFullError,
     check_writable,

@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from spectra import plots
-from spectra.cube_io import open_cubes
+from spectra.cube import open_cubes
 from spectra.errors import SpectraError
+from spectra.figures import trajectories as plots
 from spectra.fileio import check_writable
 from spectra.report.inputs import load_surgery
 
@@ -35,7 +35,7 @@ def render_plot(kind: str, inputs: Sequence[PathLike], output: PathLike, **optio
     Parameters
     ----------
     kind
-        One of :data:`spectra.plots.FIGURE_KINDS`.
+        One of :data:`spectra.figures.trajectories.FIGURE_KINDS`.
     inputs
         Cube files or run directories; for ``surgery``, surgery files or run directories.
     output

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from spectra import dynamics, plots_dynamics
+from spectra.analysis import dynamics
 from spectra.errors import SpectraError
+from spectra.figures import dynamics as plots_dynamics
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter

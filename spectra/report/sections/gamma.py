@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from spectra import gamma as gamma_analysis
-from spectra import plots, stats
+from spectra.analysis import gamma as gamma_analysis
+from spectra.analysis import stats
+from spectra.figures import trajectories as plots
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Paragraph, Table
 from spectra.report.output import ReportWriter

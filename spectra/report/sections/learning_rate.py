@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spectra import plots_sweep
+from spectra.figures import sweep as plots_sweep
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter, file_stem

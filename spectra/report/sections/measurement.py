@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from spectra import stats
+from spectra.analysis import stats
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, Paragraph, Table
 from spectra.report.output import ReportWriter

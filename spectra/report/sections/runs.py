@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from spectra import stats
-from spectra.null import NULL_DRAWS
+from spectra.analysis import stats
+from spectra.analysis.null import NULL_DRAWS
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Paragraph, Table
 from spectra.report.output import ReportWriter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from spectra import plots
+from spectra.figures import trajectories as plots
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter

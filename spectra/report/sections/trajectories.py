@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from spectra import plots, stats
+from spectra.analysis import stats
+from spectra.figures import trajectories as plots
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Table
 from spectra.report.output import ReportWriter, file_stem

@@ -35,8 +35,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from spectra import gamma as gamma_analysis
-from spectra import stats
+from spectra.analysis import gamma as gamma_analysis
+from spectra.analysis import stats
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
 

@@ -1,9 +1,9 @@
 """Downstream evals through lm-evaluation-harness: our checkpoints, the dataset's tokenizer, lm-eval's tasks.
 
 ``evaluate(path, tasks)`` scores a run's final checkpoint (or every checkpoint) on lm-eval tasks with
-``lm_eval.simple_evaluate`` and the model wrapper of [`spectra.lm_eval_model`][spectra.lm_eval_model], and writes
+``lm_eval.simple_evaluate`` and the model wrapper of [`spectra.evals.lm_eval_model`][spectra.evals.lm_eval_model], and writes
 the scores, their standard errors, task versions, few-shot counts and the lm-eval version to ``RUN/evals.json``
-([`spectra.evals_io`][spectra.evals_io]). Tasks are lm-eval's own: hub tasks by name (``hellaswag``,
+([`spectra.evals.results`][spectra.evals.results]). Tasks are lm-eval's own: hub tasks by name (``hellaswag``,
 ``lambada_openai``) where the Hugging Face Hub is reachable, and local tasks from YAML files found through
 ``TaskManager(include_path=...)`` offline, for example a task whose dataset is local JSON
 (``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``).
@@ -18,7 +18,7 @@ generators (its ``random_seed``, ``numpy_random_seed``, ``torch_random_seed``), 
 
 Examples
 --------
->>> from spectra.evals import evaluate
+>>> from spectra.evals.run import evaluate
 >>> evaluate("runs/A1-s0", ["hellaswag", "lambada_openai"], num_fewshot={"hellaswag": 10})  # doctest: +SKIP
 """
 
@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import SpectraError
-from spectra.evals_io import evals_path, read_eval_results, record_key, write_eval_results
-from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
-from spectra.load import (
+from spectra.evals.results import evals_path, read_eval_results, record_key, write_eval_results
+from spectra.extract.load import (
     Checkpoint,
     find_checkpoints,
     load_checkpoint,
@@ -46,6 +45,7 @@ from spectra.load import (
     resolve_device,
     run_dir_of,
 )
+from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from spectra.study import is_study_dir, read_study
 
 __all__ = [
@@ -331,7 +331,7 @@ def evaluate_checkpoint(
     tasks
         lm-eval task names.
     num_fewshot
-        One count for every task, or per task (see [`parse_num_fewshot`][spectra.evals.parse_num_fewshot]);
+        One count for every task, or per task (see [`parse_num_fewshot`][spectra.evals.run.parse_num_fewshot]);
         ``None``: each task's default.
     limit
         At most this many documents per task (``None``: all).
@@ -344,7 +344,7 @@ def evaluate_checkpoint(
     bootstrap_iters
         lm-eval's bootstrap resamples for standard errors without a closed form.
     task_manager
-        An ``lm_eval.tasks.TaskManager`` to use; default [`task_manager_for`][spectra.evals.task_manager_for]
+        An ``lm_eval.tasks.TaskManager`` to use; default [`task_manager_for`][spectra.evals.run.task_manager_for]
         ``(tasks, include_path)``.
     progress
         Show the progress bar of the log-likelihood requests (on stderr).
@@ -355,7 +355,7 @@ def evaluate_checkpoint(
         The records, in task order.
     """
     lm_eval = _lm_eval()
-    from spectra.lm_eval_model import CollapseLM
+    from spectra.evals.lm_eval_model import CollapseLM
 
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -416,7 +416,7 @@ def evaluate_checkpoint(
 def _record(
     results: dict[str, Any], task: str, requested: int | None, context: dict[str, Any]
 ) -> dict[str, Any]:
-    """One task's entry of ``evals.json`` from ``simple_evaluate``'s results (see spectra.evals_io)."""
+    """One task's entry of ``evals.json`` from ``simple_evaluate``'s results (see spectra.evals.results)."""
     task_config = results["configs"][task]
     output_type = str(task_config.get("output_type"))
     n = results["n-samples"][task]
@@ -469,13 +469,13 @@ def evaluate(
     ----------
     path
         A checkpoint file, a run directory or a directory of run directories
-        ([`resolve_eval_inputs`][spectra.evals.resolve_eval_inputs]).
+        ([`resolve_eval_inputs`][spectra.evals.run.resolve_eval_inputs]).
     tasks
         lm-eval task names.
     all_checkpoints
         Every checkpoint of each run instead of the final one.
     num_fewshot, limit, include_path, data_dir, device, batch_size, bootstrap_iters, progress
-        As for [`evaluate_checkpoint`][spectra.evals.evaluate_checkpoint].
+        As for [`evaluate_checkpoint`][spectra.evals.run.evaluate_checkpoint].
     echo
         Called with a line per checkpoint evaluated or skipped (the command prints them).
 

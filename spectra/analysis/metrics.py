@@ -8,7 +8,7 @@ Three layers (as in xskillscore):
 2. public functions that take a labelled singular-value `xarray.DataArray` and reduce over
    ``dim="sv"`` (``participation_ratio``, ``energy_rank``, ``condition_number``, ``effective_rank``,
    ``stable_rank``, ``rankme``, ``decay_exponent``, and ``compute`` which dispatches by metric name);
-3. the ``.spectra`` accessor in [`accessor`][spectra.accessor], which only forwards here.
+3. the ``.spectra`` accessor in [`accessor`][spectra.analysis.accessor], which only forwards here.
 
 Conventions shared by every metric:
 
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 CONDITION_RTOL = 1e-6
-"""Default relative tolerance of [`condition_number`][spectra.metrics.condition_number].
+"""Default relative tolerance of [`condition_number`][spectra.analysis.metrics.condition_number].
 
 Forward passes run in float32, so every activation carries a rounding error ``E`` with
 ``||E||_2 <= ||E||_F ~ eps32 ||X||_F <= eps32 sqrt(D) s_1`` (``eps32 = 1.2e-7``; about ``1e-6 s_1`` at
@@ -70,11 +70,11 @@ head dimension ``D = 64``). By Weyl's inequality every singular value moves by a
 singular values below ``1e-6 s_1`` cannot be told apart from zero and a ratio ``s_1 / s_min`` beyond ``1e6``
 is not a measurement. Exact zeros (a rank-deficient matrix, e.g. a QK-norm gain pruned to zero) would
 otherwise give ``inf``; with the tolerance they are left out and the rank deficiency shows in
-[`energy_rank`][spectra.metrics.energy_rank] instead.
+[`energy_rank`][spectra.analysis.metrics.energy_rank] instead.
 """
 
 ENERGY_RTOL = 1e-12
-"""Slack on the energy threshold of [`energy_rank`][spectra.metrics.energy_rank].
+"""Slack on the energy threshold of [`energy_rank`][spectra.analysis.metrics.energy_rank].
 
 Ties at the threshold are common (a flat spectrum of ten values reaches 90% at exactly nine), and the
 cumulative sum's rounding (``~ d eps64 = 1e-14`` for ``d = 64``) must not add one to the count."""
@@ -89,7 +89,7 @@ METRIC_NAMES = (
     "rankme",
     "decay_exponent",
 )
-"""Metric names understood by [`compute`][spectra.metrics.compute].
+"""Metric names understood by [`compute`][spectra.analysis.metrics.compute].
 
 ``energy_rank_<pct>`` takes any percentage in (0, 100]."""
 
@@ -173,7 +173,7 @@ def participation_ratio_eig(s: Any, axis: int = -1) -> np.ndarray:
     -------
     numpy.ndarray
         float64, in ``[1, d]``, never larger than
-        [`participation_ratio_sv`][spectra.metrics.participation_ratio_sv] of the same spectrum.
+        [`participation_ratio_sv`][spectra.analysis.metrics.participation_ratio_sv] of the same spectrum.
 
     Examples
     --------
@@ -189,7 +189,7 @@ def energy_rank_kernel(s: Any, threshold: float = 0.9, axis: int = -1) -> np.nda
     """Smallest number ``r`` of singular values whose energy ``sum_{i<=r} s_(i)^2`` reaches ``threshold``.
 
     ``s_(1) >= s_(2) >= ...`` is the spectrum sorted in descending order (the input may be in any order). A
-    slack of [`ENERGY_RTOL`][spectra.metrics.ENERGY_RTOL] keeps exact ties at the threshold from rounding up.
+    slack of [`ENERGY_RTOL`][spectra.analysis.metrics.ENERGY_RTOL] keeps exact ties at the threshold from rounding up.
 
     Parameters
     ----------
@@ -232,7 +232,7 @@ def condition_number_kernel(s: Any, rtol: float | None = CONDITION_RTOL, axis: i
         Singular values (>= 0) along ``axis``.
     rtol : float or None
         Singular values ``<= rtol * s_1`` count as zero and are left out (see
-        [`CONDITION_RTOL`][spectra.metrics.CONDITION_RTOL] for the default). ``None`` uses the plain smallest
+        [`CONDITION_RTOL`][spectra.analysis.metrics.CONDITION_RTOL] for the default). ``None`` uses the plain smallest
         singular value, ``s_1 / s_d`` as in the source documents, which is ``inf`` for a rank-deficient
         matrix.
     axis : int
@@ -314,7 +314,7 @@ def stable_rank_kernel(s: Any, axis: int = -1) -> np.ndarray:
 def rankme_kernel(s: Any, eps: float = RANKME_EPS, axis: int = -1) -> np.ndarray:
     """RankMe, ``exp(-sum p_k log p_k)`` with ``p_k = s_k / sum_j s_j + eps`` (Garrido et al. 2023).
 
-    The entropy effective rank ([`effective_rank_kernel`][spectra.metrics.effective_rank_kernel]) with the
+    The entropy effective rank ([`effective_rank_kernel`][spectra.analysis.metrics.effective_rank_kernel]) with the
     published constant ``eps`` added to every normalised singular value, as in the RankMe paper; ``eps = 0``
     gives the effective rank exactly.
 
@@ -323,7 +323,7 @@ def rankme_kernel(s: Any, eps: float = RANKME_EPS, axis: int = -1) -> np.ndarray
     s : array_like
         Singular values (>= 0) along ``axis``.
     eps : float
-        The additive constant, >= 0; [`RANKME_EPS`][spectra.metrics.RANKME_EPS] (``1e-7``) by default.
+        The additive constant, >= 0; [`RANKME_EPS`][spectra.analysis.metrics.RANKME_EPS] (``1e-7``) by default.
     axis : int
         Axis holding the spectrum; it is reduced.
 
@@ -364,7 +364,7 @@ def decay_exponent_kernel(
         Rank range of the fit; ``last=None`` is the whole spectrum.
     rtol : float
         Values ``<= rtol * s_(1)`` are left out: their logarithm is rounding noise (see
-        [`CONDITION_RTOL`][spectra.metrics.CONDITION_RTOL]), or ``-inf`` for exact zeros.
+        [`CONDITION_RTOL`][spectra.analysis.metrics.CONDITION_RTOL]), or ``-inf`` for exact zeros.
     axis : int
         Axis holding the spectrum; it is reduced.
 
@@ -566,7 +566,7 @@ def condition_number(sv: xr.DataArray, rtol: float | None = CONDITION_RTOL, dim:
     rtol : float or None
         Singular values ``<= rtol * s_1`` are treated as zero and left out, so the result is the condition
         number of the numerically non-zero part (at most ``1 / rtol``). The default ``1e-6`` is the rounding
-        floor of float32 activations (see [`CONDITION_RTOL`][spectra.metrics.CONDITION_RTOL]).
+        floor of float32 activations (see [`CONDITION_RTOL`][spectra.analysis.metrics.CONDITION_RTOL]).
         ``None``: the source documents' ``s_1 / s_d`` with no tolerance, ``inf`` for a rank-deficient matrix.
     dim : str
         Dimension holding the spectrum; it is reduced.
@@ -611,7 +611,7 @@ def effective_rank(sv: xr.DataArray, dim: str = "sv") -> xr.DataArray:
     $$
 
     It is ``d`` for a flat spectrum, 1 for rank one, and never smaller than
-    [`participation_ratio`][spectra.metrics.participation_ratio] in the ``sv`` convention (the exponential of
+    [`participation_ratio`][spectra.analysis.metrics.participation_ratio] in the ``sv`` convention (the exponential of
     the Shannon entropy of ``p`` bounds that of its order-2 Rényi entropy from above).
 
     Parameters
@@ -655,7 +655,7 @@ def stable_rank(sv: xr.DataArray, dim: str = "sv") -> xr.DataArray:
     \qquad s_1 = \max_i s_i
     $$
 
-    Never larger than [`participation_ratio`][spectra.metrics.participation_ratio] in the ``eig`` convention.
+    Never larger than [`participation_ratio`][spectra.analysis.metrics.participation_ratio] in the ``eig`` convention.
 
     Parameters
     ----------
@@ -697,17 +697,17 @@ def rankme(sv: xr.DataArray, eps: float = RANKME_EPS, dim: str = "sv") -> xr.Dat
     p_k = \frac{s_k}{\sum_j s_j} + \varepsilon
     $$
 
-    The same quantity as [`effective_rank`][spectra.metrics.effective_rank] (Roy & Vetterli 2007) under the
+    The same quantity as [`effective_rank`][spectra.analysis.metrics.effective_rank] (Roy & Vetterli 2007) under the
     name the self-supervised-learning literature uses, where it predicts downstream performance from the rank
     of representations. With the default ``epsilon = 1e-7`` the two agree to better than
-    ``d epsilon log(1/epsilon)`` relative (``1e-4`` at ``d = 64``; see [`RANKME_EPS`][spectra.metrics.RANKME_EPS]).
+    ``d epsilon log(1/epsilon)`` relative (``1e-4`` at ``d = 64``; see [`RANKME_EPS`][spectra.analysis.metrics.RANKME_EPS]).
 
     Parameters
     ----------
     sv : xarray.DataArray
         Singular values along ``dim``.
     eps : float
-        The additive constant ``epsilon`` (>= 0), [`RANKME_EPS`][spectra.metrics.RANKME_EPS] by default.
+        The additive constant ``epsilon`` (>= 0), [`RANKME_EPS`][spectra.analysis.metrics.RANKME_EPS] by default.
     dim : str
         Dimension holding the spectrum; it is reduced.
 
@@ -817,7 +817,7 @@ def compute(sv: xr.DataArray, name: str, dim: str = "sv", **kwargs: Any) -> xr.D
         Dimension holding the spectrum.
     **kwargs
         Passed on to the metric function (for example ``rtol=`` of
-        [`condition_number`][spectra.metrics.condition_number]).
+        [`condition_number`][spectra.analysis.metrics.condition_number]).
 
     Returns
     -------
@@ -891,10 +891,10 @@ def summary_table(
     Parameters
     ----------
     ds : xarray.Dataset
-        One cube ([`open_cube`][spectra.cube_io.open_cube]) or several along ``run``
-        ([`open_cubes`][spectra.cube_io.open_cubes]).
+        One cube ([`open_cube`][spectra.cube.open_cube]) or several along ``run``
+        ([`open_cubes`][spectra.cube.open_cubes]).
     metric : str
-        A name understood by [`compute`][spectra.metrics.compute]; ``pr_sv`` (the source documents'
+        A name understood by [`compute`][spectra.analysis.metrics.compute]; ``pr_sv`` (the source documents'
         convention) by default.
     var : str
         Spectrum variable: ``k_sv``, ``q_sv`` (activations) or ``wk_sv``, ``wq_sv`` (weights).

@@ -1,8 +1,8 @@
-"""The ``.spectra`` accessor on xarray objects: a namespace that forwards to [`metrics`][spectra.metrics].
+"""The ``.spectra`` accessor on xarray objects: a namespace that forwards to [`metrics`][spectra.analysis.metrics].
 
 Accessors hold no state (xarray creates one per object and caches it): each method calls the metric
 function of the same name on the wrapped object, so ``da.spectra.participation_ratio(convention="eig")`` is
-``spectra.metrics.participation_ratio(da, convention="eig")``. Registered on ``import spectra``.
+``spectra.analysis.metrics.participation_ratio(da, convention="eig")``. Registered on ``import spectra``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 import pandas as pd
 import xarray as xr
 
-from spectra import metrics
+from spectra.analysis import metrics
 from spectra.errors import SpectraError
 
 __all__ = ["SpectraDataArrayAccessor", "SpectraDatasetAccessor"]
@@ -34,37 +34,37 @@ class SpectraDataArrayAccessor:
         self._obj = obj
 
     def participation_ratio(self, convention: Literal["sv", "eig"] = "sv", dim: str = "sv") -> xr.DataArray:
-        """See [`participation_ratio`][spectra.metrics.participation_ratio]."""
+        """See [`participation_ratio`][spectra.analysis.metrics.participation_ratio]."""
         return metrics.participation_ratio(self._obj, convention=convention, dim=dim)
 
     def energy_rank(self, threshold: float = 0.9, dim: str = "sv") -> xr.DataArray:
-        """See [`energy_rank`][spectra.metrics.energy_rank]."""
+        """See [`energy_rank`][spectra.analysis.metrics.energy_rank]."""
         return metrics.energy_rank(self._obj, threshold=threshold, dim=dim)
 
     def condition_number(self, rtol: float | None = metrics.CONDITION_RTOL, dim: str = "sv") -> xr.DataArray:
-        """See [`condition_number`][spectra.metrics.condition_number]."""
+        """See [`condition_number`][spectra.analysis.metrics.condition_number]."""
         return metrics.condition_number(self._obj, rtol=rtol, dim=dim)
 
     def effective_rank(self, dim: str = "sv") -> xr.DataArray:
-        """See [`effective_rank`][spectra.metrics.effective_rank]."""
+        """See [`effective_rank`][spectra.analysis.metrics.effective_rank]."""
         return metrics.effective_rank(self._obj, dim=dim)
 
     def stable_rank(self, dim: str = "sv") -> xr.DataArray:
-        """See [`stable_rank`][spectra.metrics.stable_rank]."""
+        """See [`stable_rank`][spectra.analysis.metrics.stable_rank]."""
         return metrics.stable_rank(self._obj, dim=dim)
 
     def rankme(self, eps: float = metrics.RANKME_EPS, dim: str = "sv") -> xr.DataArray:
-        """See [`rankme`][spectra.metrics.rankme]."""
+        """See [`rankme`][spectra.analysis.metrics.rankme]."""
         return metrics.rankme(self._obj, eps=eps, dim=dim)
 
     def decay_exponent(
         self, first: int = 1, last: int | None = None, rtol: float = metrics.CONDITION_RTOL, dim: str = "sv"
     ) -> xr.DataArray:
-        """See [`decay_exponent`][spectra.metrics.decay_exponent]."""
+        """See [`decay_exponent`][spectra.analysis.metrics.decay_exponent]."""
         return metrics.decay_exponent(self._obj, first=first, last=last, rtol=rtol, dim=dim)
 
     def compute(self, name: str, dim: str = "sv", **kwargs: Any) -> xr.DataArray:
-        """See [`compute`][spectra.metrics.compute]."""
+        """See [`compute`][spectra.analysis.metrics.compute]."""
         return metrics.compute(self._obj, name, dim=dim, **kwargs)
 
 
@@ -93,29 +93,29 @@ class SpectraDatasetAccessor:
     def participation_ratio(
         self, var: str = "k_sv", convention: Literal["sv", "eig"] = "sv", dim: str = "sv"
     ) -> xr.DataArray:
-        """See [`participation_ratio`][spectra.metrics.participation_ratio]."""
+        """See [`participation_ratio`][spectra.analysis.metrics.participation_ratio]."""
         return metrics.participation_ratio(self._var(var), convention=convention, dim=dim)
 
     def energy_rank(self, var: str = "k_sv", threshold: float = 0.9, dim: str = "sv") -> xr.DataArray:
-        """See [`energy_rank`][spectra.metrics.energy_rank]."""
+        """See [`energy_rank`][spectra.analysis.metrics.energy_rank]."""
         return metrics.energy_rank(self._var(var), threshold=threshold, dim=dim)
 
     def condition_number(
         self, var: str = "k_sv", rtol: float | None = metrics.CONDITION_RTOL, dim: str = "sv"
     ) -> xr.DataArray:
-        """See [`condition_number`][spectra.metrics.condition_number]."""
+        """See [`condition_number`][spectra.analysis.metrics.condition_number]."""
         return metrics.condition_number(self._var(var), rtol=rtol, dim=dim)
 
     def effective_rank(self, var: str = "k_sv", dim: str = "sv") -> xr.DataArray:
-        """See [`effective_rank`][spectra.metrics.effective_rank]."""
+        """See [`effective_rank`][spectra.analysis.metrics.effective_rank]."""
         return metrics.effective_rank(self._var(var), dim=dim)
 
     def stable_rank(self, var: str = "k_sv", dim: str = "sv") -> xr.DataArray:
-        """See [`stable_rank`][spectra.metrics.stable_rank]."""
+        """See [`stable_rank`][spectra.analysis.metrics.stable_rank]."""
         return metrics.stable_rank(self._var(var), dim=dim)
 
     def rankme(self, var: str = "k_sv", eps: float = metrics.RANKME_EPS, dim: str = "sv") -> xr.DataArray:
-        """See [`rankme`][spectra.metrics.rankme]."""
+        """See [`rankme`][spectra.analysis.metrics.rankme]."""
         return metrics.rankme(self._var(var), eps=eps, dim=dim)
 
     def decay_exponent(
@@ -126,11 +126,11 @@ class SpectraDatasetAccessor:
         rtol: float = metrics.CONDITION_RTOL,
         dim: str = "sv",
     ) -> xr.DataArray:
-        """See [`decay_exponent`][spectra.metrics.decay_exponent]."""
+        """See [`decay_exponent`][spectra.analysis.metrics.decay_exponent]."""
         return metrics.decay_exponent(self._var(var), first=first, last=last, rtol=rtol, dim=dim)
 
     def compute(self, name: str, var: str = "k_sv", dim: str = "sv", **kwargs: Any) -> xr.DataArray:
-        """See [`compute`][spectra.metrics.compute]."""
+        """See [`compute`][spectra.analysis.metrics.compute]."""
         return metrics.compute(self._var(var), name, dim=dim, **kwargs)
 
     def summary_table(
@@ -141,7 +141,7 @@ class SpectraDatasetAccessor:
         centering: str | None = None,
         **metric_kwargs: Any,
     ) -> pd.DataFrame:
-        """See [`summary_table`][spectra.metrics.summary_table]."""
+        """See [`summary_table`][spectra.analysis.metrics.summary_table]."""
         return metrics.summary_table(
             self._obj, metric=metric, var=var, site=site, centering=centering, **metric_kwargs
         )

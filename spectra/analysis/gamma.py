@@ -34,8 +34,7 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
-from spectra.errors import SpectraError
-from spectra.stats import (
+from spectra.analysis.stats import (
     as_runs,
     final_checkpoint,
     head_dim_name,
@@ -44,6 +43,7 @@ from spectra.stats import (
     token_count,
     tokens_of,
 )
+from spectra.errors import SpectraError
 
 GAMMA_SITES = ("unit", "normed")
 DEFAULT_GAMMA_SITE = "unit"
@@ -101,7 +101,7 @@ def gamma_energy_correlation(
     Parameters
     ----------
     ds
-        Run-stacked cubes (``spectra.cube_io.open_cubes``) or one cube.
+        Run-stacked cubes (``spectra.cube.open_cubes``) or one cube.
     which
         ``"k"`` (keys, ``k_gamma`` vs ``k_energy``, per key/value head) or ``"q"`` (queries, per head).
     site
@@ -199,7 +199,7 @@ def correlation_table(result: xr.Dataset, ds: xr.Dataset, **label_options: Itera
     """The correlation result as a long table, one row per (run, step, layer, head) the run has.
 
     ``ds`` supplies the runs' labels and tokens; ``label_options`` are passed to
-    :func:`spectra.stats.run_table` (``simple_data``, ``complex_data``). Columns: ``run``, ``label``,
+    :func:`spectra.analysis.stats.run_table` (``simple_data``, ``complex_data``). Columns: ``run``, ``label``,
     ``which``, ``site``, ``step``, ``tokens``, ``layer``, ``head``, ``n``, ``rho``, ``pvalue``, ``status``.
     """
     ds = as_runs(ds)

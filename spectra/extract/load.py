@@ -23,7 +23,7 @@ file, a foreign file, an unknown format version, tensors that do not fit the con
 
 Examples
 --------
->>> from spectra.load import find_checkpoints, load_checkpoint, load_eval_batch
+>>> from spectra.extract.load import find_checkpoints, load_checkpoint, load_eval_batch
 >>> paths = find_checkpoints("runs/A1-s0")                                 # doctest: +SKIP
 >>> ckpt = load_checkpoint(paths[-1])                                      # doctest: +SKIP
 >>> ids = load_eval_batch(ckpt.data_dir, expected_sha256=ckpt.eval_batch_sha256)  # doctest: +SKIP

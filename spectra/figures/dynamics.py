@@ -1,7 +1,7 @@
 """Figures of the "When does collapse happen?" and "Does rank predict reasoning?" sections.
 
-Built like [`plots`][spectra.plots] (Agg canvas, no pyplot, colours by configuration, titles that say what was
-measured) from the tables of [`dynamics`][spectra.dynamics] and [`evals_stats`][spectra.evals_stats]. No torch.
+Built like [`plots`][spectra.figures.trajectories] (Agg canvas, no pyplot, colours by configuration, titles that say what was
+measured) from the tables of [`dynamics`][spectra.analysis.dynamics] and [`evals_stats`][spectra.evals.scores]. No torch.
 """
 
 from __future__ import annotations
@@ -15,9 +15,17 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from spectra import dynamics, stats
+from spectra.analysis import dynamics, stats
 from spectra.errors import SpectraError
-from spectra.plots import _ONE, _pr_label, _subtitle, _title, format_tokens, label_palette, new_figure
+from spectra.figures.trajectories import (
+    _ONE,
+    _pr_label,
+    _subtitle,
+    _title,
+    format_tokens,
+    label_palette,
+    new_figure,
+)
 
 __all__ = ["pr_vs_score", "trajectory_with_breakpoints"]
 
@@ -66,8 +74,8 @@ def trajectory_with_breakpoints(
     a PR breakpoint falls in a loss plateau. Log tokens on x, as the fits are.
 
     Read it as: a dotted line is where the slope of the PR changes; a coloured band is a drop that is "sudden"
-    by [`sudden_segment`][spectra.dynamics.sudden_segment]'s rule; a grey band below is a loss plateau
-    ([`plateau_segments`][spectra.dynamics.plateau_segments]). A run without a line had too few checkpoints to
+    by [`sudden_segment`][spectra.analysis.dynamics.sudden_segment]'s rule; a grey band below is a loss plateau
+    ([`plateau_segments`][spectra.analysis.dynamics.plateau_segments]). A run without a line had too few checkpoints to
     fit.
     """
     ds = stats.as_runs(ds)
@@ -123,8 +131,8 @@ def trajectory_with_breakpoints(
 def pr_vs_score(points: pd.DataFrame, correlation: dict[str, Any] | None = None) -> Figure:
     """Each run's headline PR against its score on one task, with both intervals and the chance level.
 
-    ``points`` is [`rank_vs_score`][spectra.evals_stats.rank_vs_score]'s table, ``correlation`` optionally
-    [`rank_score_correlation`][spectra.evals_stats.rank_score_correlation]'s result (shown in the subtitle).
+    ``points`` is [`rank_vs_score`][spectra.evals.scores.rank_vs_score]'s table, ``correlation`` optionally
+    [`rank_score_correlation`][spectra.evals.scores.rank_score_correlation]'s result (shown in the subtitle).
     Horizontal bars: the PR's bootstrap interval over heads (not across seeds); vertical bars: the score's 95%
     interval; dashed line: chance. Read it as: if rank predicted the score, the points would rise from left to
     right beyond the vertical bars; points on the chance line say the model is too small for the task to tell.

@@ -19,7 +19,7 @@ The unit of replication across runs is the **seed**: heads of one model are not 
 of a training run, so a head-level interval never stands in for a test across seeds.
 
 No I/O and no torch here; everything takes the run-stacked :class:`xarray.Dataset` that
-``spectra.cube_io.open_cubes`` returns (a single cube without a ``run`` dimension is accepted too).
+``spectra.cube.open_cubes`` returns (a single cube without a ``run`` dimension is accepted too).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
+from spectra.analysis.metrics import participation_ratio
 from spectra.errors import SpectraError
-from spectra.metrics import participation_ratio
 
 DEFAULT_SITE = "normed"
 """Read-out site of the headline metric: keys after QK-norm (gamma included), before RoPE; the site the
@@ -192,7 +192,7 @@ def label_order(labels: Iterable[str]) -> list[str]:
 def as_runs(ds: xr.Dataset) -> xr.Dataset:
     """Give a single cube a ``run`` dimension with its metadata as coordinates (a stack is returned as is).
 
-    ``spectra.cube_io.open_cubes`` stacks cubes along ``run`` with ``qk_norm``, ``optimizer``, ``seed``
+    ``spectra.cube.open_cubes`` stacks cubes along ``run`` with ``qk_norm``, ``optimizer``, ``seed``
     and ``data`` as coordinates on ``run``; a cube opened on its own keeps them as global attributes.
     """
     if "run" in ds.dims:

@@ -1,6 +1,6 @@
 """The downstream-eval results file of a run, ``RUN/evals.json``: its format, reading, writing, and one table.
 
-``collapse-spectra eval`` ([`spectra.evals`][spectra.evals]) writes one file per run, beside its cube. It is
+``collapse-spectra eval`` ([`spectra.evals.run`][spectra.evals.run]) writes one file per run, beside its cube. It is
 plain JSON, rewritten atomically after every checkpoint, and holds one **record** per (checkpoint, task, requested
 few-shot count, limit) evaluated:
 
@@ -20,8 +20,8 @@ few-shot count, limit) evaluated:
 | ``device``, ``batch_size``, ``bootstrap_iters``, ``seeds``, ``include_path`` | how it ran |
 | ``date`` | UTC time the record was made (ISO 8601) |
 
-Reading it needs no torch: the report calls [`read_eval_results`][spectra.evals_io.read_eval_results] and
-[`eval_table`][spectra.evals_io.eval_table].
+Reading it needs no torch: the report calls [`read_eval_results`][spectra.evals.results.read_eval_results] and
+[`eval_table`][spectra.evals.results.eval_table].
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ EVALS_FORMAT_VERSION = 1
 RECORD_KEY = ("checkpoint", "task", "requested_num_fewshot", "limit")
 """What makes a record unique: an evaluation with the same key is not repeated."""
 CONFIDENCE = 0.95
-"""Level of the intervals of [`score_interval`][spectra.evals_io.score_interval]."""
+"""Level of the intervals of [`score_interval`][spectra.evals.results.score_interval]."""
 
 PathLike = str | os.PathLike[str]
 
@@ -172,7 +172,7 @@ def eval_table(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     Parameters
     ----------
     results
-        [`read_eval_results`][spectra.evals_io.read_eval_results] outputs, one per run.
+        [`read_eval_results`][spectra.evals.results.read_eval_results] outputs, one per run.
 
     Returns
     -------

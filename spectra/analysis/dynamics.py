@@ -51,7 +51,7 @@ import pandas as pd
 import scipy.optimize
 import xarray as xr
 
-from spectra import stats
+from spectra.analysis import stats
 from spectra.errors import SpectraError
 
 __all__ = [

@@ -1,17 +1,17 @@
 """Does rank predict reasoning: eval scores per configuration and seed, the plan's table D, PR against score.
 
 What the report's "Does rank predict reasoning?" section shows, as tables (the figure is
-[`plots_dynamics.pr_vs_score`][spectra.plots_dynamics.pr_vs_score]):
+[`plots_dynamics.pr_vs_score`][spectra.figures.dynamics.pr_vs_score]):
 
 - :func:`score_table`: every run's score on every task at its final evaluated checkpoint, with a 95% interval
-  ([`score_interval`][spectra.evals_io.score_interval]: Wilson for accuracies), the chance level and whether the
+  ([`score_interval`][spectra.evals.results.score_interval]: Wilson for accuracies), the chance level and whether the
   interval contains it;
 - :func:`table_d`: the 300M plan's table D (seed 003, section 4.D): configuration, seed, one column per task,
   and the difference between two configurations;
 - :func:`rank_vs_score` and :func:`rank_score_correlation`: each run's headline PR beside its score, and the
   Spearman correlation across runs, with how many runs it rests on.
 
-The seed is the unit of replication, as in [`stats`][spectra.stats]: a correlation over four runs says little,
+The seed is the unit of replication, as in [`stats`][spectra.analysis.stats]: a correlation over four runs says little,
 and the functions say how many there are. No I/O and no torch.
 """
 
@@ -27,9 +27,9 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
-from spectra import stats
+from spectra.analysis import stats
 from spectra.errors import SpectraError
-from spectra.evals_io import eval_table
+from spectra.evals.results import eval_table
 
 __all__ = ["rank_score_correlation", "rank_vs_score", "score_table", "table_d"]
 
@@ -68,14 +68,14 @@ def score_table(
     Parameters
     ----------
     results
-        [`read_eval_results`][spectra.evals_io.read_eval_results] of each run.
+        [`read_eval_results`][spectra.evals.results.read_eval_results] of each run.
     ds
-        The runs' cubes ([`open_cubes`][spectra.cube_io.open_cubes]), for the configuration labels.
+        The runs' cubes ([`open_cubes`][spectra.cube.open_cubes]), for the configuration labels.
 
     Returns
     -------
     pandas.DataFrame
-        [`eval_table`][spectra.evals_io.eval_table]'s columns for each run's last evaluated checkpoint, with
+        [`eval_table`][spectra.evals.results.eval_table]'s columns for each run's last evaluated checkpoint, with
         ``run`` the cube's run label, plus ``label`` (A1 … C2), ``seed``, ``final_tokens`` (of the cube: when the
         evals are of an earlier checkpoint, ``tokens`` says so) and ``chance_in_interval``.
 
@@ -190,7 +190,7 @@ def rank_vs_score(
     Parameters
     ----------
     summaries
-        [`run_summaries`][spectra.stats.run_summaries] (or [`headline_with_null`][spectra.null.headline_with_null],
+        [`run_summaries`][spectra.analysis.stats.run_summaries] (or [`headline_with_null`][spectra.analysis.null.headline_with_null],
         whose ``fraction_of_null`` is then kept).
     scores
         :func:`score_table`'s output.

@@ -51,7 +51,7 @@ CUBE_VARIABLES: dict[str, tuple[str, ...]] = {
 }
 """Every cube's data variables and their dimensions (docs/cube.md); a cube without one is damaged."""
 RUN_COORDS = ("qk_norm", "optimizer", "seed", "data")
-"""Global attributes that [`open_cubes`][spectra.cube_io.open_cubes] turns into ``run`` coordinates."""
+"""Global attributes that [`open_cubes`][spectra.cube.open_cubes] turns into ``run`` coordinates."""
 
 _RUN_COORD_ATTRS = {
     "run": {"long_name": "run (the cube's run_name, made unique among the cubes opened)"},
@@ -324,7 +324,7 @@ def open_cubes(
         outer join: where a run has no checkpoint at a step, its variables are NaN. ``tokens`` becomes a
         float64 coordinate over ``(run, step)``, NaN where the run lacks the step, because runs with different
         batch sizes reach a step at different token counts. Global attributes shared by all cubes are kept;
-        the others are dropped (read them per run with [`open_cube`][spectra.cube_io.open_cube]).
+        the others are dropped (read them per run with [`open_cube`][spectra.cube.open_cube]).
 
     Raises
     ------

@@ -6,7 +6,7 @@ the cube does not hold yet and rewrites the cube atomically.
 
 Examples
 --------
->>> from spectra.extract import extract
+>>> from spectra.extract.run import extract
 >>> result = extract("runs/A1-s0")                  # doctest: +SKIP
 >>> result.path, result.added, result.skipped       # doctest: +SKIP
 (PosixPath('runs/A1-s0/spectra.nc'), (0, 61, 122), ())
@@ -27,11 +27,10 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from spectra.capture import SITES, LayerQK, capture_qk, check_batch
-from spectra.cube_io import CUBE_FORMAT, CUBE_FORMAT_VERSION, CUBE_VARIABLES, DamagedCubeError, open_cube
+from spectra.cube import CUBE_FORMAT, CUBE_FORMAT_VERSION, CUBE_VARIABLES, DamagedCubeError, open_cube
 from spectra.errors import SpectraError
-from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
-from spectra.load import (
+from spectra.extract.capture import SITES, LayerQK, capture_qk, check_batch
+from spectra.extract.load import (
     Checkpoint,
     checkpoints_dir,
     eval_batch_path,
@@ -45,7 +44,8 @@ from spectra.load import (
     resolve_device,
     run_dir_of,
 )
-from spectra.svd import head_weight_singular_values, token_spectra
+from spectra.extract.svd import head_weight_singular_values, token_spectra
+from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict
 
 CENTERINGS = ("uncentered", "centered")
@@ -284,9 +284,9 @@ def spectra_for_checkpoint(
     """The cube's variables for one checkpoint, as a Dataset with a ``step`` dimension of length 1.
 
     One forward pass of ``ckpt.model`` on ``input_ids`` (float32, no autocast, no gradients)
-    records queries and keys at every site (``spectra.capture.capture_qk``); each layer is
+    records queries and keys at every site (``spectra.extract.capture.capture_qk``); each layer is
     reduced to float64 singular values (uncentred and centred) and coordinate energies as soon as
-    it is complete (``spectra.svd.token_spectra``). Weight spectra and QK-norm gains come from
+    it is complete (``spectra.extract.svd.token_spectra``). Weight spectra and QK-norm gains come from
     the parameters, the losses from the checkpoint's metadata (NaN where absent).
 
     Parameters
@@ -402,7 +402,7 @@ def step_dataset(
 
 def _read_cube(path: Path) -> xr.Dataset:
     """Load the existing cube fully into memory, file closed (it is about to be replaced), validated by
-    :func:`spectra.cube_io.open_cube`, the one reader of the format."""
+    :func:`spectra.cube.open_cube`, the one reader of the format."""
     try:
         return open_cube(path)
     except DamagedCubeError:

@@ -1,6 +1,6 @@
 """Our model as an lm-evaluation-harness model: log-likelihoods of continuations, greedy checks, rolling windows.
 
-Imported only by [`spectra.evals`][spectra.evals] when an evaluation runs, because it imports ``lm_eval`` (the
+Imported only by [`spectra.evals.run`][spectra.evals.run] when an evaluation runs, because it imports ``lm_eval`` (the
 optional ``eval`` extra) at the top: the class must subclass ``lm_eval.api.model.TemplateLM``.
 
 ``TemplateLM`` does the text side (splitting a request into context and continuation tokens, moving trailing

@@ -10,9 +10,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from spectra import stats
+from spectra.analysis import stats
 from spectra.errors import SpectraError
-from spectra.plots import _title, figure_legend, label_palette, new_figure
+from spectra.figures.trajectories import _title, figure_legend, label_palette, new_figure
 
 
 def swept_rate(table: pd.DataFrame, optimizers: dict[str, str]) -> pd.Series:

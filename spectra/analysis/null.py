@@ -9,7 +9,7 @@ The null is computed by simulation, once per shape: :data:`NULL_DRAWS` matrices 
 ``numpy.random.default_rng(NULL_SEED)``, their singular values in float64 (``numpy.linalg.svd``, as the cube's),
 centred first when the measured spectra are. The spectra of each (N, D, centring, draws, seed) are kept in an
 in-process cache (:func:`functools.lru_cache`), so a report over many runs of one shape simulates once; every
-metric of :data:`spectra.metrics.METRIC_NAMES` is then computed from them, and the mean over draws is the null
+metric of :data:`spectra.analysis.metrics.METRIC_NAMES` is then computed from them, and the mean over draws is the null
 value, with its standard deviation and the Monte Carlo standard error of the mean beside it.
 
 Closed form to check against: for a Gaussian ``X`` (N x D), ``E tr(X^T X) = N D``, ``E tr((X^T X)^2) = N D
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from spectra import metrics
+from spectra.analysis import metrics
 from spectra.errors import SpectraError
 
 __all__ = [
@@ -64,7 +64,7 @@ class NullValue:
     """A metric's expected value under the Gaussian null, and how it was computed."""
 
     metric: str
-    """Metric name, as in [`compute`][spectra.metrics.compute]."""
+    """Metric name, as in [`compute`][spectra.analysis.metrics.compute]."""
     n_tokens: int
     """N, rows of each Gaussian matrix (token vectors)."""
     head_dim: int
@@ -162,9 +162,9 @@ def null_metric(
     n_tokens, head_dim
         N and D of the measured spectra (a cube's ``n_tokens`` attribute and ``sv`` length).
     metric
-        A name understood by [`compute`][spectra.metrics.compute].
+        A name understood by [`compute`][spectra.analysis.metrics.compute].
     centering, draws, seed
-        See [`null_spectra`][spectra.null.null_spectra].
+        See [`null_spectra`][spectra.analysis.null.null_spectra].
     **metric_kwargs
         Passed on to the metric (for example ``rtol=``).
 
@@ -224,14 +224,14 @@ def null_values(
     Parameters
     ----------
     ds
-        One cube or several along ``run`` ([`open_cubes`][spectra.cube_io.open_cubes]).
+        One cube or several along ``run`` ([`open_cubes`][spectra.cube.open_cubes]).
     metric
         Metric name.
     var
         An activation spectrum (``k_sv`` or ``q_sv``): its N is the cube's ``n_tokens``. Weight spectra have
-        another N (``d_model``); call [`null_metric`][spectra.null.null_metric] with it directly.
+        another N (``d_model``); call [`null_metric`][spectra.analysis.null.null_metric] with it directly.
     centering, draws, seed, **metric_kwargs
-        As for [`null_metric`][spectra.null.null_metric].
+        As for [`null_metric`][spectra.analysis.null.null_metric].
 
     Returns
     -------
@@ -320,7 +320,7 @@ def headline_with_null(
     Parameters
     ----------
     summaries
-        [`run_summaries`][spectra.stats.run_summaries]' output (its ``convention`` and ``centering`` columns
+        [`run_summaries`][spectra.analysis.stats.run_summaries]' output (its ``convention`` and ``centering`` columns
         say which PR it holds).
     ds
         The cubes it was computed from.

@@ -1,14 +1,14 @@
 """Extract many runs at once: every run of a study directory (or of a directory of runs), in parallel.
 
-Each run is extracted by :func:`spectra.extract.extract` exactly as on its own, so each cube stays
+Each run is extracted by :func:`spectra.extract.run.extract` exactly as on its own, so each cube stays
 atomic, incremental and locked; a failing run is reported and the others go on. With ``jobs > 1`` the
 runs are shared out among that many worker processes (``spawn``: no forked torch state), the CPU threads
 split evenly between them, one line per finished run. The workers die with this process, however it
-dies (:mod:`spectra.workers`).
+dies (:mod:`spectra.extract.workers`).
 
 Examples
 --------
->>> from spectra.extract_runs import extract_runs
+>>> from spectra.extract.runs import extract_runs
 >>> done = extract_runs("studies/demo", jobs=2)                         # doctest: +SKIP
 >>> [(r.path.parent.name, len(r.added)) for r in done.results]         # doctest: +SKIP
 """
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spectra.errors import SpectraError
-from spectra.extract import ExtractResult, extract
+from spectra.extract.run import ExtractResult, extract
+from spectra.extract.workers import worker_pool
 from spectra.study import is_study_dir, read_study
-from spectra.workers import worker_pool
 
 PathLike = str | os.PathLike[str]
 
@@ -102,7 +102,7 @@ def extract_runs(
     include_sweep
         Also extract a study's learning-rate sweep runs (by default only its main runs).
     device, drop_first
-        As for :func:`spectra.extract.extract`.
+        As for :func:`spectra.extract.run.extract`.
     progress
         A progress bar per run when ``jobs == 1`` (bars of parallel workers would interleave).
     echo

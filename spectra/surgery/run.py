@@ -45,8 +45,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from spectra.errors import SpectraError
-from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
-from spectra.load import (
+from spectra.extract.load import (
     Checkpoint,
     eval_batch_sha256,
     load_checkpoint,
@@ -54,6 +53,7 @@ from spectra.load import (
     resolve_device,
     run_dir_of,
 )
+from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from trainer.model import LLM
 
 STRATEGIES = ("gamma", "svd", "random")
@@ -588,7 +588,7 @@ def run_surgery(
     Parameters
     ----------
     checkpoint
-        A checkpoint file, or a :class:`spectra.load.Checkpoint` (its model is moved to ``device`` and
+        A checkpoint file, or a :class:`spectra.extract.load.Checkpoint` (its model is moved to ``device`` and
         restored bit for bit after each measurement).
     data_dir
         The dataset directory the run was trained on; ``None`` uses the one recorded in the checkpoint.
@@ -700,7 +700,7 @@ def _missing_cells(
 
 def _history_line(setup: _Setup, strategies, fractions, seeds, pair_rope, force, batch_size, device) -> str:
     return (
-        f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} spectra.surgery.run_surgery("
+        f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} spectra.surgery.run.run_surgery("
         f"checkpoint={str(setup.ckpt.path)!r}, data_dir={str(setup.data_dir)!r}, strategies={list(strategies)}, "
         f"fractions={list(fractions)}, seeds={seeds}, layers={list(setup.layers)}, pair_rope={pair_rope}, "
         f"test_tokens={int(setup.windows.shape[0] * setup.seq_len)}, seq_len={setup.seq_len}, "
@@ -911,7 +911,7 @@ def read_surgery(path: str | os.PathLike) -> xr.Dataset:
     A file of another format at the path (a cube, metrics, a user's file) is never replaced: the error says so.
     """
     path = Path(path)
-    from spectra.cube_io import read_netcdf
+    from spectra.cube import read_netcdf
 
     try:
         ds = read_netcdf(path)

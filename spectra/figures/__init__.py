@@ -1,0 +1,1 @@
+"""The study's figures (matplotlib, no pyplot, no torch)."""

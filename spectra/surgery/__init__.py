@@ -1,0 +1,1 @@
+"""Pruning surgery: the test loss after removing key dimensions by gamma, by SVD or at random."""
