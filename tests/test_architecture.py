@@ -4,8 +4,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# trainer.errors is the one-class module that trainer.config raises from
-ALLOWED_FROM_TRAINER = {"trainer.model", "trainer.config", "trainer.errors"}
+# trainer.errors is the one-class module that trainer.config raises from; trainer.provenance is the one record of
+# versions that every writer of results uses (it imports no torch at module level)
+ALLOWED_FROM_TRAINER = {"trainer.model", "trainer.config", "trainer.errors", "trainer.provenance"}
 
 
 def _contracts():

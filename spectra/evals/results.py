@@ -15,7 +15,7 @@ few-shot count, limit) evaluated:
 | ``n_samples``, ``n_samples_original`` | documents evaluated, and in the task |
 | ``chance`` | expected accuracy of a uniform guess (mean of 1 / number of choices) for multiple-choice tasks, else ``null`` |
 | ``metrics`` | ``{name: {"value", "stderr", "filter", "higher_is_better"}}``, e.g. ``acc``, ``acc_norm``, ``perplexity``; ``stderr`` as lm-eval computes it (``null`` where it has none) |
-| ``lm_eval_version``, ``versions`` | lm-eval's version; collapse, torch, tokenizers |
+| ``lm_eval_version``, ``versions`` | lm-eval's version; python, collapse, torch, numpy, safetensors, lm_eval, tokenizers (:func:`trainer.provenance.software_versions`) |
 | ``tokenizer_sha256``, ``data_dir`` | the dataset tokenizer the model was scored with, and its directory |
 | ``device``, ``batch_size``, ``bootstrap_iters``, ``seeds``, ``include_path`` | how it ran |
 | ``date`` | UTC time the record was made (ISO 8601) |

@@ -24,14 +24,12 @@ Examples
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from spectra.extract.load import (
 )
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from spectra.study import is_study_dir, read_study
+from trainer.provenance import software_versions, utc_now
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -265,22 +264,6 @@ def _lm_eval():
     return lm_eval
 
 
-def _versions(lm_eval_version: str) -> dict[str, str]:
-    import tokenizers
-    import torch
-
-    try:
-        collapse = importlib_metadata.version("collapse")
-    except importlib_metadata.PackageNotFoundError:
-        collapse = "unknown"
-    return {
-        "collapse": collapse,
-        "lm_eval": lm_eval_version,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-    }
-
-
 def _metrics(task_results: dict[str, Any], higher: dict[str, bool]) -> dict[str, dict[str, Any]]:
     """lm-eval's ``"acc,none"``, ``"acc_stderr,none"`` keys as ``{"acc": {"value", "stderr", "filter", ...}}``."""
     out: dict[str, dict[str, Any]] = {}
@@ -383,7 +366,7 @@ def evaluate_checkpoint(
         "checkpoint_sha256": _sha256_file(ckpt.path),
         "limit": limit,
         "lm_eval_version": lm_eval.__version__,
-        "versions": _versions(lm_eval.__version__),
+        "versions": software_versions("lm_eval", "tokenizers"),
         "tokenizer_sha256": tok_sha,
         "data_dir": str(directory.resolve()),
         "device": str(dev),
@@ -440,7 +423,7 @@ def _record(
         **{k: context[k] for k in ("batch_size", "bootstrap_iters")},
         "seeds": {k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
         "include_path": context["include_path"],
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
     }
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from spectra.extract.load import (
 from spectra.extract.svd import head_weight_singular_values, token_spectra
 from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict
+from trainer.provenance import package_version, software_versions
 
 CENTERINGS = ("uncentered", "centered")
 """Order of the cube's ``centering`` dimension."""
@@ -54,6 +54,8 @@ DEFAULT_CUBE_NAME = "spectra.nc"
 """File name of the cube in the run directory."""
 COMPRESSION = {"zlib": True, "complevel": 4, "shuffle": True}
 """NetCDF4 encoding of every data variable."""
+CUBE_SOFTWARE = ("xarray", "netCDF4")
+"""Distributions a cube's ``versions`` attribute names besides :func:`trainer.provenance.software_versions`' own."""
 
 # A long extraction (many checkpoints of a large model on a CPU) rewrites the cube at most this often,
 # so that a kill loses at most this much work; the final file does not depend on it.
@@ -188,28 +190,6 @@ def _gamma(norm: torch.nn.Module, head_dim: int) -> np.ndarray:
     if weight is None:  # nn.Identity: no QK-norm
         return np.full(head_dim, np.nan)
     return weight.detach().to(torch.float64).cpu().numpy()
-
-
-def _package_version() -> str:
-    try:
-        return importlib_metadata.version("collapse")
-    except importlib_metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of the software that computes a cube (recorded in its ``versions`` attribute)."""
-    import netCDF4
-    import safetensors
-
-    return {
-        "collapse": _package_version(),
-        "netCDF4": netCDF4.__version__,
-        "numpy": np.__version__,
-        "safetensors": safetensors.__version__,
-        "torch": torch.__version__,
-        "xarray": xr.__version__,
-    }
 
 
 def _require(ckpt: Checkpoint, *keys: str) -> Any:
@@ -481,7 +461,7 @@ def combine_steps(existing: xr.Dataset | None, new: list[xr.Dataset], history_li
         attrs = dict(latest.attrs)
     old_history = existing.attrs.get("history", "") if existing is not None else ""
     attrs["history"] = f"{old_history}\n{history_line}" if old_history else history_line
-    attrs["versions"] = json.dumps(software_versions(), sort_keys=True)
+    attrs["versions"] = json.dumps(software_versions(*CUBE_SOFTWARE), sort_keys=True)
     ds.attrs = attrs
     return ds
 
@@ -578,7 +558,7 @@ def extract(
             return (
                 f"collapse-spectra extract: added steps {', '.join(map(str, added))} from {source} "
                 f"on {dev}, drop_first={drop_first}, eval batch {batch_file.resolve()} (sha256 {batch_sha}{forced}); "
-                f"collapse {_package_version()}"
+                f"collapse {package_version('collapse')}"
             )
 
         new: list[xr.Dataset] = []
@@ -693,7 +673,6 @@ __all__ = [
     "extract",
     "layer_reducer",
     "run_attrs",
-    "software_versions",
     "spectra_for_checkpoint",
     "step_dataset",
     "write_cube",

@@ -22,7 +22,6 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +70,7 @@ from spectra.hf.revisions import (
     plan_revisions,
 )
 from spectra.hf.tokenizer import check_tokenizer
+from trainer.provenance import package_version, software_versions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``--dtype`` choices: the precision of the weights and of the forward pass (spectra are float64)."""
@@ -116,13 +116,6 @@ def pretraining_data(model_id: str) -> str:
     'pretraining data of EleutherAI/pythia-160m'
     """
     return f"pretraining data of {model_id}"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @contextmanager
@@ -405,8 +398,8 @@ def _history(
     revs = ", ".join(f"{r.label} (step {r.step})" for r in added)
     return (
         f"collapse-spectra extract: added {revs} of {source.spec} on {dev}, dtype {dtype}, drop_first={drop_first}, "
-        f"eval batch {batch_file.resolve()} (sha256 {batch_sha}); collapse {_version('collapse')}, "
-        f"transformers {_version('transformers')}"
+        f"eval batch {batch_file.resolve()} (sha256 {batch_sha}); collapse {package_version('collapse')}, "
+        f"transformers {package_version('transformers')}"
     )
 
 
@@ -414,7 +407,7 @@ def _finish(cube: xr.Dataset, entries: list[dict[str, Any]]) -> xr.Dataset:
     """Cube-level records that cover every step: the revisions, the software versions, the tokens note."""
     cube.attrs["revisions"] = json.dumps(sorted(entries, key=lambda e: e["step"]))
     versions = json.loads(cube.attrs["versions"])
-    versions.update({d: _version(d) for d in ("transformers", "huggingface_hub", "tokenizers")})
+    versions.update(software_versions("transformers", "huggingface_hub", "tokenizers"))
     cube.attrs["versions"] = json.dumps(versions, sort_keys=True)
     nan_steps = {int(st) for st, t in zip(cube.step.values, cube.tokens.values.astype(float)) if np.isnan(t)}
     unknown = sorted({e["tokens_rule"] for e in entries if e["step"] in nan_steps})

@@ -28,13 +28,11 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from importlib import metadata as _metadata
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +53,7 @@ from spectra.extract.load import (
 )
 from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
 from trainer.model import LLM
+from trainer.provenance import software_versions, utc_now
 
 STRATEGIES = ("gamma", "svd", "random")
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -700,7 +699,7 @@ def _missing_cells(
 
 def _history_line(setup: _Setup, strategies, fractions, seeds, pair_rope, force, batch_size, device) -> str:
     return (
-        f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} spectra.surgery.run.run_surgery("
+        f"{utc_now()} spectra.surgery.run.run_surgery("
         f"checkpoint={str(setup.ckpt.path)!r}, data_dir={str(setup.data_dir)!r}, strategies={list(strategies)}, "
         f"fractions={list(fractions)}, seeds={seeds}, layers={list(setup.layers)}, pair_rope={pair_rope}, "
         f"test_tokens={int(setup.windows.shape[0] * setup.seq_len)}, seq_len={setup.seq_len}, "
@@ -786,7 +785,7 @@ def _surgery_dataset(
             "eval_batch_sha256": setup.used_hash,
             "checkpoint_eval_batch_sha256": ckpt.eval_batch_sha256,
             "model_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-            "versions": _versions(),
+            "versions": json.dumps(software_versions("xarray", "netCDF4"), sort_keys=True),
         },
     )
     return ds
@@ -871,25 +870,6 @@ def _interval(values: np.ndarray, level: float = INTERVAL_LEVEL) -> tuple[np.nda
         sd = np.sqrt(np.nansum((values - mean[..., None]) ** 2, axis=-1) / np.where(n > 1, n - 1, np.nan))
         half = stats.t.ppf(0.5 + level / 2, np.where(n > 1, n - 1, np.nan)) * sd / np.sqrt(n)
     return mean, mean - half, mean + half
-
-
-def _versions() -> str:
-    import netCDF4
-
-    try:
-        collapse = _metadata.version("collapse")
-    except _metadata.PackageNotFoundError:
-        collapse = "not installed"
-    return json.dumps(
-        {
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "xarray": xr.__version__,
-            "netCDF4": netCDF4.__version__,
-            "collapse": collapse,
-        },
-        sort_keys=True,
-    )
 
 
 def default_output_path(checkpoint_path: str | os.PathLike) -> Path:

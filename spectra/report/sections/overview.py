@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
-from importlib import metadata as _metadata
 
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, Paragraph
 from spectra.report.output import ReportWriter
-
-
-def _version() -> str:
-    try:
-        return _metadata.version("collapse")
-    except _metadata.PackageNotFoundError:
-        return "unknown"
+from trainer.provenance import package_version
 
 
 def overview_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [
         Paragraph(
-            f"Generated {now} by collapse {_version()} over {len(ctx.run_names)} run(s). Headline measurement: "
+            f"Generated {now} by collapse {package_version('collapse')} over {len(ctx.run_names)} run(s). Headline measurement: "
             f"{ctx.measurement}, the mean over layers and key/value heads at each run's final checkpoint."
         ),
         Paragraph(
