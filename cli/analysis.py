@@ -13,15 +13,16 @@ import click
 
 from cli.common import out_option, reports_errors
 from cli.surgery import surgery
+from spectra import cube
 from spectra import report as lib
 from spectra.analysis import gamma, stats
 from spectra.figures import trajectories as plots
 
 __all__ = ["plot", "report", "surgery"]
 
-_SITES = click.Choice(list(stats.SITES))
-_CONVENTIONS = click.Choice(list(stats.CONVENTIONS))
-_CENTERINGS = click.Choice(list(stats.CENTERINGS))
+_SITES = click.Choice(list(cube.SITES))
+_CONVENTIONS = click.Choice(list(cube.CONVENTIONS))
+_CENTERINGS = click.Choice(list(cube.CENTERINGS))
 
 
 def _data_class_options(func):
@@ -50,7 +51,7 @@ def _data_class_options(func):
 @click.option(
     "--site",
     default=None,
-    help=f"Read-out site ({', '.join(stats.SITES)}) [default: {stats.DEFAULT_SITE}]; for `gamma`, where the "
+    help=f"Read-out site ({', '.join(cube.SITES)}) [default: {cube.DEFAULT_SITE}]; for `gamma`, where the "
     f"coordinate energy is read ({', '.join(gamma.GAMMA_SITES)}) [default: {gamma.DEFAULT_GAMMA_SITE}].",
 )
 @click.option(
@@ -117,7 +118,7 @@ def plot(
 @click.option(
     "--site",
     type=_SITES,
-    default=stats.DEFAULT_SITE,
+    default=cube.DEFAULT_SITE,
     show_default=True,
     help="Read-out site of the headline PR.",
 )

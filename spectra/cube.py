@@ -1,35 +1,67 @@
-"""Read spectra cubes (``spectra.nc``, see docs/cube.md) into xarray, one run or many along ``run``.
+"""The cube, ``spectra.nc``: its whole contract in one module (docs/cube.md).
 
-Reading needs only xarray and netCDF4, never torch, so a notebook opens cubes on any machine.
+- **schema**: the format tag and version, the file name, every variable with its dimensions and attributes;
+- **vocabulary**: the read-out sites, centrings, participation-ratio conventions and keys/queries that every
+  measurement is chosen from (:data:`SITES`, :data:`CENTERINGS`, :data:`CONVENTIONS`, :data:`WHICH`), and
+  :func:`check_choice`, the one validator of a choice among them;
+- **writing**: one checkpoint's step from numpy arrays (:func:`step_dataset`), steps combined with the
+  cube's history and provenance (:func:`combine_steps`), the file written atomically (:func:`write_cube`);
+- **reading**: one cube checked against the schema (:func:`open_cube`), the cubes of runs, directories and
+  studies (:func:`find_cubes`), many cubes along ``run`` (:func:`open_cubes`).
+
+Extraction (``spectra.extract``, ``spectra.hf.extract``) computes the arrays; everything else reads cubes here.
+Neither reading nor writing needs torch, so a notebook opens cubes on any machine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from spectra.errors import SpectraError
+from spectra.fileio import atomic_write
 from spectra.study import read_study
+from trainer.provenance import software_versions
 
 __all__ = [
-    "DamagedCubeError",
+    "CENTERINGS",
+    "COMPRESSION",
+    "CONVENTIONS",
+    "CONVENTION_NAMES",
     "CUBE_FILENAME",
     "CUBE_FORMAT",
     "CUBE_FORMAT_VERSION",
+    "CUBE_SOFTWARE",
     "CUBE_VARIABLES",
+    "DEFAULT_SITE",
+    "DamagedCubeError",
     "RUN_COORDS",
+    "SITES",
+    "WHICH",
+    "check_choice",
+    "combine_steps",
+    "cube_attributes",
     "find_cubes",
+    "head_dim_name",
     "n_tokens_attr",
     "open_cube",
     "open_cubes",
     "read_netcdf",
+    "step_dataset",
+    "write_cube",
 ]
+
+# --------------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------------
 
 CUBE_FORMAT = "collapse-spectra-cube"
 """Value of the cube's global attribute ``format``."""
@@ -53,6 +85,60 @@ CUBE_VARIABLES: dict[str, tuple[str, ...]] = {
 RUN_COORDS = ("qk_norm", "optimizer", "seed", "data")
 """Global attributes that [`open_cubes`][spectra.cube.open_cubes] turns into ``run`` coordinates."""
 
+COMPRESSION = {"zlib": True, "complevel": 4, "shuffle": True}
+"""NetCDF4 encoding of every data variable."""
+CUBE_SOFTWARE = ("xarray", "netCDF4")
+"""Distributions a cube's ``versions`` attribute names besides :func:`trainer.provenance.software_versions`' own."""
+
+_VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    "q_sv": {
+        "long_name": "singular values of one query head's vectors over the eval-batch tokens (N x head_dim)",
+        "units": "1",
+    },
+    "k_sv": {
+        "long_name": "singular values of one key/value head's key vectors over the eval-batch tokens (N x head_dim)",
+        "units": "1",
+    },
+    "wq_sv": {
+        "long_name": "singular values of one query head's slice of W_q (head_dim x d_model)",
+        "units": "1",
+    },
+    "wk_sv": {
+        "long_name": "singular values of one key/value head's slice of W_k (head_dim x d_model)",
+        "units": "1",
+    },
+    "q_gamma": {
+        "long_name": "QK-norm gain of the queries, shared by the heads of a layer (1 if frozen, NaN if none)",
+        "units": "1",
+    },
+    "k_gamma": {
+        "long_name": "QK-norm gain of the keys, shared by the heads of a layer (1 if frozen, NaN if none)",
+        "units": "1",
+    },
+    "q_energy": {"long_name": "mean over tokens of the squared query coordinate, uncentred", "units": "1"},
+    "k_energy": {"long_name": "mean over tokens of the squared key coordinate, uncentred", "units": "1"},
+    "train_loss": {
+        "long_name": "training loss: mean next-token cross-entropy in nats over the last log window (NaN at step 0)",
+        "units": "1",
+    },
+    "val_loss": {
+        "long_name": "validation loss: mean next-token cross-entropy in nats on the run's fixed validation slice",
+        "units": "1",
+    },
+}
+
+_COORD_ATTRS: dict[str, dict[str, str]] = {
+    "step": {"long_name": "optimizer steps taken at the checkpoint", "units": "1"},
+    "tokens": {"long_name": "training tokens consumed at the checkpoint", "units": "1"},
+    "layer": {"long_name": "transformer block index", "units": "1"},
+    "head": {"long_name": "query head index", "units": "1"},
+    "kv_head": {"long_name": "key/value head index", "units": "1"},
+    "site": {"long_name": "read-out site in the attention: proj, unit (before gamma), normed, rope"},
+    "centering": {"long_name": "whether the token mean of each head was subtracted before the SVD"},
+    "sv": {"long_name": "singular value index, descending order", "units": "1"},
+    "dim": {"long_name": "coordinate within a head", "units": "1"},
+}
+
 _RUN_COORD_ATTRS = {
     "run": {"long_name": "run (the cube's run_name, made unique among the cubes opened)"},
     "qk_norm": {"long_name": "QK-norm variant (none, learned, frozen)"},
@@ -66,6 +152,155 @@ _RUN_COORD_ATTRS = {
 
 PathLike = str | os.PathLike[str]
 
+# --------------------------------------------------------------------------------------------------------
+# Vocabulary: what a measurement is chosen from
+# --------------------------------------------------------------------------------------------------------
+
+SITES = ("proj", "unit", "normed", "rope")
+"""Read-out sites in the order of the cube's ``site`` dimension (the attention's order, docs/sites.md): the raw
+projections, the unit-RMS vectors before the QK-norm gain (QK-norm models only), after QK-norm with the gain
+(equal to ``proj`` without QK-norm), after the rotary embedding."""
+CENTERINGS = ("uncentered", "centered")
+"""Order of the cube's ``centering`` dimension: whether each head's token mean was subtracted before the SVD."""
+CONVENTIONS = ("sv", "eig")
+"""Participation-ratio conventions: on singular values, ``(sum s)^2 / sum s^2`` (the source documents'), and on
+eigenvalues, ``(sum s^2)^2 / sum s^4`` (the literature's)."""
+CONVENTION_NAMES = {"sv": "singular-value convention", "eig": "eigenvalue convention"}
+"""Each convention in words, as figures and the report name it."""
+WHICH = ("k", "q")
+"""Keys (``k_sv``, over ``kv_head``) or queries (``q_sv``, over ``head``)."""
+DEFAULT_SITE = "normed"
+"""Read-out site of the headline metric: keys after QK-norm (gamma included), before RoPE; the site the
+source documents' probe used. Equal to ``proj`` for runs without QK-norm."""
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``: one line naming the choice and what is allowed.
+
+    >>> check_choice("site", "rope", SITES)
+    >>> check_choice("site", "post", SITES)
+    Traceback (most recent call last):
+    spectra.errors.SpectraError: site must be one of ['proj', 'unit', 'normed', 'rope'], got 'post'
+    """
+    if value not in allowed:
+        raise SpectraError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def head_dim_name(which: str) -> str:
+    """``"kv_head"`` for keys (``which="k"``), ``"head"`` for queries (``which="q"``)."""
+    if which not in WHICH:
+        raise SpectraError(f"which must be 'k' (keys) or 'q' (queries), got {which!r}")
+    return "kv_head" if which == "k" else "head"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing: one step, steps combined, the file
+# --------------------------------------------------------------------------------------------------------
+
+
+def cube_attributes(title: str, source: str) -> dict[str, str]:
+    """The global attributes that make a file a cube of this format, with its ``title`` and ``source``."""
+    return {
+        "Conventions": "CF-1.10",
+        "title": title,
+        "source": source,
+        "format": CUBE_FORMAT,
+        "format_version": str(CUBE_FORMAT_VERSION),  # a string attribute, as cubes have always carried it
+    }
+
+
+def step_dataset(
+    per_layer: dict[int, dict[str, np.ndarray]],
+    *,
+    wq_sv: np.ndarray,
+    wk_sv: np.ndarray,
+    q_gamma: np.ndarray,
+    k_gamma: np.ndarray,
+    step: int,
+    tokens: float,
+    train_loss: float,
+    val_loss: float,
+    attrs: dict[str, Any],
+) -> xr.Dataset:
+    """One step of a cube from its per-layer reductions and weight-side arrays.
+
+    ``per_layer[i]`` holds layer ``i``'s ``q_sv`` ``(H, site, centering, D)``, ``k_sv`` ``(Hkv, site, centering,
+    D)``, ``q_energy`` ``(H, site, D)`` and ``k_energy`` ``(Hkv, site, D)`` (what
+    :func:`spectra.extract.run.layer_reducer` returns). ``wq_sv`` is ``(L, H, D)``, ``wk_sv`` ``(L, Hkv, D)``, ``q_gamma`` and ``k_gamma`` ``(L, D)``;
+    ``tokens`` is an integer, or NaN where unknown (the coordinate is then float64). Every variable and
+    coordinate gets its ``long_name`` and ``units`` (docs/cube.md); ``attrs`` become the global attributes.
+    """
+    L = len(per_layer)
+    acts = {name: np.stack([per_layer[i][name] for i in range(L)]) for name in per_layer[0]}  # (L, ...)
+    H, Hkv, D = wq_sv.shape[1], wk_sv.shape[1], wq_sv.shape[2]
+    tokens_dtype = np.int64 if np.isfinite(tokens) else np.float64
+    one = np.newaxis  # the step dimension, length 1
+    values = {
+        "q_sv": acts["q_sv"][one],
+        "k_sv": acts["k_sv"][one],
+        "wq_sv": wq_sv[one],
+        "wk_sv": wk_sv[one],
+        "q_gamma": q_gamma[one],
+        "k_gamma": k_gamma[one],
+        "q_energy": acts["q_energy"][one],
+        "k_energy": acts["k_energy"][one],
+        "train_loss": np.array([train_loss], dtype=np.float64),
+        "val_loss": np.array([val_loss], dtype=np.float64),
+    }
+    data_vars = {name: (dims, values[name]) for name, dims in CUBE_VARIABLES.items()}
+    coords = {
+        "step": ("step", np.array([step], dtype=np.int64)),
+        "tokens": ("step", np.array([tokens], dtype=tokens_dtype)),
+        "layer": ("layer", np.arange(L, dtype=np.int64)),
+        "head": ("head", np.arange(H, dtype=np.int64)),
+        "kv_head": ("kv_head", np.arange(Hkv, dtype=np.int64)),
+        "site": ("site", np.array(SITES)),
+        "centering": ("centering", np.array(CENTERINGS)),
+        "sv": ("sv", np.arange(D, dtype=np.int64)),
+        "dim": ("dim", np.arange(D, dtype=np.int64)),
+    }
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    for name, var_attrs in {**_VARIABLE_ATTRS, **_COORD_ATTRS}.items():
+        ds[name].attrs.update(var_attrs)
+    return ds
+
+
+def write_cube(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write a cube atomically: NetCDF4, zlib level 4 on every data variable, no fill value on coordinates."""
+    ds = ds.copy()
+    for var in ds.variables.values():
+        var.encoding = {}  # a cube read back carries its old chunking; a fresh layout keeps files comparable
+    encoding: dict[str, dict[str, Any]] = {name: dict(COMPRESSION) for name in ds.data_vars}
+    for name in ds.coords:
+        if ds[name].dtype.kind in "iuf":
+            encoding[name] = {"_FillValue": None}
+    return atomic_write(
+        path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+    )
+
+
+def combine_steps(existing: xr.Dataset | None, new: list[xr.Dataset], history_line: str) -> xr.Dataset:
+    """The cube holding ``existing``'s steps and the ``new`` one-step Datasets, sorted by step, with
+    ``history_line`` appended to its history and the current ``versions``."""
+    parts = ([existing] if existing is not None else []) + new
+    ds = xr.concat(parts, dim="step", data_vars="all", coords="minimal", compat="equals", join="exact")
+    ds = ds.sortby("step")
+    # run-level attributes follow the latest checkpoint (a resumed run may extend its run_config)
+    latest = max(new, key=lambda d: int(d.step[0]))
+    if existing is not None and int(existing.step.max()) > int(latest.step[0]):
+        attrs = dict(existing.attrs)
+    else:
+        attrs = dict(latest.attrs)
+    old_history = existing.attrs.get("history", "") if existing is not None else ""
+    attrs["history"] = f"{old_history}\n{history_line}" if old_history else history_line
+    attrs["versions"] = json.dumps(software_versions(*CUBE_SOFTWARE), sort_keys=True)
+    ds.attrs = attrs
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading: one cube, the cubes of runs and studies, many cubes along ``run``
+# --------------------------------------------------------------------------------------------------------
 
 class DamagedCubeError(SpectraError):
     """A cube file that lacks one of the cube's variables or has it over other dimensions; names the file."""

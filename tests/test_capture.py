@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import perturbed_llm, tiny_model_config
 
+from spectra.cube import SITES
 from spectra.errors import SpectraError
-from spectra.extract.capture import SITES, LayerQK, capture_qk
+from spectra.extract.capture import LayerQK, capture_qk
 from trainer.model import LLM, Rotary
 
 B, T = 2, 12

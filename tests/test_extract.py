@@ -15,7 +15,8 @@ import xarray as xr
 from helpers import checkpoint_files, eval_ids, make_run
 from safetensors.torch import load_file, save_file
 
-from spectra.extract.run import CENTERINGS, extract
+from spectra.cube import CENTERINGS
+from spectra.extract.run import extract
 from trainer.config import ModelConfig
 from trainer.model import LLM
 

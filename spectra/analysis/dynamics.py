@@ -51,6 +51,7 @@ import pandas as pd
 import scipy.optimize
 import xarray as xr
 
+from spectra import cube
 from spectra.analysis import stats
 from spectra.errors import SpectraError
 
@@ -422,7 +423,7 @@ def _fit_or_note(
 def trajectory_fits(
     ds: xr.Dataset,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",
@@ -435,7 +436,7 @@ def trajectory_fits(
     """
     ds = stats.as_runs(ds)
     pr = stats.head_pr(ds, site=site, convention=convention, centering=centering, which=which)
-    heads = stats.head_dim_name(which)
+    heads = cube.head_dim_name(which)
     per_layer = pr.mean(heads).transpose("run", "step", "layer")  # (R, S, L)
     mean = pr.mean([heads, "layer"]).transpose("run", "step")  # (R, S)
     measured = stats.measured_steps(ds).values
@@ -456,7 +457,7 @@ def trajectory_fits(
 def breakpoint_table(
     ds: xr.Dataset,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",

@@ -37,12 +37,12 @@ import xarray as xr
 from spectra.analysis.stats import (
     as_runs,
     final_checkpoint,
-    head_dim_name,
     measured_steps,
     run_table,
     token_count,
     tokens_of,
 )
+from spectra.cube import head_dim_name
 from spectra.errors import SpectraError
 
 GAMMA_SITES = ("unit", "normed")

@@ -14,7 +14,7 @@ Three layers, as elsewhere in ``spectra``:
   recomputes the headline differences for every read-out site, PR convention and centring.
 
 The **headline metric** of a run is the mean key participation ratio over layers and key/value heads
-at the run's final checkpoint, singular-value convention, uncentred, at :data:`DEFAULT_SITE`.
+at the run's final checkpoint, singular-value convention, uncentred, at :data:`spectra.cube.DEFAULT_SITE`.
 The unit of replication across runs is the **seed**: heads of one model are not independent replicates
 of a training run, so a head-level interval never stands in for a test across seeds.
 
@@ -35,14 +35,9 @@ import scipy.stats
 import xarray as xr
 
 from spectra.analysis.metrics import participation_ratio
+from spectra.cube import CENTERINGS, CONVENTIONS, DEFAULT_SITE, SITES, check_choice, head_dim_name
 from spectra.errors import SpectraError
 
-DEFAULT_SITE = "normed"
-"""Read-out site of the headline metric: keys after QK-norm (gamma included), before RoPE; the site the
-source documents' probe used. Equal to ``proj`` for runs without QK-norm."""
-SITES = ("proj", "unit", "normed", "rope")
-CONVENTIONS = ("sv", "eig")
-CENTERINGS = ("uncentered", "centered")
 CONFIDENCE = 0.95
 N_RESAMPLES = 10_000
 """Bootstrap resamples of every confidence interval (percentile method)."""
@@ -55,8 +50,6 @@ ONE_SEED_SENTENCE = (
     "n=1 seed per configuration: no test across seeds is possible; the head-level CI describes "
     "within-model spread, not run-to-run variability"
 )
-
-CONVENTION_NAMES = {"sv": "singular-value convention", "eig": "eigenvalue convention"}
 
 
 @dataclass(frozen=True)
@@ -346,13 +339,6 @@ def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 
 
-def head_dim_name(which: str) -> str:
-    """``"kv_head"`` for keys (``which="k"``), ``"head"`` for queries (``which="q"``)."""
-    if which not in ("k", "q"):
-        raise SpectraError(f"which must be 'k' (keys) or 'q' (queries), got {which!r}")
-    return "kv_head" if which == "k" else "head"
-
-
 def token_count(value: float | None) -> int | None:
     """A checkpoint's token count as an integer, None where it is unknown (NaN or None: a public model
     without a tokens rule, see docs/public-models.md).
@@ -405,19 +391,14 @@ def head_pr(
         ``"k"`` for keys, ``"q"`` for queries.
     """
     ds = as_runs(ds)
-    _check_choice("site", site, SITES)
-    _check_choice("convention", convention, CONVENTIONS)
-    _check_choice("centering", centering, CENTERINGS)
+    check_choice("site", site, SITES)
+    check_choice("convention", convention, CONVENTIONS)
+    check_choice("centering", centering, CENTERINGS)
     head_dim_name(which)
     sv = ds[f"{which}_sv"].sel(site=site, centering=centering)
     pr = participation_ratio(sv, convention=convention, dim="sv")
     pr.attrs.update(site=site, centering=centering, which=which)
     return pr
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise SpectraError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def final_checkpoint(da: xr.DataArray, ds: xr.Dataset) -> xr.DataArray:

@@ -34,11 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectra.cube import SITES
 from spectra.errors import SpectraError
 from trainer.model import LLM
-
-SITES = ("proj", "unit", "normed", "rope")
-"""Read-out sites in the order of the cube's ``site`` dimension (the attention's order)."""
 
 T = TypeVar("T")
 

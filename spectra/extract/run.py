@@ -26,9 +26,19 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from spectra.cube import CUBE_FORMAT, CUBE_FORMAT_VERSION, CUBE_VARIABLES, DamagedCubeError, open_cube
+from spectra.cube import (
+    CENTERINGS,
+    CUBE_FILENAME,
+    SITES,
+    DamagedCubeError,
+    combine_steps,
+    cube_attributes,
+    open_cube,
+    step_dataset,
+    write_cube,
+)
 from spectra.errors import SpectraError
-from spectra.extract.capture import SITES, LayerQK, capture_qk, check_batch
+from spectra.extract.capture import LayerQK, capture_qk, check_batch
 from spectra.extract.load import (
     Checkpoint,
     checkpoints_dir,
@@ -44,71 +54,13 @@ from spectra.extract.load import (
     run_dir_of,
 )
 from spectra.extract.svd import head_weight_singular_values, token_spectra
-from spectra.fileio import ExclusiveLock, atomic_write, check_writable, remove_stale_temporaries
+from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict
-from trainer.provenance import package_version, software_versions
-
-CENTERINGS = ("uncentered", "centered")
-"""Order of the cube's ``centering`` dimension."""
-DEFAULT_CUBE_NAME = "spectra.nc"
-"""File name of the cube in the run directory."""
-COMPRESSION = {"zlib": True, "complevel": 4, "shuffle": True}
-"""NetCDF4 encoding of every data variable."""
-CUBE_SOFTWARE = ("xarray", "netCDF4")
-"""Distributions a cube's ``versions`` attribute names besides :func:`trainer.provenance.software_versions`' own."""
+from trainer.provenance import package_version
 
 # A long extraction (many checkpoints of a large model on a CPU) rewrites the cube at most this often,
 # so that a kill loses at most this much work; the final file does not depend on it.
 _FLUSH_SECONDS = 60.0
-
-_VARIABLE_ATTRS: dict[str, dict[str, str]] = {
-    "q_sv": {
-        "long_name": "singular values of one query head's vectors over the eval-batch tokens (N x head_dim)",
-        "units": "1",
-    },
-    "k_sv": {
-        "long_name": "singular values of one key/value head's key vectors over the eval-batch tokens (N x head_dim)",
-        "units": "1",
-    },
-    "wq_sv": {
-        "long_name": "singular values of one query head's slice of W_q (head_dim x d_model)",
-        "units": "1",
-    },
-    "wk_sv": {
-        "long_name": "singular values of one key/value head's slice of W_k (head_dim x d_model)",
-        "units": "1",
-    },
-    "q_gamma": {
-        "long_name": "QK-norm gain of the queries, shared by the heads of a layer (1 if frozen, NaN if none)",
-        "units": "1",
-    },
-    "k_gamma": {
-        "long_name": "QK-norm gain of the keys, shared by the heads of a layer (1 if frozen, NaN if none)",
-        "units": "1",
-    },
-    "q_energy": {"long_name": "mean over tokens of the squared query coordinate, uncentred", "units": "1"},
-    "k_energy": {"long_name": "mean over tokens of the squared key coordinate, uncentred", "units": "1"},
-    "train_loss": {
-        "long_name": "training loss: mean next-token cross-entropy in nats over the last log window (NaN at step 0)",
-        "units": "1",
-    },
-    "val_loss": {
-        "long_name": "validation loss: mean next-token cross-entropy in nats on the run's fixed validation slice",
-        "units": "1",
-    },
-}
-
-_COORD_ATTRS: dict[str, dict[str, str]] = {
-    "step": {"long_name": "optimizer steps taken at the checkpoint", "units": "1"},
-    "tokens": {"long_name": "training tokens consumed at the checkpoint", "units": "1"},
-    "layer": {"long_name": "transformer block index", "units": "1"},
-    "head": {"long_name": "query head index", "units": "1"},
-    "kv_head": {"long_name": "key/value head index", "units": "1"},
-    "site": {"long_name": "read-out site in the attention: proj, unit (before gamma), normed, rope"},
-    "centering": {"long_name": "whether the token mean of each head was subtracted before the SVD"},
-    "sv": {"long_name": "singular value index, descending order", "units": "1"},
-    "dim": {"long_name": "coordinate within a head", "units": "1"},
-}
 
 
 @dataclass(frozen=True)
@@ -228,11 +180,10 @@ def run_attrs(ckpt: Checkpoint, input_ids: torch.Tensor, drop_first: int, n_toke
     else:
         seed = _as_int(ckpt, _require(ckpt, "train", "seed"), "run_config train.seed")
     return {
-        "Conventions": "CF-1.10",
-        "title": f"Singular-value spectra of attention queries and keys, run {ckpt.run_name}",
-        "source": "collapse-spectra extract: float32 forward pass on the fixed eval batch, float64 SVD",
-        "format": CUBE_FORMAT,
-        "format_version": str(CUBE_FORMAT_VERSION),  # a string attribute, as cubes have always carried it
+        **cube_attributes(
+            title=f"Singular-value spectra of attention queries and keys, run {ckpt.run_name}",
+            source="collapse-spectra extract: float32 forward pass on the fixed eval batch, float64 SVD",
+        ),
         "run_name": ckpt.run_name,
         "qk_norm": ckpt.model_config.qk_norm,
         "optimizer": str(_require(ckpt, "optim", "name")),
@@ -322,60 +273,6 @@ def spectra_for_checkpoint(
     )
 
 
-def step_dataset(
-    per_layer: dict[int, dict[str, np.ndarray]],
-    *,
-    wq_sv: np.ndarray,
-    wk_sv: np.ndarray,
-    q_gamma: np.ndarray,
-    k_gamma: np.ndarray,
-    step: int,
-    tokens: float,
-    train_loss: float,
-    val_loss: float,
-    attrs: dict[str, Any],
-) -> xr.Dataset:
-    """One step of a cube from its per-layer reductions (:func:`layer_reducer`) and weight-side arrays.
-
-    ``wq_sv`` is ``(L, H, D)``, ``wk_sv`` ``(L, Hkv, D)``, ``q_gamma`` and ``k_gamma`` ``(L, D)``;
-    ``tokens`` is an integer, or NaN where unknown (the coordinate is then float64). Every variable and
-    coordinate gets its ``long_name`` and ``units`` (docs/cube.md); ``attrs`` become the global attributes.
-    """
-    L = len(per_layer)
-    acts = {name: np.stack([per_layer[i][name] for i in range(L)]) for name in per_layer[0]}  # (L, ...)
-    H, Hkv, D = wq_sv.shape[1], wk_sv.shape[1], wq_sv.shape[2]
-    tokens_dtype = np.int64 if np.isfinite(tokens) else np.float64
-    one = np.newaxis  # the step dimension, length 1
-    values = {
-        "q_sv": acts["q_sv"][one],
-        "k_sv": acts["k_sv"][one],
-        "wq_sv": wq_sv[one],
-        "wk_sv": wk_sv[one],
-        "q_gamma": q_gamma[one],
-        "k_gamma": k_gamma[one],
-        "q_energy": acts["q_energy"][one],
-        "k_energy": acts["k_energy"][one],
-        "train_loss": np.array([train_loss], dtype=np.float64),
-        "val_loss": np.array([val_loss], dtype=np.float64),
-    }
-    data_vars = {name: (dims, values[name]) for name, dims in CUBE_VARIABLES.items()}
-    coords = {
-        "step": ("step", np.array([step], dtype=np.int64)),
-        "tokens": ("step", np.array([tokens], dtype=tokens_dtype)),
-        "layer": ("layer", np.arange(L, dtype=np.int64)),
-        "head": ("head", np.arange(H, dtype=np.int64)),
-        "kv_head": ("kv_head", np.arange(Hkv, dtype=np.int64)),
-        "site": ("site", np.array(SITES)),
-        "centering": ("centering", np.array(CENTERINGS)),
-        "sv": ("sv", np.arange(D, dtype=np.int64)),
-        "dim": ("dim", np.arange(D, dtype=np.int64)),
-    }
-    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-    for name, var_attrs in {**_VARIABLE_ATTRS, **_COORD_ATTRS}.items():
-        ds[name].attrs.update(var_attrs)
-    return ds
-
-
 # ----------------------------------------------------------------------------------------------------
 # The cube on disk
 
@@ -431,39 +328,6 @@ def _check_compatible(
             f"{checkpoint}: its model_config differs from the one the cube {path} was computed for ({fields}); "
             "spectra of another model cannot share a cube (choose another --out)"
         )
-
-
-def write_cube(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write a cube atomically: NetCDF4, zlib level 4 on every data variable, no fill value on coordinates."""
-    ds = ds.copy()
-    for var in ds.variables.values():
-        var.encoding = {}  # a cube read back carries its old chunking; a fresh layout keeps files comparable
-    encoding: dict[str, dict[str, Any]] = {name: dict(COMPRESSION) for name in ds.data_vars}
-    for name in ds.coords:
-        if ds[name].dtype.kind in "iuf":
-            encoding[name] = {"_FillValue": None}
-    return atomic_write(
-        path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
-    )
-
-
-def combine_steps(existing: xr.Dataset | None, new: list[xr.Dataset], history_line: str) -> xr.Dataset:
-    """The cube holding ``existing``'s steps and the ``new`` one-step Datasets, sorted by step, with
-    ``history_line`` appended to its history and the current ``versions``."""
-    parts = ([existing] if existing is not None else []) + new
-    ds = xr.concat(parts, dim="step", data_vars="all", coords="minimal", compat="equals", join="exact")
-    ds = ds.sortby("step")
-    # run-level attributes follow the latest checkpoint (a resumed run may extend its run_config)
-    latest = max(new, key=lambda d: int(d.step[0]))
-    if existing is not None and int(existing.step.max()) > int(latest.step[0]):
-        attrs = dict(existing.attrs)
-    else:
-        attrs = dict(latest.attrs)
-    old_history = existing.attrs.get("history", "") if existing is not None else ""
-    attrs["history"] = f"{old_history}\n{history_line}" if old_history else history_line
-    attrs["versions"] = json.dumps(software_versions(*CUBE_SOFTWARE), sort_keys=True)
-    ds.attrs = attrs
-    return ds
 
 
 def extract(
@@ -527,7 +391,7 @@ def extract(
     """
     dev = resolve_device(device)
     paths = find_checkpoints(path)
-    out = check_writable(Path(out) if out is not None else run_dir_of(path) / DEFAULT_CUBE_NAME, "cube")
+    out = check_writable(Path(out) if out is not None else run_dir_of(path) / CUBE_FILENAME, "cube")
     run, unreadable = _run_headers(paths)
     first_path, first, steps = run.first_path, run.first, run.steps
     batch_file = _batch_file(batch, first_path, first)
@@ -663,17 +527,11 @@ def _batch_file(batch: str | os.PathLike | None, first_path: Path, first: dict[s
 
 
 __all__ = [
-    "CENTERINGS",
-    "check_enough_tokens",
-    "CUBE_FORMAT",
-    "CUBE_FORMAT_VERSION",
     "ExtractResult",
     "UnreadableCheckpointsError",
-    "combine_steps",
+    "check_enough_tokens",
     "extract",
     "layer_reducer",
     "run_attrs",
     "spectra_for_checkpoint",
-    "step_dataset",
-    "write_cube",
 ]

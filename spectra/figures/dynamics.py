@@ -15,6 +15,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from spectra import cube
 from spectra.analysis import dynamics, stats
 from spectra.errors import SpectraError
 from spectra.figures.trajectories import (
@@ -57,7 +58,7 @@ def _draw_fit(ax, fit: dynamics.PiecewiseFit, color, *, shade_sudden: bool, shad
 def trajectory_with_breakpoints(
     ds: xr.Dataset,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",

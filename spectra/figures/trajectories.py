@@ -35,6 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from spectra import cube
 from spectra.analysis import gamma as gamma_analysis
 from spectra.analysis import stats
 from spectra.errors import SpectraError
@@ -151,20 +152,20 @@ def _legend_names(labels: Iterable[str], seeds: dict[str, int] | None = None) ->
 def _subtitle(which: str, site: str, centering: str, convention: str | None = None, extra: str = "") -> str:
     parts = [_WHAT[which], f"site {site}", centering.replace("centered", "centred")]
     if convention:
-        parts.append(f"PR {stats.CONVENTION_NAMES[convention]}")
+        parts.append(f"PR {cube.CONVENTION_NAMES[convention]}")
     if extra:
         parts.append(extra)
     return " · ".join(parts)
 
 
 def _pr_label(convention: str) -> str:
-    return f"participation ratio ({stats.CONVENTION_NAMES[convention]})"
+    return f"participation ratio ({cube.CONVENTION_NAMES[convention]})"
 
 
 def _pr_axis_label(convention: str, scope: str, mean: bool = True) -> str:
     """A y-axis label for a PR, on three short lines, so that it fits the axes' height however tall the
     legend below them is."""
-    return f"{'mean ' if mean else ''}participation ratio\n({stats.CONVENTION_NAMES[convention]})\n{scope}"
+    return f"{'mean ' if mean else ''}participation ratio\n({cube.CONVENTION_NAMES[convention]})\n{scope}"
 
 
 def _title(fig: Figure, title: str, *subtitles: str) -> None:
@@ -255,7 +256,7 @@ def _require(df: pd.DataFrame, what: str, why: str) -> None:
 def trajectory(
     ds: xr.Dataset,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",
@@ -272,7 +273,7 @@ def trajectory(
         ds, site=site, centering=centering, which=which, simple_data=simple_data, complex_data=complex_data
     )
     y = f"pr_{convention}"
-    stats._check_choice("convention", convention, stats.CONVENTIONS)
+    cube.check_choice("convention", convention, cube.CONVENTIONS)
     table = table.dropna(subset=[y])
     _require(table, "trajectory", f"no defined PR at site {site!r} ({centering}) in any run")
     table = table.dropna(subset=["tokens"])  # public models without a tokens rule: no place on this axis
@@ -296,7 +297,7 @@ def heatmap(
     ds: xr.Dataset,
     *,
     run: str | None = None,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",
@@ -326,7 +327,7 @@ def heatmap(
         warnings.simplefilter("ignore", RuntimeWarning)  # an undefined layer stays NaN (blank cell)
         grid = (
             pr.isel(run=0, step=np.flatnonzero(measured))
-            .mean(stats.head_dim_name(which))
+            .mean(cube.head_dim_name(which))
             .transpose("layer", "step")
         )
     if np.isnan(grid.values).all():
@@ -348,7 +349,7 @@ def heatmap(
         annot_kws={"fontsize": 7},
         xticklabels=[format_tokens(t) if np.isfinite(t) else f"step {s}" for t, s in zip(tokens, steps)],
         yticklabels=[int(layer) for layer in grid["layer"].values],
-        cbar_kws={"label": f"PR, {stats.CONVENTION_NAMES[convention]}"},
+        cbar_kws={"label": f"PR, {cube.CONVENTION_NAMES[convention]}"},
     )
     ax.invert_yaxis()  # layer 0 at the bottom, as in the model
     known = np.isfinite(tokens.astype(float)).all()
@@ -372,7 +373,7 @@ def waterfall(
     ds: xr.Dataset,
     *,
     layer: int | None = None,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     centering: str = "uncentered",
     which: str = "k",
     simple_data: Iterable[str] = (),
@@ -384,8 +385,8 @@ def waterfall(
     over layers unless ``layer`` is given); one line per configuration, band = range over seeds.
     """
     ds = stats.as_runs(ds)
-    stats._check_choice("site", site, stats.SITES)
-    stats._check_choice("centering", centering, stats.CENTERINGS)
+    cube.check_choice("site", site, cube.SITES)
+    cube.check_choice("centering", centering, cube.CENTERINGS)
     runs = _labelled(ds, simple_data, complex_data)
     sv = ds[f"{which}_sv"].sel(site=site, centering=centering)
     if layer is not None:
@@ -395,7 +396,7 @@ def waterfall(
     final = stats.final_checkpoint(sv, ds)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ratio = (final / final.max("sv")).mean(["layer", stats.head_dim_name(which)])
+        ratio = (final / final.max("sv")).mean(["layer", cube.head_dim_name(which)])
     df = (
         ratio.drop_vars([c for c in ratio.coords if c not in ("run", "sv")])
         .to_dataframe(name="ratio")
@@ -426,7 +427,7 @@ def waterfall(
 def data_complexity(
     ds: xr.Dataset,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",
@@ -452,7 +453,7 @@ def data_complexity(
     values = stats.head_values(sub, site=site, convention=convention, centering=centering, which=which)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        per_layer = values.mean(stats.head_dim_name(which))
+        per_layer = values.mean(cube.head_dim_name(which))
     df = (
         per_layer.drop_vars([c for c in per_layer.coords if c not in ("run", "layer")])
         .to_dataframe(name="pr")
@@ -525,7 +526,7 @@ def loss_curves(
 def pr_vs_loss(
     ds: xr.Dataset,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     which: str = "k",
@@ -534,7 +535,7 @@ def pr_vs_loss(
 ) -> Figure:
     """Mean PR against validation loss, one line per run through its checkpoints in training order."""
     ds = stats.as_runs(ds)
-    stats._check_choice("convention", convention, stats.CONVENTIONS)
+    cube.check_choice("convention", convention, cube.CONVENTIONS)
     table = stats.checkpoint_table(
         ds, site=site, centering=centering, which=which, simple_data=simple_data, complex_data=complex_data
     )

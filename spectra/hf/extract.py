@@ -31,17 +31,10 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
-from spectra.cube import CUBE_FORMAT, CUBE_FORMAT_VERSION, open_cube
+from spectra.cube import combine_steps, cube_attributes, open_cube, step_dataset, write_cube
 from spectra.errors import SpectraError
 from spectra.extract.load import eval_batch_path, eval_batch_sha256, load_eval_batch, resolve_device
-from spectra.extract.run import (
-    ExtractResult,
-    check_enough_tokens,
-    combine_steps,
-    layer_reducer,
-    step_dataset,
-    write_cube,
-)
+from spectra.extract.run import ExtractResult, check_enough_tokens, layer_reducer
 from spectra.extract.svd import head_weight_singular_values
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from spectra.hf.adapters import (
@@ -329,12 +322,11 @@ def _model_attrs(
     arch = loaded.arch
     rotary = rotary_layout(arch, config)
     return {
-        "Conventions": "CF-1.10",
-        "title": f"Singular-value spectra of attention queries and keys, public model {source.model_id}",
-        "source": f"collapse-spectra extract (public model, transformers): {dtype} forward pass on the fixed eval "
-        "batch, float64 SVD",
-        "format": CUBE_FORMAT,
-        "format_version": str(CUBE_FORMAT_VERSION),
+        **cube_attributes(
+            title=f"Singular-value spectra of attention queries and keys, public model {source.model_id}",
+            source=f"collapse-spectra extract (public model, transformers): {dtype} forward pass on the fixed "
+            "eval batch, float64 SVD",
+        ),
         "run_name": source.model_id,
         "qk_norm": "learned" if arch.has_qk_norm else "none",
         "optimizer": UNKNOWN,

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from spectra import cube
 from spectra.analysis import gamma as gamma_analysis
 from spectra.analysis import stats
 from spectra.fileio import ExclusiveLock, naming_a_full_disk, remove_stale_temporaries
@@ -33,7 +34,7 @@ def build_report(
     inputs: Sequence[PathLike],
     out_dir: PathLike,
     *,
-    site: str = stats.DEFAULT_SITE,
+    site: str = cube.DEFAULT_SITE,
     convention: str = "sv",
     centering: str = "uncentered",
     gamma_site: str = gamma_analysis.DEFAULT_GAMMA_SITE,

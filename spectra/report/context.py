@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import xarray as xr
 
+from spectra import cube
 from spectra.analysis import gamma as gamma_analysis
 from spectra.analysis import stats
 from spectra.analysis.null import headline_with_null
@@ -85,15 +86,15 @@ class ReportContext:
         """The headline measurement in words."""
         return (
             f"keys at site `{self.site}`, {self.centering.replace('centered', 'centred')}, participation ratio "
-            f"in the {stats.CONVENTION_NAMES[self.convention]}"
+            f"in the {cube.CONVENTION_NAMES[self.convention]}"
         )
 
 
 def check_options(site: str, convention: str, centering: str, gamma_site: str) -> None:
     """Refuse an unknown measurement choice before anything is read."""
-    stats._check_choice("site", site, stats.SITES)
-    stats._check_choice("convention", convention, stats.CONVENTIONS)
-    stats._check_choice("centering", centering, stats.CENTERINGS)
+    cube.check_choice("site", site, cube.SITES)
+    cube.check_choice("convention", convention, cube.CONVENTIONS)
+    cube.check_choice("centering", centering, cube.CENTERINGS)
     if gamma_site not in gamma_analysis.GAMMA_SITES:
         raise SpectraError(
             f"gamma site must be one of {list(gamma_analysis.GAMMA_SITES)}, got {gamma_site!r}"
