@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from cli.common import reports_errors
-from spectra.analysis.metrics import METRIC_NAMES, summary_table
+from spectra.analysis.metrics import METRIC_NAMES
+from spectra.analysis.summary import summary_table
 from spectra.cube import open_cubes
 
 # columns repeated on every row of the CSV; the table prints them once, in its title

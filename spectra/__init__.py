@@ -27,8 +27,8 @@ from spectra.analysis.metrics import (
     participation_ratio,
     rankme,
     stable_rank,
-    summary_table,
 )
+from spectra.analysis.summary import summary_table
 from spectra.cube import open_cube, open_cubes
 from spectra.errors import SpectraError
 

@@ -13,7 +13,7 @@ from helpers import CENTERINGS, N_TOKENS, SITES, make_cube, write_cube
 
 import spectra
 from cli.metrics import metrics as metrics_command
-from spectra.analysis.metrics import summary_table
+from spectra.analysis.summary import summary_table
 from spectra.errors import SpectraError
 
 STEPS = (0, 10, 20)

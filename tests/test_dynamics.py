@@ -10,7 +10,7 @@ import pytest
 import scipy.optimize
 from helpers import CENTERINGS, SITES, make_cube, stack
 
-from spectra.analysis import dynamics, stats
+from spectra.analysis import checkpoints, dynamics, stats
 from spectra.analysis.dynamics import (
     breakpoint_spread,
     breakpoint_table,
@@ -20,7 +20,7 @@ from spectra.analysis.dynamics import (
     plateau_segments,
     sudden_segment,
 )
-from spectra.analysis.metrics import participation_ratio_sv
+from spectra.analysis.kernels import participation_ratio_sv
 from spectra.errors import SpectraError
 
 TOKENS = np.geomspace(1e5, 1e8, 13)  # 4 checkpoints per decade: the grid holds every half of an interval
@@ -227,7 +227,7 @@ def test_spread_of_breakpoints_across_seeds() -> None:
 
 
 def test_a_run_with_too_few_checkpoints_gets_a_note_not_an_error() -> None:
-    ds = stats.as_runs(make_cube(run_name="A1", steps=(0, 10, 20)))  # two checkpoints after step 0
+    ds = checkpoints.as_runs(make_cube(run_name="A1", steps=(0, 10, 20)))  # two checkpoints after step 0
     table = breakpoint_table(ds)
     assert table["n_breakpoints"].isna().all() and table["note"].str.contains("at least 3").all()
     assert table["n_points"].tolist() == [2, 2, 2]
@@ -242,7 +242,7 @@ def test_docstring_examples_run() -> None:
 
 def test_metrics_tables_and_figures_take_a_dense_trajectory() -> None:
     """`train.milestones = "plan+log"` gives 40-50 checkpoints: every consumer of the steps must take them."""
-    from spectra.analysis.metrics import summary_table
+    from spectra.analysis.summary import summary_table
     from spectra.figures import trajectories as plots
 
     ds = stack([dense_cube("A1-s0", 0, (4.5, 5.5)), dense_cube("A1-s1", 1, (4.6, 5.4))])

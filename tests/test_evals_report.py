@@ -14,7 +14,7 @@ from helpers import flat_spectrum, synthetic_cube, write_cube
 from test_dynamics import dense_cube
 
 from spectra.analysis import stats
-from spectra.analysis.metrics import participation_ratio_sv
+from spectra.analysis.kernels import participation_ratio_sv
 from spectra.analysis.null import headline_with_null
 from spectra.cube import open_cubes
 from spectra.errors import SpectraError

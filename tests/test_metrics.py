@@ -12,8 +12,8 @@ import pytest
 import xarray as xr
 
 import spectra
-from spectra.analysis import accessor, metrics
-from spectra.analysis.metrics import (
+from spectra.analysis import accessor, kernels, metrics, summary
+from spectra.analysis.kernels import (
     RANKME_EPS,
     condition_number_kernel,
     decay_exponent_kernel,
@@ -391,7 +391,7 @@ def test_import_spectra_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-@pytest.mark.parametrize("module", [metrics, accessor])
+@pytest.mark.parametrize("module", [kernels, metrics, summary, accessor])  # the doctests of the old spectra.metrics, now three modules
 def test_docstring_examples_run(module) -> None:
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

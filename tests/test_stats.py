@@ -13,33 +13,33 @@ import pytest
 import scipy.stats
 from helpers import flat_spectrum, stack, synthetic_cube
 
-from spectra.analysis import stats
+from spectra.analysis import checkpoints, plan, stats
 from spectra.errors import SpectraError
 
 # ------------------------------------------------------------------------------------------------
 
 
 def test_data_class_heuristic_and_overrides():
-    assert stats.data_class("data/bible-bbe") == "simple"
-    assert stats.data_class("bible-kjv/") == "complex"
-    assert stats.data_class("cosmo-simple") == "simple"
-    assert stats.data_class("complex-tech") == "complex"
-    assert stats.data_class("bible-mix") == "standard"
-    assert stats.data_class("bbe-kjv-mix") == "standard"  # both subsets: neither
-    assert stats.data_class("fineweb", simple_data=["fineweb"]) == "simple"
-    assert stats.data_class("runs/x/bible-kjv", simple_data=["bible-kjv"]) == "simple"  # override wins
+    assert plan.data_class("data/bible-bbe") == "simple"
+    assert plan.data_class("bible-kjv/") == "complex"
+    assert plan.data_class("cosmo-simple") == "simple"
+    assert plan.data_class("complex-tech") == "complex"
+    assert plan.data_class("bible-mix") == "standard"
+    assert plan.data_class("bbe-kjv-mix") == "standard"  # both subsets: neither
+    assert plan.data_class("fineweb", simple_data=["fineweb"]) == "simple"
+    assert plan.data_class("runs/x/bible-kjv", simple_data=["bible-kjv"]) == "simple"  # override wins
     with pytest.raises(SpectraError, match="both as simple and as complex"):
-        stats.data_class("d", simple_data=["d"], complex_data=["d"])
+        plan.data_class("d", simple_data=["d"], complex_data=["d"])
 
 
 def test_configuration_labels_cover_the_plan_and_extras():
-    assert stats.configuration_label("learned", "muon", "standard") == "A1"
-    assert stats.configuration_label("none", "muon", "standard") == "A2"
-    assert stats.configuration_label("learned", "adamw", "standard") == "B1"
-    assert stats.configuration_label("none", "adamw", "standard") == "B2"
-    assert stats.configuration_label("learned", "muon", "simple") == "C1"
-    assert stats.configuration_label("learned", "muon", "complex") == "C2"
-    extra = stats.configuration_label("frozen", "muon", "standard")
+    assert plan.configuration_label("learned", "muon", "standard") == "A1"
+    assert plan.configuration_label("none", "muon", "standard") == "A2"
+    assert plan.configuration_label("learned", "adamw", "standard") == "B1"
+    assert plan.configuration_label("none", "adamw", "standard") == "B2"
+    assert plan.configuration_label("learned", "muon", "simple") == "C1"
+    assert plan.configuration_label("learned", "muon", "complex") == "C2"
+    extra = plan.configuration_label("frozen", "muon", "standard")
     assert extra.startswith("extra:") and "frozen" in extra
 
 
@@ -52,7 +52,7 @@ def test_plan_coverage_lists_present_missing_and_extra():
             synthetic_cube("fz-s0", qk_norm="frozen"),
         ]
     )
-    cov = stats.plan_coverage(stats.run_table(ds)).set_index("label")
+    cov = plan.plan_coverage(plan.run_table(ds)).set_index("label")
     assert cov.loc["A1", "status"] == "present" and cov.loc["A1", "n_seeds"] == 2
     assert cov.loc["A2", "status"] == "present"
     assert (cov.loc[["B1", "B2", "C1", "C2"], "status"] == "missing").all()
@@ -157,7 +157,7 @@ def test_sensitivity_table_rows_are_variants_and_shows_a_sign_flip():
 
 
 def test_sensitivity_table_without_pairs_shows_configuration_means():
-    table = stats.sensitivity_table(stats.as_runs(synthetic_cube("a1", rank=3.0)))
+    table = stats.sensitivity_table(checkpoints.as_runs(synthetic_cube("a1", rank=3.0)))
     assert "A1" in table.columns and table["A1"].iloc[0] == pytest.approx(3.0)
 
 
@@ -180,7 +180,7 @@ def test_bad_choices_raise():
     with pytest.raises(SpectraError, match="which must be"):
         stats.head_pr(ds, which="v")
     with pytest.raises(SpectraError, match="lacks the global attributes"):
-        stats.as_runs(ds.drop_attrs())
+        checkpoints.as_runs(ds.drop_attrs())
 
 
 def test_bootstrap_ci_edge_cases():
@@ -194,7 +194,7 @@ def test_bootstrap_ci_edge_cases():
 
 
 def test_run_table_columns():
-    t = stats.run_table(
+    t = plan.run_table(
         stack([synthetic_cube("c1", data="bible-bbe"), synthetic_cube("c2", data="bible-kjv")])
     )
     assert isinstance(t, pd.DataFrame)

@@ -13,7 +13,7 @@ from helpers import make_run, synthetic_cube, write_cube
 
 from cli.spectra import main
 from spectra import report as rep
-from spectra.analysis import stats
+from spectra.analysis import plan, stats
 from spectra.cube import find_cubes, open_cubes
 from spectra.errors import SpectraError
 from spectra.report.context import with_study_labels
@@ -137,7 +137,7 @@ def test_find_cubes_reads_a_study_and_skips_untrained_runs(tmp_path):
 
 def test_the_studys_labels_replace_the_guess_and_map_onto_the_plans_pairs(study):
     ds = with_study_labels(open_cubes([study]), [read_study(study)])
-    runs = stats.run_table(ds)
+    runs = plan.run_table(ds)
     assert list(runs["label"]) == ["muon-qk"] * 2 + ["muon-noqk"] * 2 + ["adamw-qk"] * 2
     assert list(runs["plan_cell"]) == ["A1"] * 2 + ["A2"] * 2 + ["B1"] * 2
     summaries = stats.run_summaries(ds, n_resamples=100)

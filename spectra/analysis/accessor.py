@@ -13,6 +13,8 @@ import pandas as pd
 import xarray as xr
 
 from spectra.analysis import metrics
+from spectra.analysis.kernels import CONDITION_RTOL, RANKME_EPS
+from spectra.analysis.summary import summary_table
 from spectra.errors import SpectraError
 
 __all__ = ["SpectraDataArrayAccessor", "SpectraDatasetAccessor"]
@@ -41,7 +43,7 @@ class SpectraDataArrayAccessor:
         """See [`energy_rank`][spectra.analysis.metrics.energy_rank]."""
         return metrics.energy_rank(self._obj, threshold=threshold, dim=dim)
 
-    def condition_number(self, rtol: float | None = metrics.CONDITION_RTOL, dim: str = "sv") -> xr.DataArray:
+    def condition_number(self, rtol: float | None = CONDITION_RTOL, dim: str = "sv") -> xr.DataArray:
         """See [`condition_number`][spectra.analysis.metrics.condition_number]."""
         return metrics.condition_number(self._obj, rtol=rtol, dim=dim)
 
@@ -53,12 +55,12 @@ class SpectraDataArrayAccessor:
         """See [`stable_rank`][spectra.analysis.metrics.stable_rank]."""
         return metrics.stable_rank(self._obj, dim=dim)
 
-    def rankme(self, eps: float = metrics.RANKME_EPS, dim: str = "sv") -> xr.DataArray:
+    def rankme(self, eps: float = RANKME_EPS, dim: str = "sv") -> xr.DataArray:
         """See [`rankme`][spectra.analysis.metrics.rankme]."""
         return metrics.rankme(self._obj, eps=eps, dim=dim)
 
     def decay_exponent(
-        self, first: int = 1, last: int | None = None, rtol: float = metrics.CONDITION_RTOL, dim: str = "sv"
+        self, first: int = 1, last: int | None = None, rtol: float = CONDITION_RTOL, dim: str = "sv"
     ) -> xr.DataArray:
         """See [`decay_exponent`][spectra.analysis.metrics.decay_exponent]."""
         return metrics.decay_exponent(self._obj, first=first, last=last, rtol=rtol, dim=dim)
@@ -101,7 +103,7 @@ class SpectraDatasetAccessor:
         return metrics.energy_rank(self._var(var), threshold=threshold, dim=dim)
 
     def condition_number(
-        self, var: str = "k_sv", rtol: float | None = metrics.CONDITION_RTOL, dim: str = "sv"
+        self, var: str = "k_sv", rtol: float | None = CONDITION_RTOL, dim: str = "sv"
     ) -> xr.DataArray:
         """See [`condition_number`][spectra.analysis.metrics.condition_number]."""
         return metrics.condition_number(self._var(var), rtol=rtol, dim=dim)
@@ -114,7 +116,7 @@ class SpectraDatasetAccessor:
         """See [`stable_rank`][spectra.analysis.metrics.stable_rank]."""
         return metrics.stable_rank(self._var(var), dim=dim)
 
-    def rankme(self, var: str = "k_sv", eps: float = metrics.RANKME_EPS, dim: str = "sv") -> xr.DataArray:
+    def rankme(self, var: str = "k_sv", eps: float = RANKME_EPS, dim: str = "sv") -> xr.DataArray:
         """See [`rankme`][spectra.analysis.metrics.rankme]."""
         return metrics.rankme(self._var(var), eps=eps, dim=dim)
 
@@ -123,7 +125,7 @@ class SpectraDatasetAccessor:
         var: str = "k_sv",
         first: int = 1,
         last: int | None = None,
-        rtol: float = metrics.CONDITION_RTOL,
+        rtol: float = CONDITION_RTOL,
         dim: str = "sv",
     ) -> xr.DataArray:
         """See [`decay_exponent`][spectra.analysis.metrics.decay_exponent]."""
@@ -141,7 +143,7 @@ class SpectraDatasetAccessor:
         centering: str | None = None,
         **metric_kwargs: Any,
     ) -> pd.DataFrame:
-        """See [`summary_table`][spectra.analysis.metrics.summary_table]."""
-        return metrics.summary_table(
+        """See [`summary_table`][spectra.analysis.summary.summary_table]."""
+        return summary_table(
             self._obj, metric=metric, var=var, site=site, centering=centering, **metric_kwargs
         )

@@ -52,7 +52,7 @@ import scipy.optimize
 import xarray as xr
 
 from spectra import cube
-from spectra.analysis import stats
+from spectra.analysis import checkpoints, plan, stats
 from spectra.errors import SpectraError
 
 __all__ = [
@@ -434,13 +434,13 @@ def trajectory_fits(
     ``series`` is ``"all"`` (mean over layers and heads) or the layer index as a string; ``fit`` is None, and
     ``note`` says why, where the run has too few checkpoints.
     """
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     pr = stats.head_pr(ds, site=site, convention=convention, centering=centering, which=which)
     heads = cube.head_dim_name(which)
     per_layer = pr.mean(heads).transpose("run", "step", "layer")  # (R, S, L)
     mean = pr.mean([heads, "layer"]).transpose("run", "step")  # (R, S)
-    measured = stats.measured_steps(ds).values
-    tokens = stats.tokens_of(ds).values
+    measured = checkpoints.measured_steps(ds).values
+    tokens = checkpoints.tokens_of(ds).values
     out = {}
     for i, run in enumerate(ds["run"].values):
         t = tokens[i][measured[i]]
@@ -482,8 +482,8 @@ def breakpoint_table(
         sudden_start, sudden_end`` (tokens), ``residual_sd, bic_0, bic_1, bic_2, note`` (why a series could not
         be fitted), and ``metric, site, centering``.
     """
-    ds = stats.as_runs(ds)
-    runs = stats.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
+    ds = checkpoints.as_runs(ds)
+    runs = plan.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
     fits = trajectory_fits(
         ds, site=site, convention=convention, centering=centering, which=which, **fit_kwargs
     )
@@ -509,11 +509,11 @@ def loss_fits(
     ds: xr.Dataset, loss: str = "val_loss", **fit_kwargs
 ) -> dict[str, tuple[np.ndarray, np.ndarray, PiecewiseFit | None, str]]:
     """Every run's loss curve with its fit: ``{run: (tokens, loss, fit, note)}``."""
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     if loss not in ds:
         raise SpectraError(f"the cubes have no {loss!r} variable")
-    measured = stats.measured_steps(ds).values
-    tokens = stats.tokens_of(ds).values
+    measured = checkpoints.measured_steps(ds).values
+    tokens = checkpoints.tokens_of(ds).values
     values = ds[loss].transpose("run", "step").values
     out = {}
     for i, run in enumerate(ds["run"].values):
@@ -540,8 +540,8 @@ def loss_breakpoint_table(
         means a sudden drop of the loss) and ``plateaus``: the plateau segments of :func:`plateau_segments` as
         a list of ``(start, end)`` token pairs.
     """
-    ds = stats.as_runs(ds)
-    runs = stats.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
+    ds = checkpoints.as_runs(ds)
+    runs = plan.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
     rows = []
     for run, (tokens, values, fit, note) in loss_fits(ds, loss, **fit_kwargs).items():
         usable = int(np.sum((tokens > 0) & np.isfinite(values)))
@@ -646,7 +646,7 @@ def breakpoint_spread(ranks: pd.DataFrame, series: str = "all") -> pd.DataFrame:
     """
     sel = ranks[ranks["series"] == series]
     rows = []
-    for label in stats.label_order(sel["label"]):
+    for label in plan.label_order(sel["label"]):
         g = sel[sel["label"] == label].sort_values("seed")
         t = g["main_breakpoint"].to_numpy(dtype=np.float64)
         t = t[np.isfinite(t)]

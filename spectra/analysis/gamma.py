@@ -34,14 +34,8 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
-from spectra.analysis.stats import (
-    as_runs,
-    final_checkpoint,
-    measured_steps,
-    run_table,
-    token_count,
-    tokens_of,
-)
+from spectra.analysis.checkpoints import as_runs, final_checkpoint, measured_steps, token_count, tokens_of
+from spectra.analysis.plan import run_table
 from spectra.cube import head_dim_name
 from spectra.errors import SpectraError
 
@@ -199,7 +193,7 @@ def correlation_table(result: xr.Dataset, ds: xr.Dataset, **label_options: Itera
     """The correlation result as a long table, one row per (run, step, layer, head) the run has.
 
     ``ds`` supplies the runs' labels and tokens; ``label_options`` are passed to
-    :func:`spectra.analysis.stats.run_table` (``simple_data``, ``complex_data``). Columns: ``run``, ``label``,
+    :func:`spectra.analysis.plan.run_table` (``simple_data``, ``complex_data``). Columns: ``run``, ``label``,
     ``which``, ``site``, ``step``, ``tokens``, ``layer``, ``head``, ``n``, ``rho``, ``pvalue``, ``status``.
     """
     ds = as_runs(ds)

@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
-from spectra.analysis import stats
+from spectra.analysis import checkpoints, plan
 from spectra.errors import SpectraError
 from spectra.evals.results import eval_table
 
@@ -36,7 +36,7 @@ __all__ = ["rank_score_correlation", "rank_vs_score", "score_table", "table_d"]
 
 def _run_labels(results: Sequence[dict[str, Any]], ds: xr.Dataset) -> list[str]:
     """The cube's run label of each evals file: matched by run directory, else by run name."""
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     runs = [str(r) for r in ds["run"].values]
     by_dir = {}
     if "path" in ds.coords:
@@ -85,8 +85,8 @@ def score_table(
     level, and which scores are within it ("at chance" for a tiny model is the expected outcome, and then no
     comparison of rank and score is informative); the few-shot count and the number of documents.
     """
-    ds = stats.as_runs(ds)
-    runs = stats.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
+    ds = checkpoints.as_runs(ds)
+    runs = plan.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
     labels = _run_labels(results, ds)
     parts = []
     for data, label in zip(results, labels):
@@ -111,7 +111,7 @@ def score_table(
         ],
         dtype="boolean",
     )
-    order = {lab: i for i, lab in enumerate(stats.label_order(df["label"]))}
+    order = {lab: i for i, lab in enumerate(plan.label_order(df["label"]))}
     return (
         df.sort_values(["task", "metric"], kind="stable")
         .sort_values("label", key=lambda s: s.map(order), kind="stable")
@@ -154,7 +154,7 @@ def table_d(
     rows = []
     for (label, seed, run), g in sel.groupby(["label", "seed", "run"], sort=False):
         row: dict[str, Any] = {
-            "config": stats.describe_label(label),
+            "config": plan.describe_label(label),
             "label": label,
             "seed": seed,
             "run": run,

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from spectra import cube
-from spectra.analysis import dynamics, stats
+from spectra.analysis import checkpoints, dynamics, plan
 from spectra.errors import SpectraError
 from spectra.figures.trajectories import (
     _ONE,
@@ -79,15 +79,15 @@ def trajectory_with_breakpoints(
     ([`plateau_segments`][spectra.analysis.dynamics.plateau_segments]). A run without a line had too few checkpoints to
     fit.
     """
-    ds = stats.as_runs(ds)
-    runs = stats.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
+    ds = checkpoints.as_runs(ds)
+    runs = plan.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
     fits = dynamics.trajectory_fits(ds, site=site, convention=convention, centering=centering, which=which)
     fits = {run: value for (run, name), value in fits.items() if name == series}
     if not fits:
         raise SpectraError(f"no series {series!r}: use 'all' or a layer index")
     has_loss = loss in ds and bool(np.isfinite(ds[loss].values).any())
     losses = dynamics.loss_fits(ds, loss) if has_loss else {}
-    labels = stats.label_order(runs["label"])
+    labels = plan.label_order(runs["label"])
     palette = label_palette(labels)
     nrows = 2 if has_loss else 1
     fig, axes = new_figure(max(5.0, 3.4 * len(labels)), 3.4 * nrows + 1.0, nrows=nrows, ncols=len(labels))
@@ -108,7 +108,7 @@ def trajectory_with_breakpoints(
                 lax.plot(lt[lt > 0], lv[lt > 0], marker, color=palette[label], markersize=3.5, alpha=0.7)
                 if lfit is not None:
                     _draw_fit(lax, lfit, palette[label], shade_sudden=False, shade_plateaus=True)
-        ax.set_title(stats.describe_label(label), fontsize=8)
+        ax.set_title(plan.describe_label(label), fontsize=8)
         ax.legend(fontsize=7, loc="best")
         _log_tokens_axis(ax)
         if col == 0:
@@ -142,7 +142,7 @@ def pr_vs_score(points: pd.DataFrame, correlation: dict[str, Any] | None = None)
         raise SpectraError(
             "nothing to plot for the PR-against-score figure: no run has both a PR and a score"
         )
-    labels = stats.label_order(points["label"])
+    labels = plan.label_order(points["label"])
     palette = label_palette(labels)
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -156,7 +156,7 @@ def pr_vs_score(points: pd.DataFrame, correlation: dict[str, Any] | None = None)
             fmt="o",
             color=palette[label],
             capsize=3,
-            label=f"{stats.describe_label(label)} (n={len(g)} seed{'s' if len(g) != 1 else ''})",
+            label=f"{plan.describe_label(label)} (n={len(g)} seed{'s' if len(g) != 1 else ''})",
         )
     chance = pd.to_numeric(points["chance"], errors="coerce").dropna()
     if len(chance):

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from spectra.analysis import stats
+from spectra.analysis import plan
 from spectra.errors import SpectraError
 from spectra.figures.trajectories import _title, figure_legend, label_palette, new_figure
 
@@ -96,7 +96,7 @@ def best_lr_table(configurations: pd.DataFrame) -> pd.DataFrame:
         rows.append(
             {
                 "configuration": c["label"],
-                "description": c["description"] or stats.describe_label(c["label"]),
+                "description": c["description"] or plan.describe_label(c["label"]),
                 "optimizer": c["optimizer"],
                 "best muon_lr": lrs.get("muon_lr", np.nan),
                 "best lr (AdamW)": lrs.get("lr", np.nan),

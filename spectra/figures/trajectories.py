@@ -36,8 +36,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from spectra import cube
+from spectra.analysis import checkpoints, plan, stats
 from spectra.analysis import gamma as gamma_analysis
-from spectra.analysis import stats
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
 
@@ -130,9 +130,9 @@ def is_own_figure(path: str | os.PathLike) -> bool:
 
 def label_palette(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:
     """A colour per configuration label, fixed by the plan's order so every figure agrees."""
-    planned = [c.label for c in stats.PLAN]
+    planned = [c.label for c in plan.PLAN]
     base = sns.color_palette("colorblind", 10)
-    extras = [lab for lab in stats.label_order(labels) if lab not in planned]
+    extras = [lab for lab in plan.label_order(labels) if lab not in planned]
     colors = {lab: base[i] for i, lab in enumerate(planned)}
     colors.update({lab: base[(len(planned) + i) % len(base)] for i, lab in enumerate(extras)})
     return colors
@@ -142,7 +142,7 @@ def _legend_names(labels: Iterable[str], seeds: dict[str, int] | None = None) ->
     """Legend entries; with ``seeds``, each says how many seeds its line is the mean of (``n=2 seeds``)."""
     names = {}
     for lab in labels:
-        name = stats.describe_label(lab)
+        name = plan.describe_label(lab)
         if seeds is not None and lab in seeds:
             name += f" (n={seeds[lab]} seed{'s' if seeds[lab] != 1 else ''})"
         names[lab] = name
@@ -192,7 +192,7 @@ def _tokens_axis(ax) -> None:
 
 
 def _labelled(ds: xr.Dataset, simple_data: Iterable[str], complex_data: Iterable[str]) -> pd.DataFrame:
-    return stats.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
+    return plan.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
 
 
 def _seed_lineplot(ax, df: pd.DataFrame, x: str, y: str, labels: Sequence[str], **kwargs) -> str:
@@ -268,7 +268,7 @@ def trajectory(
     The plan's signature figure (seed 002, figure 1). The value of a run at a checkpoint is its mean PR
     over layers and heads.
     """
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     table = stats.checkpoint_table(
         ds, site=site, centering=centering, which=which, simple_data=simple_data, complex_data=complex_data
     )
@@ -278,7 +278,7 @@ def trajectory(
     _require(table, "trajectory", f"no defined PR at site {site!r} ({centering}) in any run")
     table = table.dropna(subset=["tokens"])  # public models without a tokens rule: no place on this axis
     _require(table, "trajectory", "no checkpoint has a known token count (public models: --tokens-per-step)")
-    labels = stats.label_order(table["label"])
+    labels = plan.label_order(table["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
     title = _seed_lineplot(ax, table, "tokens", y, labels)
@@ -309,7 +309,7 @@ def heatmap(
     The colour scale runs from 1 (one direction) to ``head_dim`` (all directions equal) for every run, so
     heatmaps of different runs can be compared by eye. ``run`` may be omitted when ``ds`` holds one run.
     """
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     names = [str(r) for r in ds["run"].values]
     if run is None:
         if len(names) > 1:
@@ -320,8 +320,8 @@ def heatmap(
     runs = _labelled(ds, simple_data, complex_data)
     one = ds.sel(run=[run])
     pr = stats.head_pr(one, site=site, convention=convention, centering=centering, which=which)
-    measured = stats.measured_steps(one).isel(run=0).values
-    tokens = stats.tokens_of(one).isel(run=0).values[measured]
+    measured = checkpoints.measured_steps(one).isel(run=0).values
+    tokens = checkpoints.tokens_of(one).isel(run=0).values[measured]
     steps = one["step"].values[measured]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an undefined layer stays NaN (blank cell)
@@ -361,7 +361,7 @@ def heatmap(
     _title(
         fig,
         f"Participation ratio of the {_WHAT[which]} per layer: run {run}",
-        stats.describe_label(label),
+        plan.describe_label(label),
         _subtitle(
             which, site, centering, convention, f"mean over heads, colour scale 1 … head_dim = {head_dim}"
         ),
@@ -384,7 +384,7 @@ def waterfall(
     Each head's spectrum is divided by its own largest singular value, then averaged over heads (and
     over layers unless ``layer`` is given); one line per configuration, band = range over seeds.
     """
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     cube.check_choice("site", site, cube.SITES)
     cube.check_choice("centering", centering, cube.CENTERINGS)
     runs = _labelled(ds, simple_data, complex_data)
@@ -393,7 +393,7 @@ def waterfall(
         if layer not in ds["layer"].values:
             raise SpectraError(f"layer {layer} not in the cubes (layers 0 … {ds.sizes['layer'] - 1})")
         sv = sv.sel(layer=[layer])
-    final = stats.final_checkpoint(sv, ds)
+    final = checkpoints.final_checkpoint(sv, ds)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ratio = (final / final.max("sv")).mean(["layer", cube.head_dim_name(which)])
@@ -406,7 +406,7 @@ def waterfall(
     _require(df, "waterfall", f"no defined spectrum at site {site!r} ({centering})")
     df["index"] = df["sv"] + 1
     df["label"] = df["run"].map(runs["label"])
-    labels = stats.label_order(df["label"])
+    labels = plan.label_order(df["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
     title = _seed_lineplot(ax, df, "index", "ratio", labels, markersize=4)
@@ -438,7 +438,7 @@ def data_complexity(
 
     Raises :class:`SpectraError` unless runs of both C1 and C2 are present.
     """
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     runs = _labelled(ds, simple_data, complex_data)
     present = set(runs["plan_cell"])  # a study's own labels count for the plan's cells
     if not {"C1", "C2"} <= present:
@@ -467,7 +467,7 @@ def data_complexity(
     pair = [
         lab
         for cell in ("C1", "C2")
-        for lab in stats.label_order(runs.loc[runs["plan_cell"] == cell, "label"])
+        for lab in plan.label_order(runs.loc[runs["plan_cell"] == cell, "label"])
     ]
     title = _seed_lineplot(ax, df, "layer", "pr", pair)
     ax.set_xlabel("layer")
@@ -486,9 +486,9 @@ def loss_curves(
     ds: xr.Dataset, *, simple_data: Iterable[str] = (), complex_data: Iterable[str] = ()
 ) -> Figure:
     """Training and validation loss against tokens: colour = configuration, line style = split."""
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     runs = _labelled(ds, simple_data, complex_data)
-    tokens = stats.tokens_of(ds)
+    tokens = checkpoints.tokens_of(ds)
     frames = []
     for var, split in (("train_loss", "train"), ("val_loss", "validation")):
         if var not in ds:
@@ -506,7 +506,7 @@ def loss_curves(
     df = pd.concat(frames, ignore_index=True).dropna(subset=["loss", "tokens"]) if frames else pd.DataFrame()
     _require(df, "loss", "the cubes hold no train_loss or val_loss values")
     df["label"] = df["run"].map(runs["label"])
-    labels = stats.label_order(df["label"])
+    labels = plan.label_order(df["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]
     title = _seed_lineplot(
@@ -534,7 +534,7 @@ def pr_vs_loss(
     complex_data: Iterable[str] = (),
 ) -> Figure:
     """Mean PR against validation loss, one line per run through its checkpoints in training order."""
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     cube.check_choice("convention", convention, cube.CONVENTIONS)
     table = stats.checkpoint_table(
         ds, site=site, centering=centering, which=which, simple_data=simple_data, complex_data=complex_data
@@ -544,7 +544,7 @@ def pr_vs_loss(
     _require(
         table, "pr-vs-loss", f"no checkpoint with both a validation loss and a defined PR at site {site!r}"
     )
-    labels = stats.label_order(table["label"])
+    labels = plan.label_order(table["label"])
     palette = label_palette(labels)
     fig, axes = new_figure()
     ax = axes[0, 0]
@@ -557,7 +557,7 @@ def pr_vs_loss(
             marker="o",
             markersize=4,
             color=palette[label],
-            label=stats.describe_label(label) if label not in seen else None,
+            label=plan.describe_label(label) if label not in seen else None,
         )
         ax.plot(
             frame["val_loss"].iloc[-1], frame[y].iloc[-1], marker="*", markersize=12, color=palette[label]
@@ -566,7 +566,7 @@ def pr_vs_loss(
     ax.set_xlabel("validation loss (nats/token)")
     ax.set_ylabel(_pr_axis_label(convention, "over layers and heads"))
     handles, texts = ax.get_legend_handles_labels()
-    order = [texts.index(stats.describe_label(lab)) for lab in labels]
+    order = [texts.index(plan.describe_label(lab)) for lab in labels]
     figure_legend(
         fig,
         [handles[i] for i in order],
@@ -597,13 +597,13 @@ def gamma_scatter(
     title gives the median Spearman rho over the run's heads. Runs without QK-norm or with a frozen
     gamma are listed in the subtitle, not drawn.
     """
-    ds = stats.as_runs(ds)
+    ds = checkpoints.as_runs(ds)
     runs = _labelled(ds, simple_data, complex_data)
     points = gamma_analysis.gamma_points(ds, which=which, site=site, run=run)
     skipped = [r for r in runs.index if r not in set(points["run"]) and (run is None or r == run)]
     if points.empty:
         result = gamma_analysis.gamma_energy_correlation(ds, which=which, site=site)
-        final = stats.final_checkpoint(result["status"], ds)
+        final = checkpoints.final_checkpoint(result["status"], ds)
         reasons = {str(r): sorted(set(final.sel(run=r).values.ravel().astype(str))) for r in skipped}
         raise SpectraError(
             "nothing to plot for the gamma figure: no run has a QK-norm gamma that varies across coordinates ("
@@ -613,7 +613,7 @@ def gamma_scatter(
     result = gamma_analysis.gamma_energy_correlation(
         ds.sel(run=sorted(set(points["run"]))), which=which, site=site
     )
-    rho = stats.final_checkpoint(result["rho"], ds.sel(run=sorted(set(points["run"]))))
+    rho = checkpoints.final_checkpoint(result["rho"], ds.sel(run=sorted(set(points["run"]))))
     shown = [r for r in runs.index if r in set(points["run"])]
     ncols = min(3, len(shown))
     nrows = math.ceil(len(shown) / ncols)

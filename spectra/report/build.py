@@ -64,7 +64,7 @@ def build_report(
     gamma_site
         Where the gamma analysis reads the coordinate energy: ``unit`` (before gamma) or ``normed``.
     simple_data, complex_data
-        Dataset names forced into the simple / complex class (see :func:`spectra.analysis.stats.data_class`).
+        Dataset names forced into the simple / complex class (see :func:`spectra.analysis.plan.data_class`).
     n_resamples, seed
         Bootstrap resamples and the seed of their generator.
     echo

@@ -12,7 +12,7 @@ import xarray as xr
 
 from spectra import cube
 from spectra.analysis import gamma as gamma_analysis
-from spectra.analysis import stats
+from spectra.analysis import plan, stats
 from spectra.analysis.null import headline_with_null
 from spectra.cube import open_cube, open_cubes
 from spectra.errors import SpectraError
@@ -46,7 +46,7 @@ class ReportContext:
     centering: str
     gamma_site: str
     labels_kw: dict
-    """``simple_data`` / ``complex_data`` for the configuration labels (:func:`spectra.analysis.stats.data_class`)."""
+    """``simple_data`` / ``complex_data`` for the configuration labels (:func:`spectra.analysis.plan.data_class`)."""
     n_resamples: int
     seed: int
     runs: pd.DataFrame = field(init=False)
@@ -59,8 +59,8 @@ class ReportContext:
 
     def __post_init__(self) -> None:
         kw = self.labels_kw
-        self.runs = stats.run_table(self.ds, **kw)
-        self.coverage = stats.plan_coverage(self.runs)
+        self.runs = plan.run_table(self.ds, **kw)
+        self.coverage = plan.plan_coverage(self.runs)
         self.summaries = stats.run_summaries(
             self.ds, **self.measure, **kw, n_resamples=self.n_resamples, seed=self.seed
         )
@@ -74,7 +74,7 @@ class ReportContext:
 
     def plan_label(self, cell: str) -> str:
         """The runs' label of a plan cell (``A2``): a study's own name for it, or the cell where none or several."""
-        return stats.plan_cell_label(self.runs, cell)
+        return plan.plan_cell_label(self.runs, cell)
 
     @property
     def measure(self) -> dict[str, str]:
@@ -105,7 +105,7 @@ def with_study_labels(ds: xr.Dataset, studies: Sequence[Study]) -> xr.Dataset:
     """Give the runs that belong to a study its configuration label and data class (``run`` coordinates).
 
     Runs are matched by their directory (the cube's parent); runs of no study get empty strings, for
-    which :func:`spectra.analysis.stats.run_table` falls back to the plan's labels and the dataset-name rule.
+    which :func:`spectra.analysis.plan.run_table` falls back to the plan's labels and the dataset-name rule.
     """
     if not studies:
         return ds

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from spectra.analysis import checkpoints, plan
 from spectra.analysis import gamma as gamma_analysis
-from spectra.analysis import stats
 from spectra.figures import trajectories as plots
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Paragraph, Table
@@ -34,7 +34,7 @@ def gamma_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     per_layer = gamma_analysis.layer_summary(result, ds)
     w.csv("gamma_per_head.csv", per_head)
     layer_csv = w.csv("gamma_per_layer.csv", per_layer)
-    runs = stats.run_table(ds, **labels_kw).set_index("run")
+    runs = plan.run_table(ds, **labels_kw).set_index("run")
     rows = []
     for run, frame in per_layer.groupby("run", sort=False):
         heads = per_head[(per_head["run"] == run) & (per_head["step"] == frame["step"].iloc[0])]
@@ -44,7 +44,7 @@ def gamma_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
                 "run": run,
                 "label": runs.loc[run, "label"],
                 "qk_norm": runs.loc[run, "qk_norm"],
-                "tokens": stats.token_count(frame["tokens"].iloc[0]),
+                "tokens": checkpoints.token_count(frame["tokens"].iloc[0]),
                 "heads": len(heads),
                 "median_rho": float(ok["rho"].median()) if len(ok) else np.nan,
                 "positive_p<0.05": int(((ok["rho"] > 0) & (ok["pvalue"] < 0.05)).sum()),

@@ -1,0 +1,292 @@
+"""Who is who: the plan's run matrix, the configuration label and data class of every run, and coverage.
+
+:func:`data_class` and :func:`configuration_label` place a run in the plan's matrix (A1 … C2, or an "extra"
+configuration such as a frozen-gamma run); :func:`run_table` lists the runs with their labels (a study's own
+labels where the runs come from one), :func:`plan_coverage` which planned configurations are present or missing,
+and :func:`resolve_pairs` the plan's comparisons in the runs' own labels. Every table, figure and report section
+that names a configuration goes through here, so that a run has one label everywhere. No I/O and no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import xarray as xr
+
+from spectra.analysis.checkpoints import as_runs, measured_steps, token_count, tokens_of
+from spectra.errors import SpectraError
+
+__all__ = [
+    "PLAN",
+    "PLAN_BY_LABEL",
+    "PLAN_PAIRS",
+    "PlanConfiguration",
+    "PlannedPair",
+    "configuration_label",
+    "data_class",
+    "describe_label",
+    "label_order",
+    "plan_cell_label",
+    "plan_coverage",
+    "resolve_pairs",
+    "run_table",
+]
+
+
+@dataclass(frozen=True)
+class PlanConfiguration:
+    """One cell of the plan's run matrix (seed 002, section 3.2)."""
+
+    label: str
+    qk_norm: str
+    optimizer: str
+    data_class: str
+    purpose: str
+
+    def describe(self) -> str:
+        qk = "no QK-norm" if self.qk_norm == "none" else f"{self.qk_norm} QK-norm"
+        return f"{qk}, {_optimizer_name(self.optimizer)}, {self.data_class} data"
+
+
+@dataclass(frozen=True)
+class PlannedPair:
+    """A comparison of the plan (seed 002, section 4): ``a`` minus ``b``."""
+
+    a: str
+    b: str
+    question: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.a} vs {self.b}"
+
+
+PLAN = (
+    PlanConfiguration("A1", "learned", "muon", "standard", "baseline"),
+    PlanConfiguration("A2", "none", "muon", "standard", "isolates the QK-norm effect"),
+    PlanConfiguration("B1", "learned", "adamw", "standard", "isolates the Muon effect"),
+    PlanConfiguration("B2", "none", "adamw", "standard", "double control"),
+    PlanConfiguration("C1", "learned", "muon", "simple", "data complexity: simple data"),
+    PlanConfiguration("C2", "learned", "muon", "complex", "data complexity: complex data"),
+)
+PLAN_BY_LABEL = {c.label: c for c in PLAN}
+PLAN_PAIRS = (
+    PlannedPair("A1", "A2", "Does QK-norm cause or only report collapse?"),
+    PlannedPair("A1", "B1", "Does Muon change the spectral structure?"),
+    PlannedPair("C1", "C2", "Is collapse data-adaptive?"),
+    PlannedPair("B1", "B2", "Does QK-norm act the same under AdamW? (the double control)"),
+)
+
+
+def _optimizer_name(optimizer: str) -> str:
+    return {"muon": "Muon+AdamW", "adamw": "AdamW"}.get(optimizer, optimizer)
+
+
+def data_class(name: str, *, simple_data: Iterable[str] = (), complex_data: Iterable[str] = ()) -> str:
+    """Classify a dataset name as ``"simple"``, ``"complex"`` or ``"standard"`` data.
+
+    Explicit overrides win: a name listed in ``simple_data`` is simple, one in ``complex_data`` is
+    complex (a name in both is an error). Otherwise a documented heuristic on the lower-cased name:
+    containing ``"bbe"`` or ``"simple"`` -> simple (the Bible in Basic English); containing ``"kjv"`` or
+    ``"complex"`` -> complex (the King James Version); anything else -> standard. A name matching both
+    heuristics (for example ``bible-bbe-kjv-mix``) is standard: it is neither subset.
+
+    Parameters
+    ----------
+    name
+        The dataset name recorded in the cube's ``data`` attribute (a path's last component is used).
+    simple_data, complex_data
+        Dataset names (or paths) to force into the simple or complex class.
+
+    Examples
+    --------
+    >>> data_class("data/bible-bbe"), data_class("bible-kjv"), data_class("bible-mix")
+    ('simple', 'complex', 'standard')
+    >>> data_class("cosmo-a", complex_data=["cosmo-a"])
+    'complex'
+    """
+    key = _dataset_key(name)
+    simple = {_dataset_key(n) for n in simple_data}
+    complex_ = {_dataset_key(n) for n in complex_data}
+    if key in simple and key in complex_:
+        raise SpectraError(f"dataset {name!r} is listed both as simple and as complex data")
+    if key in simple:
+        return "simple"
+    if key in complex_:
+        return "complex"
+    low = key.lower()
+    is_simple = "bbe" in low or "simple" in low
+    is_complex = "kjv" in low or "complex" in low
+    if is_simple and not is_complex:
+        return "simple"
+    if is_complex and not is_simple:
+        return "complex"
+    return "standard"
+
+
+def _dataset_key(name: str) -> str:
+    # the cube records the dataset directory; compare by its last path component
+    return str(name).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def configuration_label(qk_norm: str, optimizer: str, data_cls: str) -> str:
+    """The plan's label (``"A1"`` … ``"C2"``) of a configuration, or a descriptive "extra" label.
+
+    Examples
+    --------
+    >>> configuration_label("learned", "muon", "standard")
+    'A1'
+    >>> configuration_label("frozen", "muon", "standard")
+    'extra: frozen QK-norm, Muon+AdamW, standard data'
+    """
+    for c in PLAN:
+        if (c.qk_norm, c.optimizer, c.data_class) == (qk_norm, optimizer, data_cls):
+            return c.label
+    return "extra: " + PlanConfiguration("", qk_norm, optimizer, data_cls, "").describe()
+
+
+def describe_label(label: str) -> str:
+    """A legend entry: ``"A1: learned QK-norm, Muon+AdamW, standard data"``; extras are already descriptive."""
+    c = PLAN_BY_LABEL.get(label)
+    return f"{label}: {c.describe()}" if c else label
+
+
+def label_order(labels: Iterable[str]) -> list[str]:
+    """Labels in the plan's order (A1, A2, B1, B2, C1, C2), extras after them alphabetically."""
+    unique = set(labels)
+    planned = [c.label for c in PLAN if c.label in unique]
+    return planned + sorted(unique - set(planned))
+
+
+def run_table(
+    ds: xr.Dataset, *, simple_data: Iterable[str] = (), complex_data: Iterable[str] = ()
+) -> pd.DataFrame:
+    """One row per run: its metadata, data class and configuration label.
+
+    The label and data class of a run that came from a study directory are the study's (``label`` and
+    ``data_class`` coordinates on ``run``, set by the report from ``study.json``); otherwise the data
+    class comes from the dataset's name (:func:`data_class`) and the label from the plan
+    (:func:`configuration_label`). ``plan_cell`` is the plan's configuration (``A1`` … ``C2``, or an
+    "extra" description) that the run's QK-norm, optimizer and data class make, whatever its label: it
+    is how the plan's comparisons find a study's configurations.
+
+    Columns: ``run``, ``qk_norm``, ``optimizer``, ``seed``, ``data``, ``data_class``, ``label``,
+    ``plan_cell``, ``in_plan``, ``final_step``, ``final_tokens``, ``n_checkpoints``.
+    """
+    ds = as_runs(ds)
+    simple_data, complex_data = list(simple_data), list(complex_data)
+    measured = measured_steps(ds)
+    rows = []
+    for i, run in enumerate(ds["run"].values):
+        meta = {k: ds[k].values[i].item() for k in ("qk_norm", "optimizer", "seed", "data")}
+        cls = _coord_at(ds, "data_class", i) or data_class(
+            str(meta["data"]), simple_data=simple_data, complex_data=complex_data
+        )
+        cell = configuration_label(str(meta["qk_norm"]), str(meta["optimizer"]), cls)
+        label = _coord_at(ds, "label", i) or cell
+        present = measured.isel(run=i)
+        steps = ds["step"].values[present.values]
+        final_step = int(steps[-1]) if len(steps) else None
+        tokens = tokens_of(ds).isel(run=i)
+        final_tokens = token_count(tokens.sel(step=final_step).item()) if final_step is not None else None
+        rows.append(
+            {
+                "run": str(run),
+                **{k: (int(v) if k == "seed" else str(v)) for k, v in meta.items()},
+                "data_class": cls,
+                "label": label,
+                "plan_cell": cell,
+                "in_plan": cell in PLAN_BY_LABEL,
+                "final_step": final_step,
+                "final_tokens": final_tokens,
+                "n_checkpoints": len(steps),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _coord_at(ds: xr.Dataset, name: str, i: int) -> str:
+    """A string ``run`` coordinate's value for run ``i`` ("" where absent or empty)."""
+    if name not in ds.coords:
+        return ""
+    value = ds[name].values[i]
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def plan_cell_label(runs: pd.DataFrame, cell: str) -> str:
+    """The runs' label of a plan cell (``A2``): a study's own name for it, or the cell where no label or
+    several map onto it (``runs`` has ``label`` and ``plan_cell`` columns, as :func:`run_table` gives)."""
+    labels = set(runs.loc[runs["plan_cell"] == cell, "label"].astype(str))
+    return next(iter(labels)) if len(labels) == 1 else cell
+
+
+def resolve_pairs(runs: pd.DataFrame, pairs: Sequence[PlannedPair] = PLAN_PAIRS) -> list[PlannedPair]:
+    """The plan's pairs in terms of the runs' own labels.
+
+    A study may name its configurations as it likes (``muon-qk``); the plan's comparison A1 vs A2 is
+    then between the configurations whose QK-norm, optimizer and data class make the cells A1 and A2
+    (``plan_cell`` of :func:`run_table`). A pair keeps the plan's labels where no run maps onto a cell,
+    or where several labels do (so that it is reported as not possible rather than guessed).
+
+    Examples
+    --------
+    >>> runs = pd.DataFrame({"label": ["muon-qk", "muon-noqk"], "plan_cell": ["A1", "A2"]})
+    >>> [p.name for p in resolve_pairs(runs)][:1]
+    ['muon-qk vs muon-noqk']
+    """
+    out = []
+    for p in pairs:
+        a, b = plan_cell_label(runs, p.a), plan_cell_label(runs, p.b)
+        question = p.question if (a, b) == (p.a, p.b) else f"{p.question} (the plan's {p.a} vs {p.b})"
+        out.append(PlannedPair(a, b, question))
+    return out
+
+
+def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
+    """Which configurations of the plan's matrix are present (with their seeds) and which are missing.
+
+    ``runs`` is :func:`run_table`'s output. One row per planned configuration (matched by ``plan_cell``, so
+    a study's own labels count), then one per extra configuration found among the runs. Columns:
+    ``label`` (the runs' labels, or the plan's where none), ``plan_cell``, ``qk_norm``, ``optimizer``,
+    ``data_class``, ``purpose``, ``status`` (``present``, ``missing`` or ``extra``), ``n_seeds``, ``seeds``,
+    ``runs``.
+    """
+    rows = []
+    for c in PLAN:
+        sel = runs[runs["plan_cell"] == c.label]
+        rows.append(
+            {
+                "label": ", ".join(sorted(set(sel["label"]))) or c.label,
+                "plan_cell": c.label,
+                "qk_norm": c.qk_norm,
+                "optimizer": c.optimizer,
+                "data_class": c.data_class,
+                "purpose": c.purpose,
+                "status": "present" if len(sel) else "missing",
+                "n_seeds": sel["seed"].nunique(),
+                "seeds": ", ".join(str(s) for s in sorted(sel["seed"].unique())),
+                "runs": ", ".join(sel["run"]),
+            }
+        )
+    extras = runs[~runs["in_plan"]]
+    for label in label_order(extras["label"]):
+        sel = extras[extras["label"] == label]
+        first = sel.iloc[0]
+        rows.append(
+            {
+                "label": label,
+                "plan_cell": first["plan_cell"],
+                "qk_norm": first["qk_norm"],
+                "optimizer": first["optimizer"],
+                "data_class": first["data_class"],
+                "purpose": "not in the plan's matrix",
+                "status": "extra",
+                "n_seeds": sel["seed"].nunique(),
+                "seeds": ", ".join(str(s) for s in sorted(sel["seed"].unique())),
+                "runs": ", ".join(sel["run"]),
+            }
+        )
+    return pd.DataFrame(rows)
