@@ -16,7 +16,7 @@ from cli.surgery import surgery
 from spectra import cube
 from spectra import report as lib
 from spectra.analysis import gamma, stats
-from spectra.figures import trajectories as plots
+from spectra.figures.kinds import FIGURE_KINDS
 
 __all__ = ["plot", "report", "surgery"]
 
@@ -41,7 +41,7 @@ def _data_class_options(func):
 
 
 @click.command("plot")
-@click.argument("kind", type=click.Choice(list(plots.FIGURE_KINDS)))
+@click.argument("kind", type=click.Choice(list(FIGURE_KINDS)))
 @click.argument(
     "inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="CUBE..."
 )

@@ -243,12 +243,12 @@ def test_docstring_examples_run() -> None:
 def test_metrics_tables_and_figures_take_a_dense_trajectory() -> None:
     """`train.milestones = "plan+log"` gives 40-50 checkpoints: every consumer of the steps must take them."""
     from spectra.analysis.summary import summary_table
-    from spectra.figures import trajectories as plots
+    from spectra.figures import trajectories
 
     ds = stack([dense_cube("A1-s0", 0, (4.5, 5.5)), dense_cube("A1-s1", 1, (4.6, 5.4))])
     assert ds.sizes["step"] == len(STEPS) == 47
     table = summary_table(ds)
     assert len(table) == 2 * 47 * (N_LAYERS + 1)
     assert stats.checkpoint_table(ds)["step"].nunique() == 47
-    for figure in (plots.trajectory(ds), plots.heatmap(ds, run="A1-s0"), plots.pr_vs_loss(ds)):
+    for figure in (trajectories.trajectory(ds), trajectories.heatmap(ds, run="A1-s0"), trajectories.pr_vs_loss(ds)):
         assert figure.axes

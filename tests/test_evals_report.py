@@ -20,7 +20,8 @@ from spectra.cube import open_cubes
 from spectra.errors import SpectraError
 from spectra.evals import results as evals_io
 from spectra.evals import scores as evals_stats
-from spectra.figures.dynamics import pr_vs_score, trajectory_with_breakpoints
+from spectra.figures.dynamics import trajectory_with_breakpoints
+from spectra.figures.evals import pr_vs_score
 
 # (run directory, configuration, seed, PR rank of every head, choice accuracy, cloze accuracy)
 RUNS = [
@@ -153,8 +154,9 @@ def test_trajectory_figure_marks_breakpoints_and_plateaus(tmp_path: Path) -> Non
 
 def test_the_report_modules_import_no_torch() -> None:
     code = (
-        "import sys, spectra.analysis.dynamics, spectra.analysis.null, spectra.evals.results, spectra.evals.scores, spectra.figures.dynamics, "
-        "spectra.evals.tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
+        "import sys, spectra.analysis.dynamics, spectra.analysis.null, spectra.evals.results, spectra.evals.scores, "
+        "spectra.figures.dynamics, spectra.figures.evals, spectra.evals.tasks; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

@@ -1,4 +1,4 @@
-"""Figures (spectra.figures.trajectories): every figure has data on its axes, says what it shows, and refuses empty input."""
+"""Figures (spectra.figures): every figure has data on its axes, says what it shows, and refuses empty input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import xarray as xr
 from helpers import stack, surgery_result, synthetic_cube
 
 from spectra.errors import SpectraError
-from spectra.figures import trajectories as plots
+from spectra.figures import final_checkpoint, gamma, kinds, surgery, toolkit, trajectories
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +41,12 @@ def assert_readable(fig) -> None:
     "kind", ["trajectory", "waterfall", "data-complexity", "gamma", "loss", "pr-vs-loss"]
 )
 def test_every_cube_figure_has_data(cubes, kind):
-    fig = plots.PLOTTERS[kind](cubes)
+    fig = kinds.PLOTTERS[kind](cubes)
     assert_readable(fig)
 
 
 def test_heatmap_of_one_run_has_an_image_of_layers_by_checkpoints(cubes):
-    fig = plots.heatmap(cubes, run="a1-s0", convention="eig", site="rope")
+    fig = trajectories.heatmap(cubes, run="a1-s0", convention="eig", site="rope")
     assert_readable(fig)
     mesh = fig.axes[0].collections[0]
     assert mesh.get_array().shape == (2, 3)  # (layer, checkpoint)
@@ -56,27 +56,27 @@ def test_heatmap_of_one_run_has_an_image_of_layers_by_checkpoints(cubes):
 
 def test_heatmap_needs_a_run_when_there_are_several(cubes):
     with pytest.raises(SpectraError, match="choose one with run="):
-        plots.heatmap(cubes)
+        trajectories.heatmap(cubes)
     with pytest.raises(SpectraError, match="run 'nope' not found"):
-        plots.heatmap(cubes, run="nope")
+        trajectories.heatmap(cubes, run="nope")
 
 
 def test_trajectory_lines_are_seed_means(cubes):
-    fig = plots.trajectory(cubes.sel(run=["a1-s0", "a1-s1"]))
+    fig = trajectories.trajectory(cubes.sel(run=["a1-s0", "a1-s1"]))
     ys = [line.get_ydata() for line in fig.axes[0].lines if len(line.get_ydata()) == 3]
     assert any(np.allclose(y, [7.5, 5.5, 4.5]) for y in ys)  # mean of the two seeds at each checkpoint
 
 
 def test_waterfall_of_one_layer(cubes):
-    fig = plots.waterfall(cubes, layer=1)
+    fig = final_checkpoint.waterfall(cubes, layer=1)
     assert_readable(fig)
     assert "layer 1" in fig._suptitle.get_text()
     with pytest.raises(SpectraError, match="layer 7 not in the cubes"):
-        plots.waterfall(cubes, layer=7)
+        final_checkpoint.waterfall(cubes, layer=7)
 
 
 def test_surgery_curves_show_every_random_draw_and_their_range():
-    fig = plots.surgery_curves([surgery_result("a1-s0"), surgery_result("a2-s0", gamma_applicable=False)])
+    fig = surgery.surgery_curves([surgery_result("a1-s0"), surgery_result("a2-s0", gamma_applicable=False)])
     assert_readable(fig)
     first, second = fig.axes[0], fig.axes[1]
     # svd, gamma, random, then the baseline
@@ -94,7 +94,7 @@ def test_surgery_curves_show_every_random_draw_and_their_range():
 
 
 def test_a_single_runs_surgery_legend_fits_the_figure():
-    fig = plots.surgery_curves(surgery_result("a1-s0"))
+    fig = surgery.surgery_curves(surgery_result("a1-s0"))
     fig.canvas.draw()
     legend = fig.legends[0].get_window_extent()
     assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width  # not clipped at either side
@@ -104,32 +104,32 @@ def test_surgery_without_any_finite_loss_is_an_error():
     empty = surgery_result()
     empty["loss"][:] = np.nan
     with pytest.raises(SpectraError, match="no finite loss"):
-        plots.surgery_curves(empty)
+        surgery.surgery_curves(empty)
     with pytest.raises(SpectraError, match="surgery schema"):
-        plots.surgery_curves(empty.drop_vars("baseline_loss"))
+        surgery.surgery_curves(empty.drop_vars("baseline_loss"))
 
 
 def test_data_complexity_without_the_pair_says_why(cubes):
     with pytest.raises(SpectraError, match="missing: C2"):
-        plots.data_complexity(cubes.sel(run=["a1-s0", "c1-s0"]))
+        final_checkpoint.data_complexity(cubes.sel(run=["a1-s0", "c1-s0"]))
     # the override makes a standard dataset the complex one
-    fig = plots.data_complexity(cubes.sel(run=["a1-s0", "c1-s0"]), complex_data=["bible-mix"])
+    fig = final_checkpoint.data_complexity(cubes.sel(run=["a1-s0", "c1-s0"]), complex_data=["bible-mix"])
     assert_readable(fig)
 
 
 def test_gamma_without_a_learned_gamma_says_why(cubes):
     with pytest.raises(SpectraError, match="a2-s0: no QK-norm; fz-s0: gamma frozen"):
-        plots.gamma_scatter(cubes.sel(run=["a2-s0", "fz-s0"]))
+        gamma.gamma_scatter(cubes.sel(run=["a2-s0", "fz-s0"]))
 
 
 def test_empty_trajectory_is_an_error(cubes):
     with pytest.raises(SpectraError, match="nothing to plot for the trajectory figure"):
-        plots.trajectory(cubes.sel(run=["a2-s0"]), site="unit")  # no unit site without QK-norm
+        trajectories.trajectory(cubes.sel(run=["a2-s0"]), site="unit")  # no unit site without QK-norm
 
 
 def test_save_figure_writes_png_and_svg(tmp_path, cubes):
-    fig = plots.loss_curves(cubes)
-    written = plots.save_figure(fig, tmp_path / "sub" / "loss.svg")
+    fig = trajectories.loss_curves(cubes)
+    written = toolkit.save_figure(fig, tmp_path / "sub" / "loss.svg")
     assert [p.name for p in written] == ["loss.png", "loss.svg"]
     assert written[0].read_bytes().startswith(b"\x89PNG")
     assert b"<svg" in written[1].read_bytes()[:500]
@@ -138,11 +138,11 @@ def test_save_figure_writes_png_and_svg(tmp_path, cubes):
         "loss.svg",
     ]  # no temporaries left
     with pytest.raises(SpectraError, match="ending in .png or .svg"):
-        plots.save_figure(fig, tmp_path / "loss.pdf")
+        toolkit.save_figure(fig, tmp_path / "loss.pdf")
 
 
 def test_format_tokens():
-    assert [plots.format_tokens(n) for n in (0, 500, 65_536, 1_500_000, 25_000_000)] == [
+    assert [toolkit.format_tokens(n) for n in (0, 500, 65_536, 1_500_000, 25_000_000)] == [
         "0",
         "500",
         "65.5k",
@@ -153,7 +153,7 @@ def test_format_tokens():
 
 @pytest.mark.parametrize("kind", ["trajectory", "waterfall", "gamma", "pr-vs-loss"])
 def test_query_figures(cubes, kind):
-    fig = plots.PLOTTERS[kind](cubes.sel(run=["a1-s0", "a2-s0"]), which="q")
+    fig = kinds.PLOTTERS[kind](cubes.sel(run=["a1-s0", "a2-s0"]), which="q")
     assert_readable(fig)
     assert "quer" in fig._suptitle.get_text()
 
@@ -164,18 +164,18 @@ def _legend(fig) -> tuple[str, list[str]]:
 
 
 def test_legends_say_how_many_seeds_and_announce_a_band_only_where_there_is_one(cubes):
-    title, entries = _legend(plots.trajectory(cubes))
+    title, entries = _legend(trajectories.trajectory(cubes))
     assert title == "configuration: mean over seeds (band: range over the seeds)"
     assert any(e.startswith("A1") and e.endswith("(n=2 seeds)") for e in entries)
     assert any(e.startswith("A2") and e.endswith("(n=1 seed)") for e in entries)
     one_seed = cubes.sel(run=["a1-s0", "a2-s0"])
-    for fig in (plots.trajectory(one_seed), plots.waterfall(one_seed), plots.loss_curves(one_seed)):
+    for fig in (trajectories.trajectory(one_seed), final_checkpoint.waterfall(one_seed), trajectories.loss_curves(one_seed)):
         title, entries = _legend(fig)
         assert "band" not in title.replace("no band", "") and "one seed each" in title
 
 
 def test_a_legend_too_wide_for_two_columns_falls_back_to_one(cubes):
-    fig = plots.trajectory(cubes)  # six configurations with long names and seed counts
+    fig = trajectories.trajectory(cubes)  # six configurations with long names and seed counts
     fig.canvas.draw()
     legend = fig.legends[0].get_window_extent()
     assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width

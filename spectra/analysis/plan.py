@@ -3,7 +3,8 @@
 :func:`data_class` and :func:`configuration_label` place a run in the plan's matrix (A1 … C2, or an "extra"
 configuration such as a frozen-gamma run); :func:`run_table` lists the runs with their labels (a study's own
 labels where the runs come from one), :func:`plan_coverage` which planned configurations are present or missing,
-and :func:`resolve_pairs` the plan's comparisons in the runs' own labels. Every table, figure and report section
+and :func:`resolve_pairs` the plan's comparisons in the runs' own labels; :func:`best_lr_table` is the 300M
+plan's table of each configuration's chosen learning rates (from a study's sweep). Every table, figure and report section
 that names a configuration goes through here, so that a run has one label everywhere. No I/O and no torch.
 """
 
@@ -13,6 +14,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -32,6 +34,7 @@ __all__ = [
     "plan_cell_label",
     "plan_coverage",
     "resolve_pairs",
+    "best_lr_table",
     "run_table",
 ]
 
@@ -287,6 +290,27 @@ def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
                 "n_seeds": sel["seed"].nunique(),
                 "seeds": ", ".join(str(s) for s in sorted(sel["seed"].unique())),
                 "runs": ", ".join(sel["run"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def best_lr_table(configurations: pd.DataFrame) -> pd.DataFrame:
+    """The 300M plan's "Best LR / Sweep val loss" table: per configuration its chosen rates and loss."""
+    rows = []
+    for _, c in configurations.iterrows():
+        lrs = c["lrs"] or {}
+        rows.append(
+            {
+                "configuration": c["label"],
+                "description": c["description"] or describe_label(c["label"]),
+                "optimizer": c["optimizer"],
+                "best muon_lr": lrs.get("muon_lr", np.nan),
+                "best lr (AdamW)": lrs.get("lr", np.nan),
+                "multiplier": np.nan if c["multiplier"] is None else float(c["multiplier"]),
+                "sweep val loss": np.nan if c["val_loss"] is None else float(c["val_loss"]),
+                "status": c["status"],
+                "reason": c["reason"],
             }
         )
     return pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 """Does rank predict reasoning: eval scores per configuration and seed, the plan's table D, PR against score.
 
 What the report's "Does rank predict reasoning?" section shows, as tables (the figure is
-[`plots_dynamics.pr_vs_score`][spectra.figures.dynamics.pr_vs_score]):
+[`pr_vs_score`][spectra.figures.evals.pr_vs_score]):
 
 - :func:`score_table`: every run's score on every task at its final evaluated checkpoint, with a 95% interval
   ([`score_interval`][spectra.evals.results.score_interval]: Wilson for accuracies), the chance level and whether the

@@ -1,16 +1,14 @@
-"""Figures of the "When does collapse happen?" and "Does rank predict reasoning?" sections.
+"""The "When does collapse happen?" figure: PR trajectories with their breakpoints, above the loss and its plateaus.
 
-Built like [`plots`][spectra.figures.trajectories] (Agg canvas, no pyplot, colours by configuration, titles that say what was
-measured) from the tables of [`dynamics`][spectra.analysis.dynamics] and [`evals_stats`][spectra.evals.scores]. No torch.
+Built with [`toolkit`][spectra.figures.toolkit] (Agg canvas, no pyplot, colours by configuration, titles that say
+what was measured) from the fits of [`dynamics`][spectra.analysis.dynamics]. No torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
@@ -18,17 +16,9 @@ from matplotlib.ticker import FuncFormatter
 from spectra import cube
 from spectra.analysis import checkpoints, dynamics, plan
 from spectra.errors import SpectraError
-from spectra.figures.trajectories import (
-    _ONE,
-    _pr_label,
-    _subtitle,
-    _title,
-    format_tokens,
-    label_palette,
-    new_figure,
-)
+from spectra.figures.toolkit import VECTOR, format_tokens, label_palette, new_figure, subtitle, suptitle
 
-__all__ = ["pr_vs_score", "trajectory_with_breakpoints"]
+__all__ = ["trajectory_with_breakpoints"]
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -119,68 +109,11 @@ def trajectory_with_breakpoints(
             if col == 0:
                 axes[1, col].set_ylabel(f"{loss.replace('_', ' ')} (nats/token)")
     scope = "over layers and heads" if series == "all" else f"layer {series}, over heads"
-    _title(
+    suptitle(
         fig,
-        f"When does the {_ONE[which]} rank change? Breakpoints in log tokens",
-        _subtitle(which, site, centering, convention, f"mean {scope}"),
+        f"When does the {VECTOR[which]} rank change? Breakpoints in log tokens",
+        subtitle(which, site, centering, convention, f"mean {scope}"),
         "lines: piecewise-linear fits (0-2 breakpoints, BIC) · dotted: breakpoints · coloured band: sudden drop"
         + (" · grey band: loss plateau" if has_loss else ""),
-    )
-    return fig
-
-
-def pr_vs_score(points: pd.DataFrame, correlation: dict[str, Any] | None = None) -> Figure:
-    """Each run's headline PR against its score on one task, with both intervals and the chance level.
-
-    ``points`` is [`rank_vs_score`][spectra.evals.scores.rank_vs_score]'s table, ``correlation`` optionally
-    [`rank_score_correlation`][spectra.evals.scores.rank_score_correlation]'s result (shown in the subtitle).
-    Horizontal bars: the PR's bootstrap interval over heads (not across seeds); vertical bars: the score's 95%
-    interval; dashed line: chance. Read it as: if rank predicted the score, the points would rise from left to
-    right beyond the vertical bars; points on the chance line say the model is too small for the task to tell.
-    """
-    if points.empty:
-        raise SpectraError(
-            "nothing to plot for the PR-against-score figure: no run has both a PR and a score"
-        )
-    labels = plan.label_order(points["label"])
-    palette = label_palette(labels)
-    fig, axes = new_figure()
-    ax = axes[0, 0]
-    for label in labels:
-        g = points[points["label"] == label]
-        ax.errorbar(
-            g["pr"],
-            g["score"],
-            xerr=[g["pr"] - g["pr_ci_low"], g["pr_ci_high"] - g["pr"]],
-            yerr=[g["score"] - g["score_ci_low"], g["score_ci_high"] - g["score"]],
-            fmt="o",
-            color=palette[label],
-            capsize=3,
-            label=f"{plan.describe_label(label)} (n={len(g)} seed{'s' if len(g) != 1 else ''})",
-        )
-    chance = pd.to_numeric(points["chance"], errors="coerce").dropna()
-    if len(chance):
-        ax.axhline(float(chance.mean()), color="0.4", linestyle="--", linewidth=1, label="chance")
-    task, metric = points.attrs.get("task", "task"), points.attrs.get("metric", "score")
-    convention = points.attrs.get("convention", "sv")
-    ax.set_xlabel(f"mean key {_pr_label(convention)} at the final checkpoint")
-    ax.set_ylabel(f"{task}: {metric}")
-    handles, texts = ax.get_legend_handles_labels()
-    fig.legend(handles, texts, fontsize=8, loc="outside lower center", ncols=1)
-    corr = ""
-    if correlation is not None:
-        corr = (
-            f"Spearman rho = {correlation['rho']:.2f}, p = {correlation['p']:.2g}"
-            if np.isfinite(correlation["rho"])
-            else "no rank correlation"
-        )
-        corr += f" over {correlation['n_runs']} runs ({correlation['n_configurations']} configurations)"
-        if correlation.get("note"):
-            corr += f"; {correlation['note']}"
-    _title(
-        fig,
-        f"Does rank predict the score? {task} ({metric}) against key PR",
-        "one point per run · bars: PR interval over heads (not across seeds), score 95% interval · dashed: chance",
-        corr,
     )
     return fig

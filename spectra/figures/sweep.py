@@ -10,9 +10,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from spectra.analysis import plan
 from spectra.errors import SpectraError
-from spectra.figures.trajectories import _title, figure_legend, label_palette, new_figure
+from spectra.figures.toolkit import figure_legend, label_palette, new_figure, suptitle
+
+__all__ = ["lr_sweep", "swept_rate"]
 
 
 def swept_rate(table: pd.DataFrame, optimizers: dict[str, str]) -> pd.Series:
@@ -80,30 +81,9 @@ def lr_sweep(table: pd.DataFrame, configurations: pd.DataFrame, study: str = "")
     ax.set_ylabel("validation loss at the end of the sweep run\n(nats/token)")
     figure_legend(fig, *ax.get_legend_handles_labels())
     n = len(df)
-    _title(
+    suptitle(
         fig,
         f"Learning-rate sweep{' of ' + study if study else ''}: one short run per point",
         f"{n} sweep run(s), one seed each: a single draw per learning rate, no interval",
     )
     return fig
-
-
-def best_lr_table(configurations: pd.DataFrame) -> pd.DataFrame:
-    """The 300M plan's "Best LR / Sweep val loss" table: per configuration its chosen rates and loss."""
-    rows = []
-    for _, c in configurations.iterrows():
-        lrs = c["lrs"] or {}
-        rows.append(
-            {
-                "configuration": c["label"],
-                "description": c["description"] or plan.describe_label(c["label"]),
-                "optimizer": c["optimizer"],
-                "best muon_lr": lrs.get("muon_lr", np.nan),
-                "best lr (AdamW)": lrs.get("lr", np.nan),
-                "multiplier": np.nan if c["multiplier"] is None else float(c["multiplier"]),
-                "sweep val loss": np.nan if c["val_loss"] is None else float(c["val_loss"]),
-                "status": c["status"],
-                "reason": c["reason"],
-            }
-        )
-    return pd.DataFrame(rows)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from spectra.errors import SpectraError
-from spectra.figures import trajectories as plots
+from spectra.figures.toolkit import save_figure
 from spectra.fileio import (
     DiskFullError,
     check_writable,
@@ -69,7 +69,7 @@ class ReportWriter:
         except SpectraError as e:
             blocks.append(NotApplicable(what, str(e)))
             return
-        paths = plots.save_figure(fig, self.staging / "figures" / f"{stem}.png")
+        paths = save_figure(fig, self.staging / "figures" / f"{stem}.png")
         self.written += [str(p.relative_to(self.staging)) for p in paths]
         self.images[stem] = paths[0].read_bytes()
         blocks.append(FigureBlock(stem, caption))

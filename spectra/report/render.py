@@ -8,7 +8,9 @@ from pathlib import Path
 
 from spectra.cube import open_cubes
 from spectra.errors import SpectraError
-from spectra.figures import trajectories as plots
+from spectra.figures.kinds import FIGURE_KINDS, PLOTTERS
+from spectra.figures.surgery import surgery_curves
+from spectra.figures.toolkit import figure_paths, is_own_figure, save_figure
 from spectra.fileio import check_writable
 from spectra.report.inputs import load_surgery
 
@@ -50,8 +52,8 @@ def render_plot(kind: str, inputs: Sequence[PathLike], output: PathLike, **optio
     >>> render_plot("trajectory", ["runs/A1-s0", "runs/A2-s0"], "trajectory.png", site="rope")  # doctest: +SKIP
     [PosixPath('trajectory.png'), PosixPath('trajectory.svg')]
     """
-    if kind not in plots.PLOTTERS:
-        raise SpectraError(f"unknown figure kind {kind!r}; kinds: {', '.join(plots.FIGURE_KINDS)}")
+    if kind not in PLOTTERS:
+        raise SpectraError(f"unknown figure kind {kind!r}; kinds: {', '.join(FIGURE_KINDS)}")
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     unused = sorted(set(given) - set(KIND_OPTIONS[kind]))
     if unused:
@@ -59,15 +61,15 @@ def render_plot(kind: str, inputs: Sequence[PathLike], output: PathLike, **optio
         raise SpectraError(f"{names} does not apply to the {kind} figure")
     if not inputs:
         raise SpectraError("no inputs given")
-    for target in plots.figure_paths(output):  # suffix errors first, then a user's file at either path
+    for target in figure_paths(output):  # suffix errors first, then a user's file at either path
         check_writable(target, "figure")
-        if target.is_file() and not plots.is_own_figure(target):
+        if target.is_file() and not is_own_figure(target):
             raise SpectraError(
                 f"{target} exists and was not written by collapse-spectra: refusing to replace it; choose another -o"
             )
     if kind == "surgery":
-        fig = plots.surgery_curves([load_surgery(p) for p in inputs])
+        fig = surgery_curves([load_surgery(p) for p in inputs])
     else:
         ds = open_cubes(list(inputs))
-        fig = plots.PLOTTERS[kind](ds, **given)
-    return plots.save_figure(fig, output)
+        fig = PLOTTERS[kind](ds, **given)
+    return save_figure(fig, output)

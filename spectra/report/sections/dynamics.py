@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spectra.analysis import dynamics
 from spectra.errors import SpectraError
-from spectra.figures import dynamics as plots_dynamics
+from spectra.figures.dynamics import trajectory_with_breakpoints
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter
@@ -68,7 +68,7 @@ def dynamics_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "PR trajectories with their fits (lines), breakpoints (dotted) and sudden drops (shaded), above the "
         "validation loss with its plateaus (grey).",
         "Trajectory with breakpoints",
-        lambda: plots_dynamics.trajectory_with_breakpoints(ctx.ds, **kw),
+        lambda: trajectory_with_breakpoints(ctx.ds, **kw),
     )
     blocks += _plateaus(ctx, w, ranks)
     return blocks

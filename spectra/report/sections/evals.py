@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spectra.errors import SpectraError
 from spectra.evals import scores as evals_stats
-from spectra.figures import dynamics as plots_dynamics
+from spectra.figures.evals import pr_vs_score
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter
@@ -84,7 +84,7 @@ def _rank_vs_score(ctx: ReportContext, w: ReportWriter, scores, tasks) -> list[B
             f"Headline PR against the {task} score, one point per run; bars: the PR's interval over heads and the "
             "score's 95% interval; dashed: chance.",
             f"PR against {task}",
-            lambda points=points, correlation=correlation: plots_dynamics.pr_vs_score(points, correlation),
+            lambda points=points, correlation=correlation: pr_vs_score(points, correlation),
         )
         rho = correlation["rho"]
         notes.append(

@@ -7,7 +7,7 @@ import pandas as pd
 
 from spectra.analysis import checkpoints, plan
 from spectra.analysis import gamma as gamma_analysis
-from spectra.figures import trajectories as plots
+from spectra.figures.gamma import gamma_scatter
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Paragraph, Table
 from spectra.report.output import ReportWriter
@@ -75,6 +75,6 @@ def gamma_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "gamma_scatter",
         f"|gamma_j| against the share of each head's key energy in coordinate j (site {gamma_site}), final checkpoint.",
         "Gamma-vs-energy scatter",
-        lambda: plots.gamma_scatter(ds, which="k", site=gamma_site, **labels_kw),
+        lambda: gamma_scatter(ds, which="k", site=gamma_site, **labels_kw),
     )
     return blocks

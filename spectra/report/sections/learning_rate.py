@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from spectra.figures import sweep as plots_sweep
+from spectra.analysis.plan import best_lr_table
+from spectra.figures.sweep import lr_sweep
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter, file_stem
@@ -26,7 +27,7 @@ def learning_rate_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
                 "difference smaller than the seed-to-seed spread of the main runs is not a preference."
             )
         )
-        best = plots_sweep.best_lr_table(configurations)
+        best = best_lr_table(configurations)
         blocks.append(
             Table(
                 best,
@@ -44,7 +45,7 @@ def learning_rate_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
             "Validation loss at the end of each sweep run against its learning rate; stars: the chosen runs; "
             "x: diverged.",
             "Learning-rate figure",
-            lambda table=table, configurations=configurations, name=study.name: plots_sweep.lr_sweep(
+            lambda table=table, configurations=configurations, name=study.name: lr_sweep(
                 table, configurations, name
             ),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from spectra.figures import trajectories as plots
+from spectra.figures.surgery import surgery_curve, surgery_curves
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, NotApplicable, Paragraph, Table
 from spectra.report.output import ReportWriter
@@ -39,7 +39,7 @@ def surgery_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "surgery",
         "Test loss against the percentage of key dimensions removed per head.",
         "Surgery curves",
-        lambda: plots.surgery_curves(items),
+        lambda: surgery_curves(items),
     )
     rows = []
     for run in run_names:
@@ -47,7 +47,7 @@ def surgery_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
             continue
         s = surgeries[run]
         for strategy in s["strategy"].values:
-            curve = plots.surgery_curve(s, str(strategy))
+            curve = surgery_curve(s, str(strategy))
             row = {"run": run, "strategy": str(strategy), "baseline": float(s["baseline_loss"])}
             row.update({f"{100 * f:.1f}%": m for f, m in zip(curve["fraction"], curve["mean"])})
             rows.append(row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spectra.analysis import stats
-from spectra.figures import trajectories as plots
+from spectra.figures import final_checkpoint, trajectories
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Heading, Table
 from spectra.report.output import ReportWriter, file_stem
@@ -24,7 +24,7 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         f"Mean key PR against training tokens, one line per configuration, mean over its seeds; "
         f"{_seed_band(ctx)} ({ctx.measurement}).",
         "PR trajectory",
-        lambda: plots.trajectory(ctx.ds, **ctx.measure, **ctx.labels_kw),
+        lambda: trajectories.trajectory(ctx.ds, **ctx.measure, **ctx.labels_kw),
     )
     checkpoints = stats.checkpoint_table(ctx.ds, site=ctx.site, centering=ctx.centering, **ctx.labels_kw)
     shown = checkpoints.rename(columns={"pr_sv": "PR (sv convention)", "pr_eig": "PR (eig convention)"})
@@ -52,7 +52,7 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
             stem,
             f"Run {name}: key PR per layer (rows) at each checkpoint (columns), mean over heads.",
             f"Heatmap of run {name}",
-            lambda name=name: plots.heatmap(ctx.ds, run=name, **ctx.measure, **ctx.labels_kw),
+            lambda name=name: trajectories.heatmap(ctx.ds, run=name, **ctx.measure, **ctx.labels_kw),
         )
     return blocks
 
@@ -64,7 +64,7 @@ def shape_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "waterfall",
         "σ_i/σ_1 against i, each head normalised by its largest singular value, mean over heads and layers.",
         "Singular-value waterfall",
-        lambda: plots.waterfall(ctx.ds, site=ctx.site, centering=ctx.centering, **ctx.labels_kw),
+        lambda: final_checkpoint.waterfall(ctx.ds, site=ctx.site, centering=ctx.centering, **ctx.labels_kw),
     )
     return blocks
 
@@ -76,7 +76,7 @@ def data_complexity_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "data_complexity",
         "Per-layer key PR at the final checkpoint for simple (C1) and complex (C2) data.",
         "Data-complexity figure",
-        lambda: plots.data_complexity(ctx.ds, **ctx.measure, **ctx.labels_kw),
+        lambda: final_checkpoint.data_complexity(ctx.ds, **ctx.measure, **ctx.labels_kw),
     )
     return blocks
 
@@ -85,13 +85,13 @@ def loss_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     blocks: list[Block] = [Heading(1, "Loss")]
     w.figure(
         blocks, "loss", "Training and validation loss against tokens.", "Loss curves",
-        lambda: plots.loss_curves(ctx.ds, **ctx.labels_kw),
+        lambda: trajectories.loss_curves(ctx.ds, **ctx.labels_kw),
     )  # fmt: skip
     w.figure(
         blocks,
         "pr_vs_loss",
         "Mean key PR against validation loss, one line per run through its checkpoints.",
         "PR against validation loss",
-        lambda: plots.pr_vs_loss(ctx.ds, **ctx.measure, **ctx.labels_kw),
+        lambda: trajectories.pr_vs_loss(ctx.ds, **ctx.measure, **ctx.labels_kw),
     )
     return blocks
