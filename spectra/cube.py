@@ -2,8 +2,9 @@
 
 - **schema**: the format tag and version, the file name, every variable with its dimensions and attributes;
 - **vocabulary**: the read-out sites, centrings, participation-ratio conventions and keys/queries that every
-  measurement is chosen from (:data:`SITES`, :data:`CENTERINGS`, :data:`CONVENTIONS`, :data:`WHICH`), and
-  :func:`check_choice`, the one validator of a choice among them;
+  measurement is chosen from (:data:`SITES`, :data:`CENTERINGS`, :data:`CONVENTIONS`, :data:`WHICH`),
+  :func:`check_choice`, the one validator of a choice among them, and :class:`Measurement`, the four choices
+  as one checked value;
 - **writing**: one checkpoint's step from numpy arrays (:func:`step_dataset`), steps combined with the
   cube's history and provenance (:func:`combine_steps`), the file written atomically (:func:`write_cube`);
 - **reading**: one cube checked against the schema (:func:`open_cube`), the cubes of runs, directories and
@@ -20,6 +21,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "CUBE_VARIABLES",
     "DEFAULT_SITE",
     "DamagedCubeError",
+    "Measurement",
     "RUN_COORDS",
     "SITES",
     "WHICH",
@@ -191,6 +194,60 @@ def head_dim_name(which: str) -> str:
     if which not in WHICH:
         raise SpectraError(f"which must be 'k' (keys) or 'q' (queries), got {which!r}")
     return "kv_head" if which == "k" else "head"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a participation ratio is measured on: keys or queries, read-out site, centring, and its convention.
+
+    The four choices every analysis of the spectra makes (docs/statistics.md), checked against the vocabulary
+    above when the value is made, so that a bad choice is refused, in one line, before anything is read or
+    computed. The analysis and figure functions keep the four as keyword arguments, as a notebook writes them
+    (``stats.head_pr(ds, site="rope")``); they make one of these first and hand it on.
+
+    Examples
+    --------
+    >>> Measurement()  # the headline measurement
+    Measurement(which='k', site='normed', centering='uncentered', convention='sv')
+    >>> Measurement(site="rope").metric, Measurement(which="q").head_dim
+    ('pr_sv', 'head')
+    >>> Measurement(convention="pr2")
+    Traceback (most recent call last):
+    spectra.errors.SpectraError: convention must be one of ['sv', 'eig'], got 'pr2'
+    """
+
+    which: str = "k"
+    """``k`` (keys, one spectrum per key/value head) or ``q`` (queries, one per head); :data:`WHICH`."""
+    site: str = DEFAULT_SITE
+    """Read-out site, one of :data:`SITES`."""
+    centering: str = "uncentered"
+    """One of :data:`CENTERINGS`."""
+    convention: str = "sv"
+    """Participation-ratio convention, one of :data:`CONVENTIONS`."""
+
+    def __post_init__(self) -> None:
+        check_choice("site", self.site, SITES)
+        check_choice("convention", self.convention, CONVENTIONS)
+        check_choice("centering", self.centering, CENTERINGS)
+        head_dim_name(self.which)
+
+    @property
+    def head_dim(self) -> str:
+        """The heads' dimension: ``kv_head`` for keys, ``head`` for queries."""
+        return head_dim_name(self.which)
+
+    @property
+    def metric(self) -> str:
+        """The participation ratio's name, ``pr_sv`` or ``pr_eig`` (as ``compute`` and the tables name it)."""
+        return f"pr_{self.convention}"
+
+    def spectra(self, ds: xr.Dataset) -> xr.DataArray:
+        """The singular values measured: ``q_sv`` or ``k_sv`` of ``ds`` at this site and centring."""
+        return ds[f"{self.which}_sv"].sel(site=self.site, centering=self.centering)
+
+    def keywords(self) -> dict[str, str]:
+        """The four choices as the keyword arguments of the analysis and figure functions."""
+        return {"which": self.which, "site": self.site, "centering": self.centering, "convention": self.convention}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import xarray as xr
 from spectra.analysis.checkpoints import as_runs, final_checkpoint, measured_steps, token_count, tokens_of
 from spectra.analysis.metrics import participation_ratio
 from spectra.analysis.plan import PLAN_PAIRS, PlannedPair, label_order, resolve_pairs, run_table
-from spectra.cube import CENTERINGS, CONVENTIONS, DEFAULT_SITE, SITES, check_choice, head_dim_name
+from spectra.cube import CENTERINGS, CONVENTIONS, DEFAULT_SITE, SITES, Measurement, head_dim_name
 from spectra.errors import SpectraError
 
 CONFIDENCE = 0.95
@@ -72,12 +72,8 @@ def head_pr(
         ``"k"`` for keys, ``"q"`` for queries.
     """
     ds = as_runs(ds)
-    check_choice("site", site, SITES)
-    check_choice("convention", convention, CONVENTIONS)
-    check_choice("centering", centering, CENTERINGS)
-    head_dim_name(which)
-    sv = ds[f"{which}_sv"].sel(site=site, centering=centering)
-    pr = participation_ratio(sv, convention=convention, dim="sv")
+    measurement = Measurement(which=which, site=site, centering=centering, convention=convention)
+    pr = participation_ratio(measurement.spectra(ds), convention=convention, dim="sv")
     pr.attrs.update(site=site, centering=centering, which=which)
     return pr
 

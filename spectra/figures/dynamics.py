@@ -70,8 +70,9 @@ def trajectory_with_breakpoints(
     fit.
     """
     ds = checkpoints.as_runs(ds)
+    measurement = cube.Measurement(which=which, site=site, centering=centering, convention=convention)
     runs = plan.run_table(ds, simple_data=simple_data, complex_data=complex_data).set_index("run")
-    fits = dynamics.trajectory_fits(ds, site=site, convention=convention, centering=centering, which=which)
+    fits = dynamics.trajectory_fits(ds, **measurement.keywords())
     fits = {run: value for (run, name), value in fits.items() if name == series}
     if not fits:
         raise SpectraError(f"no series {series!r}: use 'all' or a layer index")
@@ -112,7 +113,7 @@ def trajectory_with_breakpoints(
     suptitle(
         fig,
         f"When does the {VECTOR[which]} rank change? Breakpoints in log tokens",
-        subtitle(which, site, centering, convention, f"mean {scope}"),
+        subtitle(measurement, f"mean {scope}"),
         "lines: piecewise-linear fits (0-2 breakpoints, BIC) · dotted: breakpoints · coloured band: sudden drop"
         + (" · grey band: loss plateau" if has_loss else ""),
     )

@@ -48,10 +48,9 @@ def waterfall(
     over layers unless ``layer`` is given); one line per configuration, band = range over seeds.
     """
     ds = checkpoints.as_runs(ds)
-    cube.check_choice("site", site, cube.SITES)
-    cube.check_choice("centering", centering, cube.CENTERINGS)
+    measurement = cube.Measurement(which=which, site=site, centering=centering)  # a spectrum: no PR convention
     runs = labelled_runs(ds, simple_data, complex_data)
-    sv = ds[f"{which}_sv"].sel(site=site, centering=centering)
+    sv = measurement.spectra(ds)
     if layer is not None:
         if layer not in ds["layer"].values:
             raise SpectraError(f"layer {layer} not in the cubes (layers 0 … {ds.sizes['layer'] - 1})")
@@ -59,7 +58,7 @@ def waterfall(
     final = checkpoints.final_checkpoint(sv, ds)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ratio = (final / final.max("sv")).mean(["layer", cube.head_dim_name(which)])
+        ratio = (final / final.max("sv")).mean(["layer", measurement.head_dim])
     df = (
         ratio.drop_vars([c for c in ratio.coords if c not in ("run", "sv")])
         .to_dataframe(name="ratio")
@@ -82,7 +81,7 @@ def waterfall(
     suptitle(
         fig,
         f"Singular-value spectrum of the {VECTORS[which]} at the final checkpoint",
-        subtitle(which, site, centering, None, where),
+        subtitle(measurement, where, convention=False),
     )
     return fig
 
@@ -111,12 +110,12 @@ def data_complexity(
             f"on complex data); missing: {', '.join(missing)}. Runs' datasets: "
             f"{', '.join(sorted(set(runs['data'])))} (name them with --simple-data / --complex-data)"
         )
+    measurement = cube.Measurement(which=which, site=site, centering=centering, convention=convention)
     keep = runs.index[runs["plan_cell"].isin(["C1", "C2"])].tolist()
-    sub = ds.sel(run=keep)
-    values = stats.head_values(sub, site=site, convention=convention, centering=centering, which=which)
+    values = stats.head_values(ds.sel(run=keep), **measurement.keywords())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        per_layer = values.mean(cube.head_dim_name(which))
+        per_layer = values.mean(measurement.head_dim)
     df = (
         per_layer.drop_vars([c for c in per_layer.coords if c not in ("run", "layer")])
         .to_dataframe(name="pr")
@@ -140,6 +139,6 @@ def data_complexity(
     suptitle(
         fig,
         "Does data complexity change the rank? C1 (simple) vs C2 (complex), per layer",
-        subtitle(which, site, centering, convention, "final checkpoint"),
+        subtitle(measurement, "final checkpoint"),
     )
     return fig

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from spectra.analysis import plan
-from spectra.cube import CONVENTION_NAMES
+from spectra.cube import CONVENTION_NAMES, Measurement
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
 
@@ -128,10 +128,13 @@ def legend_names(labels: Iterable[str], seeds: dict[str, int] | None = None) -> 
     return names
 
 
-def subtitle(which: str, site: str, centering: str, convention: str | None = None, extra: str = "") -> str:
-    parts = [VECTORS[which], f"site {site}", centering.replace("centered", "centred")]
+def subtitle(measurement: Measurement, extra: str = "", *, convention: bool = True) -> str:
+    """What a figure measured, in one line: keys or queries, site, centring, the PR convention (unless
+    ``convention`` is False: a figure of the spectrum itself), then ``extra``."""
+    m = measurement
+    parts = [VECTORS[m.which], f"site {m.site}", m.centering.replace("centered", "centred")]
     if convention:
-        parts.append(f"PR {CONVENTION_NAMES[convention]}")
+        parts.append(f"PR {CONVENTION_NAMES[m.convention]}")
     if extra:
         parts.append(extra)
     return " · ".join(parts)

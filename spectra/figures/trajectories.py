@@ -54,11 +54,11 @@ def trajectory(
     over layers and heads.
     """
     ds = checkpoints.as_runs(ds)
+    measurement = cube.Measurement(which=which, site=site, centering=centering, convention=convention)
     table = stats.checkpoint_table(
         ds, site=site, centering=centering, which=which, simple_data=simple_data, complex_data=complex_data
     )
-    y = f"pr_{convention}"
-    cube.check_choice("convention", convention, cube.CONVENTIONS)
+    y = measurement.metric
     table = table.dropna(subset=[y])
     require_rows(table, "trajectory", f"no defined PR at site {site!r} ({centering}) in any run")
     table = table.dropna(subset=["tokens"])  # public models without a tokens rule: no place on this axis
@@ -73,7 +73,7 @@ def trajectory(
     suptitle(
         fig,
         f"Effective rank of the {VECTORS[which]} during training",
-        subtitle(which, site, centering, convention),
+        subtitle(measurement),
     )
     return fig
 
@@ -102,9 +102,10 @@ def heatmap(
         run = names[0]
     if run not in names:
         raise SpectraError(f"run {run!r} not found; runs: {names}")
+    measurement = cube.Measurement(which=which, site=site, centering=centering, convention=convention)
     runs = labelled_runs(ds, simple_data, complex_data)
     one = ds.sel(run=[run])
-    pr = stats.head_pr(one, site=site, convention=convention, centering=centering, which=which)
+    pr = stats.head_pr(one, **measurement.keywords())
     measured = checkpoints.measured_steps(one).isel(run=0).values
     tokens = checkpoints.tokens_of(one).isel(run=0).values[measured]
     steps = one["step"].values[measured]
@@ -112,7 +113,7 @@ def heatmap(
         warnings.simplefilter("ignore", RuntimeWarning)  # an undefined layer stays NaN (blank cell)
         grid = (
             pr.isel(run=0, step=np.flatnonzero(measured))
-            .mean(cube.head_dim_name(which))
+            .mean(measurement.head_dim)
             .transpose("layer", "step")
         )
     if np.isnan(grid.values).all():
@@ -147,9 +148,7 @@ def heatmap(
         fig,
         f"Participation ratio of the {VECTORS[which]} per layer: run {run}",
         plan.describe_label(label),
-        subtitle(
-            which, site, centering, convention, f"mean over heads, colour scale 1 … head_dim = {head_dim}"
-        ),
+        subtitle(measurement, f"mean over heads, colour scale 1 … head_dim = {head_dim}"),
     )
     return fig
 
@@ -207,11 +206,11 @@ def pr_vs_loss(
 ) -> Figure:
     """Mean PR against validation loss, one line per run through its checkpoints in training order."""
     ds = checkpoints.as_runs(ds)
-    cube.check_choice("convention", convention, cube.CONVENTIONS)
+    measurement = cube.Measurement(which=which, site=site, centering=centering, convention=convention)
     table = stats.checkpoint_table(
         ds, site=site, centering=centering, which=which, simple_data=simple_data, complex_data=complex_data
     )
-    y = f"pr_{convention}"
+    y = measurement.metric
     table = table.dropna(subset=[y, "val_loss"])
     require_rows(
         table, "pr-vs-loss", f"no checkpoint with both a validation loss and a defined PR at site {site!r}"
@@ -249,6 +248,6 @@ def pr_vs_loss(
     suptitle(
         fig,
         f"Effective rank of the {VECTORS[which]} against validation loss",
-        subtitle(which, site, centering, convention, "points: checkpoints in training order, ★ = final"),
+        subtitle(measurement, "points: checkpoints in training order, ★ = final"),
     )
     return fig

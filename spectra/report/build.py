@@ -11,7 +11,7 @@ from spectra import cube
 from spectra.analysis import gamma as gamma_analysis
 from spectra.analysis import stats
 from spectra.fileio import ExclusiveLock, naming_a_full_disk, remove_stale_temporaries
-from spectra.report.context import check_options, load_context
+from spectra.report.context import load_context
 from spectra.report.document import Block, to_html, to_markdown
 from spectra.report.inputs import resolve_inputs
 from spectra.report.output import (
@@ -75,7 +75,9 @@ def build_report(
     >>> build_report(["runs/A1-s0", "runs/A2-s0"], "report")  # doctest: +SKIP
     PosixPath('report/report.html')
     """
-    check_options(site, convention, centering, gamma_site)
+    # an unknown choice is refused before anything is read
+    measurement = cube.Measurement(site=site, convention=convention, centering=centering)
+    cube.check_choice("gamma site", gamma_site, gamma_analysis.GAMMA_SITES)
     runs_in, skipped = resolve_inputs(inputs)
     out = Path(out_dir)
     out = out.resolve() if out.is_symlink() else out  # replace the directory the link points to, not the link
@@ -85,7 +87,7 @@ def build_report(
             echo(f"skipped {run}: {why}")
     studies = [read_study(p) for p in inputs if is_study_dir(p)]
     ctx = load_context(
-        runs_in, skipped, studies=studies, site=site, convention=convention, centering=centering, gamma_site=gamma_site,
+        runs_in, skipped, studies=studies, measurement=measurement, gamma_site=gamma_site,
         simple_data=simple_data, complex_data=complex_data, n_resamples=n_resamples, seed=seed,
     )  # fmt: skip
     with ExclusiveLock(out, f"report directory {out}"):

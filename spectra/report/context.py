@@ -11,11 +11,9 @@ import pandas as pd
 import xarray as xr
 
 from spectra import cube
-from spectra.analysis import gamma as gamma_analysis
 from spectra.analysis import plan, stats
 from spectra.analysis.null import headline_with_null
-from spectra.cube import open_cube, open_cubes
-from spectra.errors import SpectraError
+from spectra.cube import Measurement, open_cube, open_cubes
 from spectra.evals.results import read_eval_results
 from spectra.report.inputs import RunInput, load_surgery
 from spectra.study import Study
@@ -41,9 +39,8 @@ class ReportContext:
     """The study directories among the inputs (their runs carry the study's labels)."""
     evals: list[dict]
     """Each run's eval results (``evals.json``), for the runs that have them."""
-    site: str
-    convention: str
-    centering: str
+    measurement: Measurement
+    """The headline measurement (keys; site, centring and PR convention as chosen)."""
     gamma_site: str
     labels_kw: dict
     """``simple_data`` / ``complex_data`` for the configuration labels (:func:`spectra.analysis.plan.data_class`)."""
@@ -62,7 +59,7 @@ class ReportContext:
         self.runs = plan.run_table(self.ds, **kw)
         self.coverage = plan.plan_coverage(self.runs)
         self.summaries = stats.run_summaries(
-            self.ds, **self.measure, **kw, n_resamples=self.n_resamples, seed=self.seed
+            self.ds, **self.measurement.keywords(), **kw, n_resamples=self.n_resamples, seed=self.seed
         )
         self.configs = stats.configuration_summaries(
             self.summaries, n_resamples=self.n_resamples, seed=self.seed
@@ -77,27 +74,12 @@ class ReportContext:
         return plan.plan_cell_label(self.runs, cell)
 
     @property
-    def measure(self) -> dict[str, str]:
-        """The headline measurement as keyword arguments of the stats and plot functions."""
-        return {"site": self.site, "convention": self.convention, "centering": self.centering}
-
-    @property
-    def measurement(self) -> str:
+    def measured(self) -> str:
         """The headline measurement in words."""
+        m = self.measurement
         return (
-            f"keys at site `{self.site}`, {self.centering.replace('centered', 'centred')}, participation ratio "
-            f"in the {cube.CONVENTION_NAMES[self.convention]}"
-        )
-
-
-def check_options(site: str, convention: str, centering: str, gamma_site: str) -> None:
-    """Refuse an unknown measurement choice before anything is read."""
-    cube.check_choice("site", site, cube.SITES)
-    cube.check_choice("convention", convention, cube.CONVENTIONS)
-    cube.check_choice("centering", centering, cube.CENTERINGS)
-    if gamma_site not in gamma_analysis.GAMMA_SITES:
-        raise SpectraError(
-            f"gamma site must be one of {list(gamma_analysis.GAMMA_SITES)}, got {gamma_site!r}"
+            f"keys at site `{m.site}`, {m.centering.replace('centered', 'centred')}, participation ratio "
+            f"in the {cube.CONVENTION_NAMES[m.convention]}"
         )
 
 
@@ -132,9 +114,7 @@ def load_context(
     skipped: Sequence[tuple[Path, str]],
     *,
     studies: Sequence[Study] = (),
-    site: str,
-    convention: str,
-    centering: str,
+    measurement: Measurement,
     gamma_site: str,
     simple_data: Iterable[str],
     complex_data: Iterable[str],
@@ -157,9 +137,7 @@ def load_context(
         surgeries=surgeries,
         studies=list(studies),
         evals=[read_eval_results(r.evals) for r in runs_in if r.evals is not None],
-        site=site,
-        convention=convention,
-        centering=centering,
+        measurement=measurement,
         gamma_site=gamma_site,
         labels_kw={"simple_data": list(simple_data), "complex_data": list(complex_data)},
         n_resamples=n_resamples,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from spectra.cube import open_cubes
+from spectra.cube import Measurement, open_cubes
 from spectra.errors import SpectraError
 from spectra.figures.kinds import FIGURE_KINDS, PLOTTERS
 from spectra.figures.surgery import surgery_curves
@@ -16,7 +17,7 @@ from spectra.report.inputs import load_surgery
 
 PathLike = str | os.PathLike[str]
 
-_MEASUREMENT = ("site", "convention", "centering", "which")
+_MEASUREMENT = tuple(field.name for field in dataclasses.fields(Measurement))  # which, site, centering, convention
 _LABELS = ("simple_data", "complex_data")
 KIND_OPTIONS = {
     "trajectory": (*_MEASUREMENT, *_LABELS),

@@ -39,7 +39,7 @@ def _method() -> Paragraph:
 
 def dynamics_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     blocks: list[Block] = [Heading(1, "When does collapse happen?"), _method()]
-    kw = {**ctx.measure, **ctx.labels_kw}
+    kw = {**ctx.measurement.keywords(), **ctx.labels_kw}
     try:
         ranks = dynamics.breakpoint_table(ctx.ds, **kw)
     except SpectraError as e:
@@ -48,7 +48,7 @@ def dynamics_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     blocks.append(
         Table(
             overall[[c for c in BREAKPOINT_COLUMNS if c in overall]],
-            f"PR trajectory of each run (mean over layers and heads, {ctx.measurement}): the breakpoints BIC chose",
+            f"PR trajectory of each run (mean over layers and heads, {ctx.measured}): the breakpoints BIC chose",
             TOKENS,
             csv=w.csv("breakpoints.csv", ranks),
         )

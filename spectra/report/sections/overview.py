@@ -15,7 +15,7 @@ def overview_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
     return [
         Paragraph(
             f"Generated {now} by collapse {package_version('collapse')} over {len(ctx.run_names)} run(s). Headline measurement: "
-            f"{ctx.measurement}, the mean over layers and key/value heads at each run's final checkpoint."
+            f"{ctx.measured}, the mean over layers and key/value heads at each run's final checkpoint."
         ),
         Paragraph(
             "The participation ratio (PR) counts how many directions the keys of a head spread over: "
@@ -81,7 +81,7 @@ def caveats_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         items.append(
             f"Configurations of the plan without runs: {', '.join(missing)}; comparisons involving them are not made."
         )
-    if ctx.site == "unit" and (ctx.runs["qk_norm"] == "none").any():
+    if ctx.measurement.site == "unit" and (ctx.runs["qk_norm"] == "none").any():
         items.append(
             "The headline site `unit` does not exist for runs without QK-norm: their headline values are undefined."
         )

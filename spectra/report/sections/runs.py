@@ -56,7 +56,7 @@ def headline_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         Heading(1, "Headline: mean key PR at the final checkpoint"),
         Paragraph(
             f"Per run: the mean of the PR of every (layer, key/value head) at the run's last checkpoint "
-            f"({ctx.measurement}), with a {stats.CONFIDENCE:.0%} percentile-bootstrap interval over heads "
+            f"({ctx.measured}), with a {stats.CONFIDENCE:.0%} percentile-bootstrap interval over heads "
             f"({ctx.n_resamples} resamples, seed {ctx.seed}). That interval describes the spread between heads of "
             "one model, not how much the number would change with another training seed. Beside it, the PR that "
             "Gaussian random vectors of the same N tokens and head dimension give (the null: "

@@ -22,17 +22,17 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         blocks,
         "trajectory",
         f"Mean key PR against training tokens, one line per configuration, mean over its seeds; "
-        f"{_seed_band(ctx)} ({ctx.measurement}).",
+        f"{_seed_band(ctx)} ({ctx.measured}).",
         "PR trajectory",
-        lambda: trajectories.trajectory(ctx.ds, **ctx.measure, **ctx.labels_kw),
+        lambda: trajectories.trajectory(ctx.ds, **ctx.measurement.keywords(), **ctx.labels_kw),
     )
-    checkpoints = stats.checkpoint_table(ctx.ds, site=ctx.site, centering=ctx.centering, **ctx.labels_kw)
+    checkpoints = stats.checkpoint_table(ctx.ds, site=ctx.measurement.site, centering=ctx.measurement.centering, **ctx.labels_kw)
     shown = checkpoints.rename(columns={"pr_sv": "PR (sv convention)", "pr_eig": "PR (eig convention)"})
     blocks.append(
         Table(
             shown,
-            f"Mean key PR over layers and heads at every checkpoint, both conventions (site `{ctx.site}`, "
-            f"{ctx.centering})",
+            f"Mean key PR over layers and heads at every checkpoint, both conventions (site `{ctx.measurement.site}`, "
+            f"{ctx.measurement.centering})",
             {
                 "PR (sv convention)": ".2f",
                 "PR (eig convention)": ".2f",
@@ -52,7 +52,7 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
             stem,
             f"Run {name}: key PR per layer (rows) at each checkpoint (columns), mean over heads.",
             f"Heatmap of run {name}",
-            lambda name=name: trajectories.heatmap(ctx.ds, run=name, **ctx.measure, **ctx.labels_kw),
+            lambda name=name: trajectories.heatmap(ctx.ds, run=name, **ctx.measurement.keywords(), **ctx.labels_kw),
         )
     return blocks
 
@@ -64,7 +64,7 @@ def shape_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "waterfall",
         "σ_i/σ_1 against i, each head normalised by its largest singular value, mean over heads and layers.",
         "Singular-value waterfall",
-        lambda: final_checkpoint.waterfall(ctx.ds, site=ctx.site, centering=ctx.centering, **ctx.labels_kw),
+        lambda: final_checkpoint.waterfall(ctx.ds, site=ctx.measurement.site, centering=ctx.measurement.centering, **ctx.labels_kw),
     )
     return blocks
 
@@ -76,7 +76,7 @@ def data_complexity_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "data_complexity",
         "Per-layer key PR at the final checkpoint for simple (C1) and complex (C2) data.",
         "Data-complexity figure",
-        lambda: final_checkpoint.data_complexity(ctx.ds, **ctx.measure, **ctx.labels_kw),
+        lambda: final_checkpoint.data_complexity(ctx.ds, **ctx.measurement.keywords(), **ctx.labels_kw),
     )
     return blocks
 
@@ -92,6 +92,6 @@ def loss_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "pr_vs_loss",
         "Mean key PR against validation loss, one line per run through its checkpoints.",
         "PR against validation loss",
-        lambda: trajectories.pr_vs_loss(ctx.ds, **ctx.measure, **ctx.labels_kw),
+        lambda: trajectories.pr_vs_loss(ctx.ds, **ctx.measurement.keywords(), **ctx.labels_kw),
     )
     return blocks
