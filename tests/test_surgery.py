@@ -19,22 +19,19 @@ from scipy import stats
 import cli.surgery
 from spectra.errors import SpectraError
 from spectra.extract.load import eval_batch_sha256, load_checkpoint
-from spectra.surgery.run import (
-    DEFAULT_FRACTIONS,
-    evaluate_loss,
+from spectra.surgery.loss import evaluate_loss, loss_windows
+from spectra.surgery.pruning import (
     gamma_removal_orders,
     gamma_status,
     keep_masks,
     key_singular_vectors,
-    loss_windows,
     parse_layers,
     pruned_keys,
     random_removal_order,
     removal_order,
     removed_count,
-    run_surgery,
-    surgery,
 )
+from spectra.surgery.run import DEFAULT_FRACTIONS, run_surgery, surgery
 from trainer.checkpoint import checkpoint_name, save_checkpoint
 from trainer.config import ModelConfig, RunConfig, TrainConfig
 from trainer.model import LLM

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spectra.dataset import META_FILE, TOKENIZER_FILE, read_meta
 from spectra.errors import SpectraError
 from spectra.evals.results import evals_path, read_eval_results, record_key, write_eval_results
 from spectra.extract.load import (
@@ -204,7 +205,7 @@ def load_dataset_tokenizer(ckpt: Checkpoint, data_dir: PathLike | None = None):
     directory = Path(data_dir) if data_dir is not None else ckpt.data_dir
     if directory is None:
         raise SpectraError(f"{ckpt.path}: no dataset directory recorded; pass it with --data")
-    file = directory / "tokenizer.json"
+    file = directory / TOKENIZER_FILE
     if not file.is_file():
         raise SpectraError(
             f"{file}: no tokenizer (the dataset directory of {ckpt.path}; pass another with --data)"
@@ -219,7 +220,7 @@ def load_dataset_tokenizer(ckpt: Checkpoint, data_dir: PathLike | None = None):
     eot_id = recorded.get("eot_id")
     if not isinstance(eot_id, int):
         raise SpectraError(
-            f"{ckpt.path}: no end-of-text id recorded in the checkpoint or {directory / 'meta.json'}"
+            f"{ckpt.path}: no end-of-text id recorded in the checkpoint or {directory / META_FILE}"
         )
     try:
         tok = Tokenizer.from_file(str(file))
@@ -236,12 +237,9 @@ def load_dataset_tokenizer(ckpt: Checkpoint, data_dir: PathLike | None = None):
 def _recorded_tokenizer(ckpt: Checkpoint, directory: Path) -> dict[str, Any]:
     """The tokenizer entry (sha256, eot_id) of the checkpoint's dataset metadata, else of the dataset's meta.json."""
     entry: dict[str, Any] = {}
-    meta_path = directory / "meta.json"
-    if meta_path.is_file():
-        try:
-            entry.update(json.loads(meta_path.read_text()).get("tokenizer") or {})
-        except (json.JSONDecodeError, AttributeError):
-            raise SpectraError(f"{meta_path}: not a readable dataset meta.json") from None
+    if (directory / META_FILE).is_file():
+        tokenizer = read_meta(directory).get("tokenizer")
+        entry.update(tokenizer if isinstance(tokenizer, dict) else {})
     if "dataset" in ckpt.metadata:
         try:
             dataset = json.loads(ckpt.metadata["dataset"])

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra.dataset import META_FILE, TOKENIZER_FILE, read_meta, read_split
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write, check_writable
 
@@ -54,17 +55,13 @@ _WORD = re.compile(r"^[A-Za-z]+$")
 PathLike = str | os.PathLike[str]
 
 
-def _meta(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "meta.json"
-    if not path.is_file():
-        raise SpectraError(f"{path} not found: {data_dir} is not a prepared dataset directory")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpectraError(f"{path}: invalid JSON ({e})") from None
-    for key in ("dtype", "splits", "tokenizer", "name"):
+def _meta(data_dir: Path, splits: tuple[str, ...]) -> dict[str, Any]:
+    """The dataset's ``meta.json`` (:func:`spectra.dataset.read_meta`) with what the tasks need: its name, its
+    tokenizer's end-of-text id, and ``splits``."""
+    meta = read_meta(data_dir, splits=splits)
+    for key in ("tokenizer", "name"):
         if key not in meta:
-            raise SpectraError(f"{path}: no {key!r} entry")
+            raise SpectraError(f"{data_dir / META_FILE}: no {key!r} entry")
     return meta
 
 
@@ -77,13 +74,10 @@ def read_split_documents(data_dir: PathLike, split: str) -> list[str]:
     from tokenizers import Tokenizer
 
     data_dir = Path(data_dir)
-    meta = _meta(data_dir)
-    entry = meta["splits"].get(split)
-    if not isinstance(entry, dict) or "file" not in entry:
-        raise SpectraError(f"{data_dir / 'meta.json'}: no split {split!r}")
-    ids = np.fromfile(data_dir / entry["file"], dtype=np.dtype(meta["dtype"]))
+    meta = _meta(data_dir, (split,))
+    ids = read_split(data_dir, split, meta)
     eot = int(meta["tokenizer"]["eot_id"])
-    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(data_dir / TOKENIZER_FILE))
     starts = np.flatnonzero(ids == eot)
     ends = np.r_[starts[1:], len(ids)]
     return [tok.decode(ids[s + 1 : e].tolist()) for s, e in zip(starts, ends) if e > s + 1]
@@ -234,7 +228,7 @@ def write_dataset_tasks(
     {'bible_mix_cloze': PosixPath('tasks/bible-mix/bible_mix_cloze.yaml'), 'bible_mix_choice': ...}
     """
     data_dir, out = Path(data_dir), Path(out_dir)
-    meta = _meta(data_dir)
+    meta = _meta(data_dir, ("test", "val"))  # both splits checked before any file is written
     if n_docs is not None and n_docs < 1:
         raise SpectraError(f"n_docs must be positive or None, got {n_docs}")
     name = _task_name(str(meta["name"]))

@@ -4,7 +4,7 @@
 :func:`render_plot` is the one behind ``collapse-spectra plot KIND CUBE... -o FILE``. Both resolve their
 inputs (a run directory means its ``spectra.nc`` and, if present, its ``surgery.nc``; a cube file means
 itself), open the cubes with :func:`spectra.cube.open_cubes`, and call the pure functions of
-:mod:`spectra.analysis.stats`, :mod:`spectra.analysis.gamma` and :mod:`spectra.figures.trajectories`.
+:mod:`spectra.analysis` and :mod:`spectra.figures`.
 
 The package, by concept:
 
@@ -27,7 +27,7 @@ No torch here: the report reads cubes and surgery results, never checkpoints.
 """
 
 from spectra.report.build import build_report
-from spectra.report.inputs import SURGERY_FILENAME, SURGERY_FORMAT, RunInput, load_surgery, resolve_inputs
+from spectra.report.inputs import RunInput, resolve_inputs
 from spectra.report.output import MANIFEST, REPORT_HTML, REPORT_MD
 from spectra.report.render import KIND_OPTIONS, render_plot
 
@@ -36,11 +36,8 @@ __all__ = [
     "MANIFEST",
     "REPORT_HTML",
     "REPORT_MD",
-    "SURGERY_FILENAME",
-    "SURGERY_FORMAT",
     "RunInput",
     "build_report",
-    "load_surgery",
     "render_plot",
     "resolve_inputs",
 ]

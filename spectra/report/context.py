@@ -15,8 +15,9 @@ from spectra.analysis import plan, stats
 from spectra.analysis.null import headline_with_null
 from spectra.cube import Measurement, open_cube, open_cubes
 from spectra.evals.results import read_eval_results
-from spectra.report.inputs import RunInput, load_surgery
+from spectra.report.inputs import RunInput
 from spectra.study import Study
+from spectra.surgery.file import read_surgery
 
 
 @dataclass
@@ -126,7 +127,7 @@ def load_context(
     ds = with_study_labels(open_cubes([r.cube for r in runs_in], on_skip=None), studies)
     run_names = [str(r) for r in ds["run"].values]
     surgeries = {
-        name: load_surgery(r.surgery) for name, r in zip(run_names, runs_in) if r.surgery is not None
+        name: read_surgery(r.surgery) for name, r in zip(run_names, runs_in) if r.surgery is not None
     }
     return ReportContext(
         runs_in=list(runs_in),

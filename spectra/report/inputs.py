@@ -1,5 +1,5 @@
-"""What a report (or a figure) is made of: the runs' cubes and their surgery results, found from the paths
-given on the command line, and the surgery files read and checked."""
+"""What a report (or a figure) is made of: the runs' cubes, surgery results and eval results, found from the
+paths given on the command line (each file is read by the module of its format)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import xarray as xr
-
-from spectra.cube import CUBE_FILENAME, find_cubes, open_cube, read_netcdf
+from spectra.cube import CUBE_FILENAME, find_cubes, open_cube
 from spectra.errors import SpectraError
 from spectra.evals.results import EVALS_FILENAME
-
-SURGERY_FILENAME = "surgery.nc"
-SURGERY_FORMAT = "collapse-surgery"
+from spectra.surgery.file import SURGERY_FILENAME, read_surgery
 
 PathLike = str | os.PathLike[str]
 
@@ -68,32 +64,4 @@ def _run_input(cube: Path) -> RunInput:
     if cube.name == CUBE_FILENAME:  # a run directory's own cube: its surgery.nc and evals.json are the run's
         return RunInput(cube, sibling, evals_path)
     run_name = open_cube(cube).attrs.get("run_name")
-    return RunInput(cube, sibling if load_surgery(sibling).attrs.get("run_name") == run_name else None)
-
-
-def load_surgery(path: PathLike) -> xr.Dataset:
-    """Read a ``surgery.nc`` (written by ``collapse-spectra surgery``) into memory and check its schema.
-
-    A run directory means its ``surgery.nc``. Raises :class:`SpectraError` naming the file if it is
-    missing, unreadable, or lacks ``loss(strategy, fraction, seed)`` and ``baseline_loss``.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / SURGERY_FILENAME
-    if not p.is_file():
-        raise SpectraError(f"{p}: no such surgery file (run `collapse-spectra surgery CHECKPOINT` first)")
-    ds = read_netcdf(p)
-    fmt = ds.attrs.get("format", SURGERY_FORMAT)
-    if fmt != SURGERY_FORMAT:
-        raise SpectraError(
-            f"{p}: not a surgery file (global attribute format = {fmt!r}, expected {SURGERY_FORMAT!r})"
-        )
-    if (
-        "loss" not in ds
-        or set(ds["loss"].dims) != {"strategy", "fraction", "seed"}
-        or "baseline_loss" not in ds
-    ):
-        raise SpectraError(f"{p}: a surgery file needs loss(strategy, fraction, seed) and baseline_loss")
-    ds.attrs.setdefault("run_name", p.parent.name)
-    ds.attrs["path"] = str(p)
-    return ds
+    return RunInput(cube, sibling if read_surgery(sibling).attrs.get("run_name") == run_name else None)

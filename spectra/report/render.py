@@ -13,7 +13,7 @@ from spectra.figures.kinds import FIGURE_KINDS, PLOTTERS
 from spectra.figures.surgery import surgery_curves
 from spectra.figures.toolkit import figure_paths, is_own_figure, save_figure
 from spectra.fileio import check_writable
-from spectra.report.inputs import load_surgery
+from spectra.surgery.file import read_surgery
 
 PathLike = str | os.PathLike[str]
 
@@ -69,7 +69,7 @@ def render_plot(kind: str, inputs: Sequence[PathLike], output: PathLike, **optio
                 f"{target} exists and was not written by collapse-spectra: refusing to replace it; choose another -o"
             )
     if kind == "surgery":
-        fig = surgery_curves([load_surgery(p) for p in inputs])
+        fig = surgery_curves([read_surgery(p) for p in inputs])
     else:
         ds = open_cubes(list(inputs))
         fig = PLOTTERS[kind](ds, **given)
