@@ -338,20 +338,7 @@ def evaluate_checkpoint(
     lm_eval = _lm_eval()
     from spectra.evals.lm_eval_model import CollapseLM
 
-    tasks = list(dict.fromkeys(tasks))
-    if not tasks:
-        raise SpectraError("no tasks given")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise SpectraError(f"limit must be a positive integer, got {limit!r}")
-    fewshot = parse_num_fewshot(num_fewshot, tasks)
-    include = [str(Path(p).resolve()) for p in include_path]
-    manager = task_manager or task_manager_for(tasks, include)
-    groups = [t for t in tasks if t not in getattr(manager, "all_subtasks", tasks)]
-    if groups:
-        raise SpectraError(
-            f"{', '.join(groups)}: an lm-eval group or tag, not a task; name its tasks (records are per task)"
-        )
-
+    tasks, fewshot, include, manager = _task_request(tasks, num_fewshot, limit, include_path, task_manager)
     dev = resolve_device(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, dev)
     tok, eot_id, tok_sha, directory = load_dataset_tokenizer(ckpt, data_dir)
@@ -392,6 +379,31 @@ def evaluate_checkpoint(
             ) from None
         records += [_record(results, task, count, context) for task in group]
     return records
+
+
+def _task_request(
+    tasks: Sequence[str],
+    num_fewshot: int | str | Mapping[str, int] | None,
+    limit: int | None,
+    include_path: Iterable[PathLike],
+    task_manager: Any,
+) -> tuple[list[str], dict[str, int | None], list[str], Any]:
+    """The tasks (deduplicated), each one's few-shot count, the include path resolved and the task manager, after
+    refusing no tasks, a bad limit, and lm-eval groups (records are per task)."""
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise SpectraError("no tasks given")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise SpectraError(f"limit must be a positive integer, got {limit!r}")
+    fewshot = parse_num_fewshot(num_fewshot, tasks)
+    include = [str(Path(p).resolve()) for p in include_path]
+    manager = task_manager or task_manager_for(tasks, include)
+    groups = [t for t in tasks if t not in getattr(manager, "all_subtasks", tasks)]
+    if groups:
+        raise SpectraError(
+            f"{', '.join(groups)}: an lm-eval group or tag, not a task; name its tasks (records are per task)"
+        )
+    return tasks, fewshot, include, manager
 
 
 def _record(

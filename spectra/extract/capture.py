@@ -160,55 +160,9 @@ def capture_qk(
     input_ids = input_ids.to(device)
     results: dict[int, Any] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def hooks_for(i: int) -> None:
-        attn = model.blocks[i].attn
-        h, hkv = attn.n_heads, attn.n_kv_heads
-        q: dict[str, torch.Tensor] = {}
-        k: dict[str, torch.Tensor] = {}
-
-        def on_proj(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
-            def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-                store["proj"] = heads_first_bthd(out, heads, drop_first)  # (heads, N, D)
-
-            return hook
-
-        def on_norm(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-                x = args[0]  # (B, T, heads, D), the norm's input
-                if isinstance(module, nn.RMSNorm):
-                    # the norm's own arithmetic without the gain: unit RMS over head_dim
-                    unit = F.rms_norm(x, module.normalized_shape, weight=None, eps=module.eps)
-                    store["unit"] = heads_first_bthd(unit, heads, drop_first)
-                store["normed"] = heads_first_bthd(out, heads, drop_first)
-
-            return hook
-
-        def on_rotary(_module: nn.Module, _args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-            q["rope"] = heads_first_bhtd(out[0], drop_first)  # (H, N, D)
-            k["rope"] = heads_first_bhtd(out[1], drop_first)  # (Hkv, N, D)
-            layer = LayerQK(layer=i, q=dict(q), k=dict(k))
-            q.clear()
-            k.clear()
-            results[i] = layer if reduce is None else reduce(layer)
-            if i == wanted[-1]:
-                raise _StopForward
-
-        if not isinstance(attn.q_norm, nn.RMSNorm | nn.Identity):
-            raise SpectraError(f"layer {i}: unexpected QK-norm module {type(attn.q_norm).__name__}")
-        handles.extend(
-            [
-                attn.q_proj.register_forward_hook(on_proj(q, h)),
-                attn.k_proj.register_forward_hook(on_proj(k, hkv)),
-                attn.q_norm.register_forward_hook(on_norm(q, h)),
-                attn.k_norm.register_forward_hook(on_norm(k, hkv)),
-                attn.rotary.register_forward_hook(on_rotary),
-            ]
-        )
-
     try:
         for i in wanted:
-            hooks_for(i)
+            handles += _layer_hooks(model.blocks[i].attn, i, drop_first, results, reduce, last=i == wanted[-1])
         with torch.no_grad():
             try:
                 model(input_ids)
@@ -221,3 +175,56 @@ def capture_qk(
     if missing:  # pragma: no cover - only if the model stops calling its rotary module
         raise SpectraError(f"layers {missing} were not recorded: their hooks never fired")
     return {i: results[i] for i in wanted}
+
+
+def _layer_hooks(
+    attn: nn.Module,
+    i: int,
+    drop_first: int,
+    results: dict[int, Any],
+    reduce: Callable[[LayerQK], Any] | None,
+    last: bool,
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register the hooks that record layer ``i``'s queries and keys at every site; its ``LayerQK`` (or
+    ``reduce`` of it) lands in ``results[i]`` when the rotary embedding has run, and the last layer's ends the
+    forward pass (:class:`_StopForward`)."""
+    h, hkv = attn.n_heads, attn.n_kv_heads
+    q: dict[str, torch.Tensor] = {}
+    k: dict[str, torch.Tensor] = {}
+
+    def on_proj(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            store["proj"] = heads_first_bthd(out, heads, drop_first)  # (heads, N, D)
+
+        return hook
+
+    def on_norm(store: dict[str, torch.Tensor], heads: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0]  # (B, T, heads, D), the norm's input
+            if isinstance(module, nn.RMSNorm):
+                # the norm's own arithmetic without the gain: unit RMS over head_dim
+                unit = F.rms_norm(x, module.normalized_shape, weight=None, eps=module.eps)
+                store["unit"] = heads_first_bthd(unit, heads, drop_first)
+            store["normed"] = heads_first_bthd(out, heads, drop_first)
+
+        return hook
+
+    def on_rotary(_module: nn.Module, _args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        q["rope"] = heads_first_bhtd(out[0], drop_first)  # (H, N, D)
+        k["rope"] = heads_first_bhtd(out[1], drop_first)  # (Hkv, N, D)
+        layer = LayerQK(layer=i, q=dict(q), k=dict(k))
+        q.clear()
+        k.clear()
+        results[i] = layer if reduce is None else reduce(layer)
+        if last:
+            raise _StopForward
+
+    if not isinstance(attn.q_norm, nn.RMSNorm | nn.Identity):
+        raise SpectraError(f"layer {i}: unexpected QK-norm module {type(attn.q_norm).__name__}")
+    return [
+        attn.q_proj.register_forward_hook(on_proj(q, h)),
+        attn.k_proj.register_forward_hook(on_proj(k, hkv)),
+        attn.q_norm.register_forward_hook(on_norm(q, h)),
+        attn.k_norm.register_forward_hook(on_norm(k, hkv)),
+        attn.rotary.register_forward_hook(on_rotary),
+    ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,9 +394,8 @@ def extract(
     paths = find_checkpoints(path)
     out = check_writable(Path(out) if out is not None else run_dir_of(path) / CUBE_FILENAME, "cube")
     run, unreadable = _run_headers(paths)
-    first_path, first, steps = run.first_path, run.first, run.steps
-    batch_file = _batch_file(batch, first_path, first)
-    input_ids = load_eval_batch(batch_file, expected_sha256=first["eval_batch_sha256"], force=force)
+    batch_file = _batch_file(batch, run.first_path, run.first)
+    input_ids = load_eval_batch(batch_file, expected_sha256=run.first["eval_batch_sha256"], force=force)
     batch_sha = eval_batch_sha256(input_ids)
 
     with ExclusiveLock(out, f"cube {out}"):
@@ -403,20 +403,16 @@ def extract(
         existing = _read_cube(out) if out.exists() else None
         done: set[int] = set()
         if existing is not None:
-            reference = (first_path, run.model_config)
-            _check_compatible(out, existing, first["run_name"], reference, batch_sha, drop_first)
+            reference = (run.first_path, run.model_config)
+            _check_compatible(out, existing, run.first["run_name"], reference, batch_sha, drop_first)
             done = {int(s) for s in existing.step.values}
-        todo = [(s, p) for s, p in sorted(steps.items()) if s not in done]
-        skipped = tuple(s for s in sorted(steps) if s in done)
+        todo = [(s, p) for s, p in sorted(run.steps.items()) if s not in done]
+        skipped = tuple(s for s in sorted(run.steps) if s in done)
         if not todo:
             return _finished(ExtractResult(path=out, added=(), skipped=skipped), unreadable)
-
-        forced = (
-            ""
-            if batch_sha == first["eval_batch_sha256"]
-            else f", forced over the recorded {first['eval_batch_sha256']}"
-        )
         source = (checkpoints_dir(path) if Path(path).is_dir() else Path(path)).resolve()
+        recorded = run.first["eval_batch_sha256"]
+        forced = "" if batch_sha == recorded else f", forced over the recorded {recorded}"
 
         def history(added: list[int]) -> str:
             return (
@@ -425,27 +421,52 @@ def extract(
                 f"collapse {package_version('collapse')}"
             )
 
-        new: list[xr.Dataset] = []
-        model = None
-        last_flush = time.monotonic()
-        bar = tqdm(todo, desc=f"extract {first['run_name']}", unit="ckpt", disable=not progress)
-        for step, p in bar:
+        added = _extract_steps(
+            todo, existing, out, input_ids, dev, drop_first, history, unreadable,
+            bar=tqdm(desc=f"extract {run.first['run_name']}", total=len(todo), unit="ckpt", disable=not progress),
+        )  # fmt: skip
+    return _finished(ExtractResult(path=out, added=tuple(added), skipped=skipped), unreadable)
+
+
+def _extract_steps(
+    todo: list[tuple[int, Path]],
+    existing: xr.Dataset | None,
+    out: Path,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    drop_first: int,
+    history: Callable[[list[int]], str],
+    unreadable: list[tuple[Path, str]],
+    bar: tqdm,
+) -> list[int]:
+    """Compute the spectra of the ``todo`` checkpoints (``(step, path)``) into the cube at ``out``, rewriting it
+    at most every :data:`_FLUSH_SECONDS` and at the end; returns the steps added.
+
+    One model is built and its weights replaced checkpoint by checkpoint. A checkpoint whose tensors cannot be read
+    is appended to ``unreadable`` and the others go on.
+    """
+    new: list[xr.Dataset] = []
+    model = None
+    last_flush = time.monotonic()
+    with bar:
+        for step, p in todo:
             bar.set_postfix(step=step)
             try:
-                ckpt = load_checkpoint(p, dev, model=model)
+                ckpt = load_checkpoint(p, device, model=model)
             except SpectraError as e:  # its header was fine, its tensors are not: the others go on
                 unreadable.append((p, str(e)))
+                bar.update()
                 continue
             model = ckpt.model
-            new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=dev))
+            new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=device))
+            bar.update()
             if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
                 write_cube(combine_steps(existing, new, history([int(d.step[0]) for d in new])), out)
                 last_flush = time.monotonic()
-        bar.close()
-        added = [int(d.step[0]) for d in new]
-        if new:
-            write_cube(combine_steps(existing, new, history(added)), out)
-    return _finished(ExtractResult(path=out, added=tuple(added), skipped=skipped), unreadable)
+    added = [int(d.step[0]) for d in new]
+    if new:
+        write_cube(combine_steps(existing, new, history(added)), out)
+    return added
 
 
 def _finished(result: ExtractResult, unreadable: list[tuple[Path, str]]) -> ExtractResult:

@@ -378,20 +378,12 @@ def _check_compatible(path: Path, cube: xr.Dataset, new: dict[str, Any]) -> None
             )
 
 
-def _history(
-    source: ModelSource,
-    added: list[Revision],
-    dev: torch.device,
-    dtype: str,
-    drop_first: int,
-    batch_file: Path,
-    batch_sha: str,
-) -> str:
+def _history(job: _Job, added: list[Revision]) -> str:
     revs = ", ".join(f"{r.label} (step {r.step})" for r in added)
     return (
-        f"collapse-spectra extract: added {revs} of {source.spec} on {dev}, dtype {dtype}, drop_first={drop_first}, "
-        f"eval batch {batch_file.resolve()} (sha256 {batch_sha}); collapse {package_version('collapse')}, "
-        f"transformers {package_version('transformers')}"
+        f"collapse-spectra extract: added {revs} of {job.source.spec} on {job.device}, dtype {job.dtype}, "
+        f"drop_first={job.drop_first}, eval batch {job.batch_file.resolve()} (sha256 {job.batch_sha}); "
+        f"collapse {package_version('collapse')}, transformers {package_version('transformers')}"
     )
 
 
@@ -476,6 +468,35 @@ def extract_public(
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise SpectraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    job = _Job(src, dev, dtype, drop_first, force, cache_dir, *_public_batch(batch))
+    out = check_writable(Path(out), "cube")
+    with ExclusiveLock(out, f"cube {out}"):
+        remove_stale_temporaries(out)  # under the lock: debris of a killed extraction of this cube
+        existing, entries = _existing_cube(out, job)
+        todo, skipped = _revisions_to_do(out, planned, entries)
+        added = _extract_revisions(job, todo, out, existing, entries, progress) if todo else []
+        return ExtractResult(path=out, added=tuple(r.step for r in added), skipped=skipped)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every revision of one :func:`extract_public` call is measured with."""
+
+    source: ModelSource
+    device: torch.device
+    dtype: str
+    drop_first: int
+    force: bool
+    cache_dir: str | os.PathLike | None
+    batch_file: Path
+    dataset_tokenizer: Path
+    input_ids: torch.Tensor
+    batch_sha: str
+
+
+def _public_batch(batch: str | os.PathLike) -> tuple[Path, Path, torch.Tensor, str]:
+    """The eval batch file, the dataset tokenizer beside it (a public model's must match it), the batch and its
+    sha256."""
     batch_file = eval_batch_path(batch)
     dataset_tokenizer = batch_file.parent / TOKENIZER_FILE
     if not dataset_tokenizer.is_file():
@@ -484,86 +505,99 @@ def extract_public(
             "directory, to check that its tokenizer is the model's"
         )
     input_ids = load_eval_batch(batch_file)
-    batch_sha = eval_batch_sha256(input_ids)
-    out = check_writable(Path(out), "cube")
+    return batch_file, dataset_tokenizer, input_ids, eval_batch_sha256(input_ids)
 
-    with ExclusiveLock(out, f"cube {out}"):
-        remove_stale_temporaries(out)  # under the lock: debris of a killed extraction of this cube
 
-        existing = None
-        entries: list[dict[str, Any]] = []
-        if out.exists():
-            try:
-                existing = open_cube(out)
-            except SpectraError as e:
-                raise SpectraError(
-                    f"{e}; the existing file is left as it is: move it away or choose another --out"
-                ) from None
-            cheap = {
-                "model_id": src.model_id,
-                "eval_batch_sha256": batch_sha,
-                "drop_first": drop_first,
-                "dtype": dtype,
-            }
-            _check_compatible(out, existing, cheap)
-            entries = json.loads(str(existing.attrs.get("revisions", "[]")))
-        done = {int(e["step"]): e["revision"] for e in entries}
-        for rev in planned:
-            if rev.step in done and done[rev.step] != rev.label:
-                raise SpectraError(
-                    f"{out}: step {rev.step} holds revision {done[rev.step]!r}, not {rev.label!r}; choose another --out"
-                )
-        todo = [r for r in planned if r.step not in done]
-        skipped = tuple(r.step for r in planned if r.step in done)
-        if not todo:
-            return ExtractResult(path=out, added=(), skipped=skipped)
+def _existing_cube(out: Path, job: _Job) -> tuple[xr.Dataset | None, list[dict[str, Any]]]:
+    """The cube at ``out`` and its revision records, after checking it was computed as this extraction computes
+    (model, batch, drop_first, dtype); ``(None, [])`` when there is none yet."""
+    if not out.exists():
+        return None, []
+    try:
+        existing = open_cube(out)
+    except SpectraError as e:
+        raise SpectraError(f"{e}; the existing file is left as it is: move it away or choose another --out") from None
+    cheap = {
+        "model_id": job.source.model_id,
+        "eval_batch_sha256": job.batch_sha,
+        "drop_first": job.drop_first,
+        "dtype": job.dtype,
+    }
+    _check_compatible(out, existing, cheap)
+    return existing, json.loads(str(existing.attrs.get("revisions", "[]")))
 
-        new: list[xr.Dataset] = []
-        added: list[Revision] = []
-        key = None
-        last_flush = time.monotonic()
-        bar = tqdm(todo, desc=f"extract {src.model_id}", unit="rev", disable=not progress)
-        for rev in bar:
-            bar.set_postfix(revision=rev.label)
-            fetched = fetch_revision(src, rev, cache_dir=cache_dir)
-            model_tokenizer = fetched.directory / TOKENIZER_FILE
-            match = check_tokenizer(
-                dataset_tokenizer, model_tokenizer if model_tokenizer.is_file() else None, force=force
+
+def _revisions_to_do(
+    out: Path, planned: list[Revision], entries: list[dict[str, Any]]
+) -> tuple[list[Revision], tuple[int, ...]]:
+    """The planned revisions the cube does not hold yet, and the steps it holds; a step holding another revision
+    than planned is refused."""
+    done = {int(e["step"]): e["revision"] for e in entries}
+    for rev in planned:
+        if rev.step in done and done[rev.step] != rev.label:
+            raise SpectraError(
+                f"{out}: step {rev.step} holds revision {done[rev.step]!r}, not {rev.label!r}; choose another --out"
             )
-            loaded = load_public_model(fetched, dev, dtype)
-            attrs = _model_attrs(src, loaded, input_ids, drop_first, dtype, match)
-            if key is None:
-                key = attrs["architecture_key"]
-                if existing is not None:
-                    _check_compatible(out, existing, {k: attrs[k] for k in ("family", "architecture_key")})
-            elif attrs["architecture_key"] != key:
-                raise SpectraError(
-                    f"revision {rev.label!r} has another architecture (config) than {todo[0].label!r}"
-                )
-            new.append(spectra_for_public_model(loaded, input_ids, drop_first=drop_first, attrs=attrs))
-            added.append(rev)
-            entries.append(
-                {
-                    "step": rev.step,
-                    "revision": rev.label,
-                    "commit": fetched.commit,
-                    "tokens_rule": rev.tokens_rule,
-                    "tokenizer_check": match,
-                }
-            )
-            del loaded  # one model in memory at a time
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
-                line = _history(src, added, dev, dtype, drop_first, batch_file, batch_sha)
-                write_cube(_finish(combine_steps(existing, new, line), entries), out)
-                last_flush = time.monotonic()
-        bar.close()
-        line = _history(src, added, dev, dtype, drop_first, batch_file, batch_sha)
-        write_cube(_finish(combine_steps(existing, new, line), entries), out)
-        return ExtractResult(path=out, added=tuple(r.step for r in added), skipped=skipped)
+    todo = [r for r in planned if r.step not in done]
+    return todo, tuple(r.step for r in planned if r.step in done)
 
+
+def _extract_revisions(
+    job: _Job,
+    todo: list[Revision],
+    out: Path,
+    existing: xr.Dataset | None,
+    entries: list[dict[str, Any]],
+    progress: bool,
+) -> list[Revision]:
+    """Measure ``todo`` one model at a time, rewriting the cube at most once a minute and at the end."""
+    new: list[xr.Dataset] = []
+    added: list[Revision] = []
+    key = None
+    last_flush = time.monotonic()
+    bar = tqdm(todo, desc=f"extract {job.source.model_id}", unit="rev", disable=not progress)
+    for rev in bar:
+        bar.set_postfix(revision=rev.label)
+        loaded, attrs, entry = _load_revision(job, rev)
+        if key is None:
+            key = attrs["architecture_key"]
+            if existing is not None:
+                _check_compatible(out, existing, {k: attrs[k] for k in ("family", "architecture_key")})
+        elif attrs["architecture_key"] != key:
+            raise SpectraError(f"revision {rev.label!r} has another architecture (config) than {todo[0].label!r}")
+        new.append(spectra_for_public_model(loaded, job.input_ids, drop_first=job.drop_first, attrs=attrs))
+        added.append(rev)
+        entries.append(entry)
+        del loaded  # one model in memory at a time
+        gc.collect()
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
+            write_cube(_finish(combine_steps(existing, new, _history(job, added)), entries), out)
+            last_flush = time.monotonic()
+    bar.close()
+    write_cube(_finish(combine_steps(existing, new, _history(job, added)), entries), out)
+    return added
+
+
+def _load_revision(job: _Job, rev: Revision) -> tuple[PublicModel, dict[str, Any], dict[str, Any]]:
+    """One revision fetched, its tokenizer checked against the dataset's, and its model loaded: the model, the
+    cube's attributes for it, and its entry in the cube's ``revisions`` record."""
+    fetched = fetch_revision(job.source, rev, cache_dir=job.cache_dir)
+    model_tokenizer = fetched.directory / TOKENIZER_FILE
+    match = check_tokenizer(
+        job.dataset_tokenizer, model_tokenizer if model_tokenizer.is_file() else None, force=job.force
+    )
+    loaded = load_public_model(fetched, job.device, job.dtype)
+    attrs = _model_attrs(job.source, loaded, job.input_ids, job.drop_first, job.dtype, match)
+    entry = {
+        "step": rev.step,
+        "revision": rev.label,
+        "commit": fetched.commit,
+        "tokens_rule": rev.tokens_rule,
+        "tokenizer_check": match,
+    }
+    return loaded, attrs, entry
 
 __all__ = [
     "DTYPES",
