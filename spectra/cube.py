@@ -30,7 +30,8 @@ import xarray as xr
 
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
-from spectra.study import read_study
+from spectra.rundir import CHECKPOINTS_DIR, RUN_RECORD
+from spectra.study import is_study_dir, read_study
 from trainer.provenance import software_versions
 
 __all__ = [
@@ -463,7 +464,7 @@ def _check_variables(ds: xr.Dataset, file: Path) -> None:
 
 def _is_run_dir(p: Path) -> bool:
     """A directory the trainer made (or one holding a cube): what a directory of runs holds."""
-    return p.is_dir() and any((p / name).exists() for name in (CUBE_FILENAME, "checkpoints", "run.json"))
+    return p.is_dir() and any((p / name).exists() for name in (CUBE_FILENAME, CHECKPOINTS_DIR, RUN_RECORD))
 
 
 def _no_cube_reason(run: Path) -> str:
@@ -502,7 +503,7 @@ def find_cubes(paths: PathLike | Iterable[PathLike]) -> tuple[list[Path], list[t
             raise SpectraError(f"{p}: no such cube file or run directory")
         if not p.is_dir():
             files.append(p)
-        elif (p / "study.json").is_file():  # a study directory: its main runs (docs/studies.md)
+        elif is_study_dir(p):  # a study directory: its main runs (docs/studies.md)
             for run in read_study(p).run_dirs("main"):
                 if (run / CUBE_FILENAME).is_file():
                     files.append(run / CUBE_FILENAME)

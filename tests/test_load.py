@@ -15,13 +15,12 @@ from spectra.errors import SpectraError
 from spectra.extract.load import (
     Checkpoint,
     eval_batch_sha256,
-    find_checkpoints,
     load_checkpoint,
     load_eval_batch,
     read_metadata,
     resolve_device,
-    run_dir_of,
 )
+from spectra.rundir import find_checkpoints, run_dir_of
 from trainer.model import LLM
 
 

@@ -22,9 +22,9 @@ from cli.spectra import main
 from spectra import report as rep
 from spectra.cube import open_cube
 from spectra.errors import SpectraError
-from spectra.extract.load import find_checkpoints
 from spectra.extract.run import extract
 from spectra.fileio import ExclusiveLock
+from spectra.rundir import find_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

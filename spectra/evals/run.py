@@ -38,13 +38,12 @@ from spectra.errors import SpectraError
 from spectra.evals.results import evals_path, read_eval_results, record_key, write_eval_results
 from spectra.extract.load import (
     Checkpoint,
-    find_checkpoints,
     load_checkpoint,
     read_metadata,
     resolve_device,
-    run_dir_of,
 )
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
+from spectra.rundir import CHECKPOINTS_DIR, find_checkpoints, holds_checkpoints, run_dir_of
 from spectra.study import is_study_dir, read_study
 from trainer.provenance import software_versions, utc_now
 
@@ -90,10 +89,6 @@ class EvalResult:
     """(checkpoint file name, task) already in the file."""
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() or any(path.glob("tokens_*.safetensors"))
-
-
 def resolve_eval_inputs(path: PathLike, *, all_checkpoints: bool = False) -> list[EvalTarget]:
     """The runs and checkpoints that ``path`` names.
 
@@ -115,13 +110,13 @@ def resolve_eval_inputs(path: PathLike, *, all_checkpoints: bool = False) -> lis
     if not path.is_dir():
         raise SpectraError(f"{path}: no such checkpoint, run directory or directory of runs")
     if is_study_dir(path):
-        runs = [run for run in read_study(path).run_dirs("main") if (run / "checkpoints").is_dir()]
+        runs = [run for run in read_study(path).run_dirs("main") if (run / CHECKPOINTS_DIR).is_dir()]
         if not runs:
             raise SpectraError(f"{path}: no run of the study has checkpoints yet")
-    elif _is_run_dir(path):
+    elif holds_checkpoints(path):
         runs = [path]
     else:
-        runs = sorted(child for child in path.iterdir() if child.is_dir() and _is_run_dir(child))
+        runs = sorted(child for child in path.iterdir() if child.is_dir() and holds_checkpoints(child))
         if not runs:
             raise SpectraError(f"{path}: neither a run directory nor a directory of run directories")
     targets = []

@@ -19,11 +19,12 @@ same files on its own. A checkpoint ``tokens_<12-digit token count>.safetensors`
 The model is rebuilt with the trainer's own definition (``trainer.model.LLM``), the only
 trainer code ``spectra`` runs. Anything that does not fit (not a safetensors file, a truncated
 file, a foreign file, an unknown format version, tensors that do not fit the config) raises
-``spectra.errors.SpectraError`` naming the file.
+``spectra.errors.SpectraError`` naming the file. Which files of a run are checkpoints is :mod:`spectra.rundir`.
 
 Examples
 --------
->>> from spectra.extract.load import find_checkpoints, load_checkpoint, load_eval_batch
+>>> from spectra.extract.load import load_checkpoint, load_eval_batch
+>>> from spectra.rundir import find_checkpoints
 >>> paths = find_checkpoints("runs/A1-s0")                                 # doctest: +SKIP
 >>> ckpt = load_checkpoint(paths[-1])                                      # doctest: +SKIP
 >>> ids = load_eval_batch(ckpt.data_dir, expected_sha256=ckpt.eval_batch_sha256)  # doctest: +SKIP
@@ -36,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,6 @@ FORMAT = "collapse-checkpoint"
 """Value of the ``format`` key of every checkpoint's metadata."""
 FORMAT_VERSION = "1"
 """The checkpoint format version this module reads."""
-CHECKPOINT_RE = re.compile(r"^tokens_(\d{12})\.safetensors$")
-"""Final checkpoint file names; temporary files being written never match."""
 REQUIRED_KEYS = ("model_config", "run_config", "run_name", "step", "tokens", "eval_batch_sha256")
 """Metadata keys every checkpoint has besides ``format`` and ``format_version``."""
 EVAL_BATCH_FILE = "eval_batch.safetensors"
@@ -277,53 +275,6 @@ def load_checkpoint(
         eval_batch_sha256=meta["eval_batch_sha256"],
         data_dir=Path(data_dir) if data_dir else None,
     )
-
-
-def checkpoints_dir(path: str | os.PathLike) -> Path:
-    """The directory holding the checkpoints of ``path``: a run directory's ``checkpoints/``, else ``path``."""
-    path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
-def run_dir_of(path: str | os.PathLike) -> Path:
-    """The run directory of a checkpoint file, a run directory or its ``checkpoints/`` directory.
-
-    The default cube location is ``run_dir_of(path) / "spectra.nc"``. A directory of checkpoints that
-    is not named ``checkpoints`` is its own run directory.
-    """
-    path = Path(path)
-    directory = path.parent if path.is_file() else path
-    if directory.name == "checkpoints" and not (directory / "checkpoints").is_dir():
-        return directory.parent
-    return directory
-
-
-def find_checkpoints(path: str | os.PathLike) -> list[Path]:
-    """Checkpoint files of ``path``, sorted by their token count.
-
-    ``path`` is a checkpoint file (returned as is), a run directory (its ``checkpoints/`` is
-    searched) or a directory of checkpoints. Only final names ``tokens_<12 digits>.safetensors``
-    count, so temporary files of a checkpoint being written are never picked up.
-
-    Raises
-    ------
-    SpectraError
-        ``path`` does not exist, or the directory holds no checkpoint.
-    """
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise SpectraError(f"{path}: no such file or directory")
-    directory = checkpoints_dir(path)
-    found = []
-    for p in directory.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    if not found:
-        raise SpectraError(f"{directory}: no checkpoints (tokens_<12 digits>.safetensors) in this directory")
-    return [p for _, p in sorted(found)]
 
 
 def eval_batch_sha256(input_ids: torch.Tensor) -> str:

@@ -42,20 +42,18 @@ from spectra.errors import SpectraError
 from spectra.extract.capture import LayerQK, capture_qk, check_batch
 from spectra.extract.load import (
     Checkpoint,
-    checkpoints_dir,
     eval_batch_path,
     eval_batch_sha256,
-    find_checkpoints,
     load_checkpoint,
     load_eval_batch,
     model_config_differences,
     model_config_from_metadata,
     read_metadata,
     resolve_device,
-    run_dir_of,
 )
 from spectra.extract.svd import head_weight_singular_values, token_spectra
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
+from spectra.rundir import checkpoints_dir, find_checkpoints, run_dir_of
 from trainer.config import ConfigError, ModelConfig, model_config_from_dict
 from trainer.provenance import package_version
 

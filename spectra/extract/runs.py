@@ -24,6 +24,7 @@ from pathlib import Path
 from spectra.errors import SpectraError
 from spectra.extract.run import ExtractResult, extract
 from spectra.extract.workers import worker_pool
+from spectra.rundir import CHECKPOINTS_DIR, has_checkpoints
 from spectra.study import is_study_dir, read_study
 
 PathLike = str | os.PathLike[str]
@@ -42,9 +43,9 @@ def is_collection(path: PathLike) -> bool:
     """Whether ``path`` holds runs rather than being one: a study directory, or a directory that is not a
     run (no ``checkpoints/``) and whose sub-directories have checkpoints."""
     path = Path(path)
-    if not path.is_dir() or (path / "checkpoints").is_dir() or path.name == "checkpoints":
+    if not path.is_dir() or (path / CHECKPOINTS_DIR).is_dir() or path.name == CHECKPOINTS_DIR:
         return False
-    return is_study_dir(path) or any((child / "checkpoints").is_dir() for child in path.iterdir())
+    return is_study_dir(path) or any((child / CHECKPOINTS_DIR).is_dir() for child in path.iterdir())
 
 
 def runs_to_extract(path: PathLike, include_sweep: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -58,14 +59,14 @@ def runs_to_extract(path: PathLike, include_sweep: bool = False) -> tuple[list[P
         study = read_study(path)
         candidates = study.run_dirs("main") + (study.run_dirs("sweep") if include_sweep else [])
     elif path.is_dir():
-        candidates = sorted(child for child in path.iterdir() if (child / "checkpoints").is_dir())
+        candidates = sorted(child for child in path.iterdir() if (child / CHECKPOINTS_DIR).is_dir())
         if not candidates:
             raise SpectraError(f"{path}: neither a study directory nor a directory of run directories")
     else:
         raise SpectraError(f"{path}: no such study directory or directory of runs")
     runs, skipped = [], []
     for run in candidates:
-        if any((run / "checkpoints").glob("tokens_*.safetensors")):
+        if has_checkpoints(run):
             runs.append(run)
         else:
             skipped.append((run, "no checkpoints yet (not trained)"))

@@ -50,9 +50,9 @@ from spectra.extract.load import (
     load_checkpoint,
     load_eval_batch,
     resolve_device,
-    run_dir_of,
 )
 from spectra.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
+from spectra.rundir import run_dir_of
 from spectra.surgery.file import (
     GAMMA_OK,
     INTERVAL_LEVEL,
