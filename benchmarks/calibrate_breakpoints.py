@@ -6,8 +6,8 @@
 For each number of checkpoints (log-spaced over three decades of tokens) and each true shape (a straight decline
 of 5 PR per decade; a plateau at 40 then a fall of 10 per decade from 10^6.5 tokens), it draws ``--repeats``
 series with Gaussian noise of each ``--noise`` standard deviation and counts how many breakpoints the fit chooses,
-with plain BIC (margin 0) and with the margin ``spectra.analysis.dynamics.BIC_MARGIN`` that the library uses. This is the
-evidence behind that margin, quoted in ``spectra.analysis.dynamics`` and on docs/dynamics.md; it also prints the seconds
+with plain BIC (margin 0) and with the margin ``spectra.analysis.piecewise.BIC_MARGIN`` that the library uses. This is the
+evidence behind that margin, quoted in ``spectra.analysis.piecewise`` and on docs/dynamics.md; it also prints the seconds
 per fit.
 """
 
@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
-from spectra.analysis import dynamics
+from spectra.analysis import piecewise
 
 
-def chosen(fit: dynamics.PiecewiseFit, margin: float) -> int:
+def chosen(fit: piecewise.PiecewiseFit, margin: float) -> int:
     """The number of breakpoints BIC picks with ``margin`` (the library's rule, from the fit's per-k BIC)."""
     bic, k = fit.bic, 0
     for more in (1, 2):
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    margins = (0.0, dynamics.BIC_MARGIN)
+    margins = (0.0, piecewise.BIC_MARGIN)
     print(f"counts of 0 / 1 / 2 breakpoints chosen in {args.repeats} series; margins {margins}")
     for noise in args.noise:
         for n in args.points:
@@ -52,7 +52,7 @@ def main() -> None:
                 counts = {m: np.zeros(3, dtype=int) for m in margins}
                 start = time.perf_counter()
                 for _ in range(args.repeats):
-                    fit = dynamics.fit_piecewise(tokens, truth + rng.normal(0.0, noise, n))
+                    fit = piecewise.fit_piecewise(tokens, truth + rng.normal(0.0, noise, n))
                     for m in margins:
                         counts[m][chosen(fit, m)] += 1
                 seconds = (time.perf_counter() - start) / args.repeats

@@ -10,17 +10,15 @@ import pytest
 import scipy.optimize
 from helpers import CENTERINGS, SITES, make_cube, stack
 
-from spectra.analysis import checkpoints, dynamics, stats
+from spectra.analysis import checkpoints, piecewise, stats
 from spectra.analysis.dynamics import (
     breakpoint_spread,
     breakpoint_table,
-    fit_piecewise,
     loss_breakpoint_table,
     plateau_coincidence,
-    plateau_segments,
-    sudden_segment,
 )
 from spectra.analysis.kernels import participation_ratio_sv
+from spectra.analysis.piecewise import fit_piecewise, plateau_segments, sudden_segment
 from spectra.errors import SpectraError
 
 TOKENS = np.geomspace(1e5, 1e8, 13)  # 4 checkpoints per decade: the grid holds every half of an interval
@@ -88,7 +86,7 @@ def test_an_outlier_at_the_end_is_no_segment() -> None:
     y = 30.0 - 2.0 * X
     y[-1] -= 10.0  # one point cannot make a segment of its own
     fit = fit_piecewise(TOKENS, y)
-    assert all(np.sum(fit.x >= t) >= dynamics.MIN_POINTS_PER_SEGMENT for t in fit.breakpoints)
+    assert all(np.sum(fit.x >= t) >= piecewise.MIN_POINTS_PER_SEGMENT for t in fit.breakpoints)
 
 
 def test_step_zero_nan_and_too_few_points() -> None:
@@ -236,7 +234,7 @@ def test_a_run_with_too_few_checkpoints_gets_a_note_not_an_error() -> None:
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(dynamics, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(piecewise, optionflags=doctest.NORMALIZE_WHITESPACE)  # the fits, where the examples are
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from spectra import cube
-from spectra.analysis import checkpoints, dynamics, plan
+from spectra.analysis import checkpoints, dynamics, piecewise, plan
 from spectra.errors import SpectraError
 from spectra.figures.toolkit import VECTOR, format_tokens, label_palette, new_figure, subtitle, suptitle
 
@@ -29,7 +29,7 @@ def _log_tokens_axis(ax) -> None:
     ax.set_xlabel("training tokens (log scale)")
 
 
-def _draw_fit(ax, fit: dynamics.PiecewiseFit, color, *, shade_sudden: bool, shade_plateaus: bool) -> None:
+def _draw_fit(ax, fit: piecewise.PiecewiseFit, color, *, shade_sudden: bool, shade_plateaus: bool) -> None:
     """The fitted curve, its breakpoints (dotted), the sudden segment or the plateaus (shaded)."""
     x = np.linspace(fit.x[0], fit.x[-1], 200)
     ax.plot(10.0**x, fit.predict(x), color=color, linewidth=1.2, alpha=0.9)
@@ -37,11 +37,11 @@ def _draw_fit(ax, fit: dynamics.PiecewiseFit, color, *, shade_sudden: bool, shad
         ax.axvline(t, color=color, linestyle=":", linewidth=1.0)
     knots = 10.0**fit.knots
     if shade_sudden:
-        j = dynamics.sudden_segment(fit)
+        j = piecewise.sudden_segment(fit)
         if j is not None:
             ax.axvspan(knots[j], knots[j + 1], color=color, alpha=0.15, linewidth=0)
     if shade_plateaus:
-        for j in dynamics.plateau_segments(fit):
+        for j in piecewise.plateau_segments(fit):
             ax.axvspan(knots[j], knots[j + 1], color="0.5", alpha=0.12, linewidth=0)
 
 
@@ -65,8 +65,8 @@ def trajectory_with_breakpoints(
     a PR breakpoint falls in a loss plateau. Log tokens on x, as the fits are.
 
     Read it as: a dotted line is where the slope of the PR changes; a coloured band is a drop that is "sudden"
-    by [`sudden_segment`][spectra.analysis.dynamics.sudden_segment]'s rule; a grey band below is a loss plateau
-    ([`plateau_segments`][spectra.analysis.dynamics.plateau_segments]). A run without a line had too few checkpoints to
+    by [`sudden_segment`][spectra.analysis.piecewise.sudden_segment]'s rule; a grey band below is a loss plateau
+    ([`plateau_segments`][spectra.analysis.piecewise.plateau_segments]). A run without a line had too few checkpoints to
     fit.
     """
     ds = checkpoints.as_runs(ds)

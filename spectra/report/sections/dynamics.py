@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spectra.analysis import dynamics
+from spectra.analysis import dynamics, piecewise
 from spectra.errors import SpectraError
 from spectra.figures.dynamics import trajectory_with_breakpoints
 from spectra.report.context import ReportContext
@@ -25,12 +25,12 @@ TOKENS = {
 def _method() -> Paragraph:
     return Paragraph(
         "Each run's mean key PR (and each layer's) against log10 tokens is fitted by continuous piecewise-linear "
-        f"models with 0, 1 and 2 breakpoints (exhaustive search, at least {dynamics.MIN_POINTS_PER_SEGMENT} "
+        f"models with 0, 1 and 2 breakpoints (exhaustive search, at least {piecewise.MIN_POINTS_PER_SEGMENT} "
         "checkpoints per segment, step 0 left out); BIC chooses, a model with more breakpoints needing a BIC lower "
-        f"by {dynamics.BIC_MARGIN:g}. A drop is *sudden* when one segment carries at least "
-        f"{dynamics.SUDDEN_SHARE:.0%} of the fitted range within at most {dynamics.SUDDEN_SPAN:.0%} of the "
+        f"by {piecewise.BIC_MARGIN:g}. A drop is *sudden* when one segment carries at least "
+        f"{piecewise.SUDDEN_SHARE:.0%} of the fitted range within at most {piecewise.SUDDEN_SPAN:.0%} of the "
         "log-token range and falls by more than 3 residual standard deviations; a loss segment is a *plateau* "
-        f"when its slope is at most {dynamics.PLATEAU_RATIO:.0%} of the steepest. Slopes are PR per decade of "
+        f"when its slope is at most {piecewise.PLATEAU_RATIO:.0%} of the steepest. Slopes are PR per decade of "
         "tokens. With 10 checkpoints (the plan's milestones) a breakpoint is located to within a segment; "
         '`train.milestones = "plan+log"` gives 30 to 50 (see the phase-detection page). A smooth bend '
         "is often fitted by two breakpoints: read the slopes, not only the count."
