@@ -248,7 +248,12 @@ class Measurement:
 
     def keywords(self) -> dict[str, str]:
         """The four choices as the keyword arguments of the analysis and figure functions."""
-        return {"which": self.which, "site": self.site, "centering": self.centering, "convention": self.convention}
+        return {
+            "which": self.which,
+            "site": self.site,
+            "centering": self.centering,
+            "convention": self.convention,
+        }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -359,6 +364,7 @@ def combine_steps(existing: xr.Dataset | None, new: list[xr.Dataset], history_li
 # --------------------------------------------------------------------------------------------------------
 # Reading: one cube, the cubes of runs and studies, many cubes along ``run``
 # --------------------------------------------------------------------------------------------------------
+
 
 class DamagedCubeError(SpectraError):
     """A cube file that lacks one of the cube's variables or has it over other dimensions; names the file."""

@@ -107,7 +107,9 @@ def read_split(data_dir: PathLike, split: str, meta: dict[str, Any] | None = Non
         raise SpectraError(f"{path} not found (splits.{split} of {meta_path})")
     dtype = np.dtype(meta["dtype"])
     if entry["tokens"] <= 0:
-        raise SpectraError(f"{meta_path}: splits.{split}.tokens is {entry['tokens']}: the {split} split is empty")
+        raise SpectraError(
+            f"{meta_path}: splits.{split}.tokens is {entry['tokens']}: the {split} split is empty"
+        )
     expected = entry["tokens"] * dtype.itemsize
     size = path.stat().st_size
     if size != expected:

@@ -234,7 +234,8 @@ def test_a_run_with_too_few_checkpoints_gets_a_note_not_an_error() -> None:
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(piecewise, optionflags=doctest.NORMALIZE_WHITESPACE)  # the fits, where the examples are
+    # the examples are in the fits' module
+    result = doctest.testmod(piecewise, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -248,5 +249,9 @@ def test_metrics_tables_and_figures_take_a_dense_trajectory() -> None:
     table = summary_table(ds)
     assert len(table) == 2 * 47 * (N_LAYERS + 1)
     assert stats.checkpoint_table(ds)["step"].nunique() == 47
-    for figure in (trajectories.trajectory(ds), trajectories.heatmap(ds, run="A1-s0"), trajectories.pr_vs_loss(ds)):
+    for figure in (
+        trajectories.trajectory(ds),
+        trajectories.heatmap(ds, run="A1-s0"),
+        trajectories.pr_vs_loss(ds),
+    ):
         assert figure.axes

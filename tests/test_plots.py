@@ -169,7 +169,11 @@ def test_legends_say_how_many_seeds_and_announce_a_band_only_where_there_is_one(
     assert any(e.startswith("A1") and e.endswith("(n=2 seeds)") for e in entries)
     assert any(e.startswith("A2") and e.endswith("(n=1 seed)") for e in entries)
     one_seed = cubes.sel(run=["a1-s0", "a2-s0"])
-    for fig in (trajectories.trajectory(one_seed), final_checkpoint.waterfall(one_seed), trajectories.loss_curves(one_seed)):
+    for fig in (
+        trajectories.trajectory(one_seed),
+        final_checkpoint.waterfall(one_seed),
+        trajectories.loss_curves(one_seed),
+    ):
         title, entries = _legend(fig)
         assert "band" not in title.replace("no band", "") and "one seed each" in title
 

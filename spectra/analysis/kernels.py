@@ -60,8 +60,6 @@ exactly the entropy effective rank of Roy & Vetterli. Adding ``epsilon`` changes
 relative: ``1e-4`` for spectra of 64 values, and about ``3e-5`` in practice (``d epsilon log d``)."""
 
 
-
-
 def _unit_max(s: Any, axis: int) -> np.ndarray:
     """``s / max(s)`` along ``axis`` in float64, after checking it is a spectrum.
 

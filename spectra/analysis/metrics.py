@@ -79,8 +79,6 @@ METRIC_NAMES = (
 _ENERGY_RANK_NAME = re.compile(r"energy_rank_(\d+(?:\.\d+)?)")
 
 
-
-
 def _apply(
     sv: xr.DataArray,
     kernel: Callable[..., np.ndarray],

@@ -162,7 +162,9 @@ def capture_qk(
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for i in wanted:
-            handles += _layer_hooks(model.blocks[i].attn, i, drop_first, results, reduce, last=i == wanted[-1])
+            handles += _layer_hooks(
+                model.blocks[i].attn, i, drop_first, results, reduce, last=i == wanted[-1]
+            )
         with torch.no_grad():
             try:
                 model(input_ids)

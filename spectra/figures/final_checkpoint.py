@@ -48,7 +48,8 @@ def waterfall(
     over layers unless ``layer`` is given); one line per configuration, band = range over seeds.
     """
     ds = checkpoints.as_runs(ds)
-    measurement = cube.Measurement(which=which, site=site, centering=centering)  # a spectrum: no PR convention
+    # a figure of the spectrum itself: no participation-ratio convention
+    measurement = cube.Measurement(which=which, site=site, centering=centering)
     runs = labelled_runs(ds, simple_data, complex_data)
     sv = measurement.spectra(ds)
     if layer is not None:
@@ -127,9 +128,7 @@ def data_complexity(
     fig, axes = new_figure()
     ax = axes[0, 0]
     pair = [
-        lab
-        for cell in ("C1", "C2")
-        for lab in plan.label_order(runs.loc[runs["plan_cell"] == cell, "label"])
+        lab for cell in ("C1", "C2") for lab in plan.label_order(runs.loc[runs["plan_cell"] == cell, "label"])
     ]
     title = seed_lineplot(ax, df, "layer", "pr", pair)
     ax.set_xlabel("layer")

@@ -62,7 +62,9 @@ def trajectory(
     table = table.dropna(subset=[y])
     require_rows(table, "trajectory", f"no defined PR at site {site!r} ({centering}) in any run")
     table = table.dropna(subset=["tokens"])  # public models without a tokens rule: no place on this axis
-    require_rows(table, "trajectory", "no checkpoint has a known token count (public models: --tokens-per-step)")
+    require_rows(
+        table, "trajectory", "no checkpoint has a known token count (public models: --tokens-per-step)"
+    )
     labels = plan.label_order(table["label"])
     fig, axes = new_figure()
     ax = axes[0, 0]

@@ -516,7 +516,9 @@ def _existing_cube(out: Path, job: _Job) -> tuple[xr.Dataset | None, list[dict[s
     try:
         existing = open_cube(out)
     except SpectraError as e:
-        raise SpectraError(f"{e}; the existing file is left as it is: move it away or choose another --out") from None
+        raise SpectraError(
+            f"{e}; the existing file is left as it is: move it away or choose another --out"
+        ) from None
     cheap = {
         "model_id": job.source.model_id,
         "eval_batch_sha256": job.batch_sha,
@@ -564,7 +566,9 @@ def _extract_revisions(
             if existing is not None:
                 _check_compatible(out, existing, {k: attrs[k] for k in ("family", "architecture_key")})
         elif attrs["architecture_key"] != key:
-            raise SpectraError(f"revision {rev.label!r} has another architecture (config) than {todo[0].label!r}")
+            raise SpectraError(
+                f"revision {rev.label!r} has another architecture (config) than {todo[0].label!r}"
+            )
         new.append(spectra_for_public_model(loaded, job.input_ids, drop_first=job.drop_first, attrs=attrs))
         added.append(rev)
         entries.append(entry)
@@ -598,6 +602,7 @@ def _load_revision(job: _Job, rev: Revision) -> tuple[PublicModel, dict[str, Any
         "tokenizer_check": match,
     }
     return loaded, attrs, entry
+
 
 __all__ = [
     "DTYPES",

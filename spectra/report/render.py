@@ -17,7 +17,7 @@ from spectra.surgery.file import read_surgery
 
 PathLike = str | os.PathLike[str]
 
-_MEASUREMENT = tuple(field.name for field in dataclasses.fields(Measurement))  # which, site, centering, convention
+_MEASUREMENT = tuple(field.name for field in dataclasses.fields(Measurement))  # which, site, centering, ...
 _LABELS = ("simple_data", "complex_data")
 KIND_OPTIONS = {
     "trajectory": (*_MEASUREMENT, *_LABELS),

@@ -202,10 +202,18 @@ def merge_surgeries(existing: xr.Dataset, new: xr.Dataset) -> xr.Dataset:
     b = new["loss"].reindex(grid)
     loss = a.where(~np.isnan(a), b)
     # the same experiment (head_dim and pair_rope among its identity) removes as many dimensions at a fraction
-    removed = {float(f): int(r) for d in (new, existing) for f, r in zip(d["fraction"].values, d["removed_dims"].values)}
+    removed = {
+        float(f): int(r)
+        for d in (new, existing)
+        for f, r in zip(d["fraction"].values, d["removed_dims"].values)
+    }
     merged = new.reindex(grid).copy()
     merged = merged.assign_coords(
-        removed_dims=("fraction", np.array([removed[f] for f in fractions], dtype=np.int64), new["removed_dims"].attrs)
+        removed_dims=(
+            "fraction",
+            np.array([removed[f] for f in fractions], dtype=np.int64),
+            new["removed_dims"].attrs,
+        )
     )
     merged["loss"] = (("strategy", "fraction", "seed"), loss.values, new["loss"].attrs)
     merged["baseline_loss"] = existing["baseline_loss"]

@@ -370,9 +370,7 @@ def _experiment(
     """The surgery file of this setup with every loss NaN (filled in by :func:`run_surgery`)."""
     ckpt, cfg = setup.ckpt, setup.model.cfg
     attrs = {
-        "history": _history_line(
-            setup, strategies, fractions, seeds, pair_rope, force, batch_size, device
-        ),
+        "history": _history_line(setup, strategies, fractions, seeds, pair_rope, force, batch_size, device),
         "source": "collapse-spectra surgery",
         "run_name": ckpt.run_name,
         "qk_norm": cfg.qk_norm,

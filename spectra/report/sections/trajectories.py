@@ -26,7 +26,9 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "PR trajectory",
         lambda: trajectories.trajectory(ctx.ds, **ctx.measurement.keywords(), **ctx.labels_kw),
     )
-    checkpoints = stats.checkpoint_table(ctx.ds, site=ctx.measurement.site, centering=ctx.measurement.centering, **ctx.labels_kw)
+    checkpoints = stats.checkpoint_table(
+        ctx.ds, site=ctx.measurement.site, centering=ctx.measurement.centering, **ctx.labels_kw
+    )
     shown = checkpoints.rename(columns={"pr_sv": "PR (sv convention)", "pr_eig": "PR (eig convention)"})
     blocks.append(
         Table(
@@ -52,7 +54,9 @@ def trajectories_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
             stem,
             f"Run {name}: key PR per layer (rows) at each checkpoint (columns), mean over heads.",
             f"Heatmap of run {name}",
-            lambda name=name: trajectories.heatmap(ctx.ds, run=name, **ctx.measurement.keywords(), **ctx.labels_kw),
+            lambda name=name: trajectories.heatmap(
+                ctx.ds, run=name, **ctx.measurement.keywords(), **ctx.labels_kw
+            ),
         )
     return blocks
 
@@ -64,7 +68,9 @@ def shape_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         "waterfall",
         "σ_i/σ_1 against i, each head normalised by its largest singular value, mean over heads and layers.",
         "Singular-value waterfall",
-        lambda: final_checkpoint.waterfall(ctx.ds, site=ctx.measurement.site, centering=ctx.measurement.centering, **ctx.labels_kw),
+        lambda: final_checkpoint.waterfall(
+            ctx.ds, site=ctx.measurement.site, centering=ctx.measurement.centering, **ctx.labels_kw
+        ),
     )
     return blocks
 
