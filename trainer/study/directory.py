@@ -42,7 +42,7 @@ from trainer.checkpoint import atomic_write_text
 from trainer.errors import TrainerError
 from trainer.fileio import ExclusiveLock
 from trainer.resume import config_differences, differences_from_saved
-from trainer.study import PlannedRun, Study, SweepChoice, SweepResult
+from trainer.study.spec import PlannedRun, Study, SweepChoice, SweepResult
 from trainer.train import CONFIG_FILE, METRICS_FILE, RUN_FILE
 
 FORMAT = "collapse-study"
@@ -307,7 +307,7 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def sweep_result(out: Path, run: PlannedRun, state: RunState | None = None) -> SweepResult:
-    """What the sweep run ``run`` of the study in ``out`` ended with, for :func:`trainer.study.select_lr`."""
+    """What the sweep run ``run`` of the study in ``out`` ended with, for :func:`trainer.study.spec.select_lr`."""
     state = state or read_run_state(out / run.run_dir)
     status = {"missing": "missing", "new": "running", "interrupted": "failed"}.get(state.status, state.status)
     return SweepResult(run.name, run.multiplier, run.lrs, status, state.final_val_loss, state.error)
