@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -35,8 +34,6 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +56,7 @@ from trainer.fileio import (
     naming_a_full_disk,
     remove_stale_temporaries,
 )
+from trainer.provenance import package_version, provenance_record
 
 FORMAT = "collapse-dataset"
 FORMAT_VERSION = 1
@@ -85,6 +83,8 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 READ_AHEAD_CHARS_PER_TOKEN = 5
 ENCODE_BATCH_DOCS = 256  # documents per encode_batch call (tokenizers parallelises within a batch)
 COPY_CHUNK_DOCS = 4096  # documents per write when the staged splits are shuffled into their final files
+PREPARE_DISTRIBUTIONS = ("datasets", "tokenizers", "textstat", "pythonbible")
+"""Distributions meta.json names besides the core ones (:data:`trainer.provenance.CORE_DISTRIBUTIONS`)."""
 
 
 class DataError(TrainerError):
@@ -379,7 +379,7 @@ def _source_records(spec: SourceSpec, text_field: str) -> tuple[Iterator[Record]
                 "name": t,
                 "title": BIBLE_TRANSLATIONS[t][2],
                 "package": BIBLE_TRANSLATIONS[t][1],
-                "version": _version(BIBLE_TRANSLATIONS[t][1]),
+                "version": package_version(BIBLE_TRANSLATIONS[t][1]),
             }
             for t in translations
         ]
@@ -540,7 +540,7 @@ class DocumentFilter:
         out["min_grade"], out["max_grade"] = self.min_grade, self.max_grade
         if self.uses_grade:
             out["grade"] = "textstat.flesch_kincaid_grade"
-            out["textstat_version"] = _version("textstat")
+            out["textstat_version"] = package_version("textstat")
         return out
 
 
@@ -842,20 +842,6 @@ def eval_batch_sha256(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(array.astype("<i8", copy=False).tobytes()).hexdigest()
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    dists = ("collapse", "numpy", "torch", "datasets", "tokenizers", "safetensors", "textstat", "pythonbible")
-    out = {d: _version(d) for d in dists}
-    out["python"] = platform.python_version()
-    return out
-
-
 def _check_out_free(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(
@@ -1050,8 +1036,7 @@ def _build_dataset(
             "max_tokens": max_tokens,
             "seed": seed,
             "eval_batch": eval_meta,
-            "versions": _versions(),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **provenance_record(*PREPARE_DISTRIBUTIONS),  # versions, git revision, created
         }
         with naming_a_full_disk(tmp / META_FILE):
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -32,11 +32,11 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import TrainerError
+from trainer.provenance import utc_now
 
 
 class LockedError(TrainerError):
@@ -312,7 +312,7 @@ def _write_holder(fd: int) -> None:
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        "since": utc_now(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
     }
     os.ftruncate(fd, 0)

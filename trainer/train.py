@@ -17,24 +17,19 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from fractions import Fraction
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -55,6 +50,7 @@ from trainer.errors import TrainerError
 from trainer.fileio import DiskFullError, naming_a_full_disk
 from trainer.model import LLM
 from trainer.optim import Optimizers, clip_grad_norm
+from trainer.provenance import device_description, git_revision, software_versions, utc_now
 from trainer.resume import load_resume_state, save_resume_state
 from trainer.rundir import (
     CHECKPOINT_DIR,
@@ -153,73 +149,6 @@ def milestone_steps(cfg: RunConfig, tokens_per_step: int, total_steps: int) -> l
     else:
         raise TrainerError(f"train.milestones: unknown schedule {t.milestones!r}")
     return sorted(steps | {0, total_steps})
-
-
-# ----------------------------------------------------------------------------------------------------
-# Provenance
-
-
-def environment_versions() -> dict[str, str]:
-    """Versions of the interpreter and the libraries that determine the numbers."""
-    try:
-        package = importlib_metadata.version("collapse")
-    except importlib_metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        package = "not installed"
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "safetensors": safetensors.__version__,
-        "collapse": package,
-    }
-
-
-def git_revision() -> dict[str, Any] | None:
-    """``{"commit", "dirty"}`` of the git checkout this package lives in, or None (best effort).
-
-    Only a checkout whose top level is this package's parent directory counts, so an installed
-    copy inside some unrelated repository is not misreported.
-    """
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
-        try:
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):  # no git binary, or a hung filesystem
-            return None
-
-    head = git("rev-parse", "--show-toplevel", "HEAD")
-    if head is None or head.returncode != 0:
-        return None
-    toplevel, commit = head.stdout.split()
-    if Path(toplevel).resolve() != root:
-        return None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    dirty = None if status is None or status.returncode != 0 else bool(status.stdout.strip())
-    return {"commit": commit, "dirty": dirty}
-
-
-def device_description(device: torch.device) -> dict[str, Any]:
-    """Hardware the run used: device type and name, and the CPU threads torch uses."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):  # /proc is Linux-only; the platform name above is the fallback
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "type": device.type,
-        "name": name,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -458,7 +387,7 @@ class RunRecord:
     def start(self, step: int) -> None:
         """Open a segment (status ``running``) and write the file."""
         self._t0 = time.perf_counter()
-        now = _now()
+        now = utc_now()
         if not self.record.get("start_time"):  # a resumed run keeps its first start
             self.record["start_time"] = now
         self.record["segments"].append({"start_time": now, "start_step": step, "status": "running"})
@@ -470,7 +399,7 @@ class RunRecord:
         wall = time.perf_counter() - self._t0
         segment = self.record["segments"][-1]
         segment.update(
-            end_time=_now(),
+            end_time=utc_now(),
             end_step=step,
             status=status,
             wall_time_s=round(wall, 3),
@@ -903,7 +832,7 @@ def _loop(
         clean_stale_files(out_dir)
         create_run_files(out_dir)
     metrics = MetricsLogger(out_dir / METRICS_FILE, enabled=main)
-    versions = environment_versions()
+    versions = software_versions()
     data_path = ds.path.resolve()
     checkpointer = Checkpointer(
         out_dir / CHECKPOINT_DIR,

@@ -41,6 +41,7 @@ from typing import Any
 from trainer.checkpoint import atomic_write_text
 from trainer.errors import TrainerError
 from trainer.fileio import ExclusiveLock
+from trainer.provenance import utc_now
 from trainer.resume import config_differences, differences_from_saved
 from trainer.study.spec import PlannedRun, Study, SweepChoice, SweepResult
 from trainer.train import CONFIG_FILE, METRICS_FILE, RUN_FILE
@@ -71,10 +72,6 @@ SELECTION_RULE = (
     "final_step); diverged runs and non-finite losses excluded; losses within tie_tolerance of the lowest "
     "are tied and the lowest learning rate among them wins"
 )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,7 +333,7 @@ def write_study_toml(out: Path, study: Study, source: str) -> None:
     path = out / STUDY_TOML
     if path.exists():
         return
-    header = f"# collapse-train study: the study resolved from {source} on {_now()}\n"
+    header = f"# collapse-train study: the study resolved from {source} on {utc_now()}\n"
     atomic_write_text(path, header + study.to_toml())
 
 
@@ -405,8 +402,8 @@ def write_study_json(
         "base": study.base,
         "seeds": list(study.seeds),
         "tokens": study.tokens,
-        "created": previous.get("created") or _now(),
-        "updated": _now(),
+        "created": previous.get("created") or utc_now(),
+        "updated": utc_now(),
         "configurations": [
             {
                 "label": c.label,
@@ -436,7 +433,7 @@ def write_sweep_files(out: Path, study: Study, choices: dict[str, SweepChoice]) 
         "study": study.name,
         "study_sha256": study_sha256(study),
         "rule": SELECTION_RULE,
-        "updated": _now(),
+        "updated": utc_now(),
         "configurations": {
             c.label: {
                 **choice_entry(choices[c.label]),

@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from trainer.errors import TrainerError
+from trainer.provenance import utc_now
 from trainer.study.slurm_queue import (
     RUNNING_STATES,
     WAITING_STATES,
@@ -157,7 +157,7 @@ def launch_worker(
     start = time.monotonic()
     with open(log, "a", encoding="utf-8") as f:
         f.write(
-            f"=== {datetime.now(UTC).isoformat(timespec='seconds')} attempt {task.attempt} of {task.name} "
+            f"=== {utc_now()} attempt {task.attempt} of {task.name} "
             f"on {os.uname().nodename} (CUDA_VISIBLE_DEVICES={(env or os.environ).get('CUDA_VISIBLE_DEVICES', '')}, "
             f"threads={threads or 'default'}, processes={nproc}) ===\n"
         )
