@@ -4,7 +4,7 @@ The measured step is the training loop's: ``trainer.train.Stepper`` with the tra
 chunked as ``train.loss_chunk_tokens`` says), optimizers (``optim.muon_impl`` picks the Muon),
 forward context (``train.dtype``: ``auto`` = bfloat16 on CUDA, float32 on the CPU; the attention
 kernels of ``train.sdpa_backend``), batch prefetcher, gradient clipping and learning-rate schedule.
-Its batches are drawn by ``trainer.data.batch_at`` from a random token array held in memory, so no
+Its batches are drawn by ``trainer.data.dataset.batch_at`` from a random token array held in memory, so no
 dataset is needed. As in the loop on CUDA, the device is read (and waited for) only once per
 measurement, after the timed steps; on the CPU every step is read.
 

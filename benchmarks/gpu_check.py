@@ -447,7 +447,7 @@ def torchrun_part(check: Check) -> None:
         if prep["status"] != "ok":
             check.record("torchrun", {"status": "failed", "backend": backend, "prepare": _strip(prep)})
             return
-        from trainer.data import TokenDataset
+        from trainer.data.dataset import TokenDataset
 
         vocab = TokenDataset.open(data).vocab_size
         out = Path(tmp) / "run"

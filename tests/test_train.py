@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import trainer.train as train_mod
 from trainer.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_name, list_checkpoints
 from trainer.config import RunConfig, TrainConfig, load_config
-from trainer.data import TokenDataset, fixed_batches
+from trainer.data.dataset import TokenDataset, fixed_batches
 from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.train import (

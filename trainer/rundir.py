@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from trainer.checkpoint import list_checkpoints
 from trainer.config import RunConfig
-from trainer.data import TokenDataset
+from trainer.data.dataset import TokenDataset
 from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
 from trainer.resume import ResumeError, differences_from_saved, list_resume_states

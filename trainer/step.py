@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.config import TrainConfig
-from trainer.data import batch_at
+from trainer.data.dataset import batch_at
 from trainer.distributed import DistInfo
 from trainer.errors import TrainerError
 
@@ -81,7 +81,7 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 class BatchPrefetcher:
     """This rank's micro-batches of the training split on the device, each prepared one micro-batch early.
 
-    :meth:`get` returns micro-batch ``micro`` of update ``step`` (``trainer.data.batch_at``); after the
+    :meth:`get` returns micro-batch ``micro`` of update ``step`` (``trainer.data.dataset.batch_at``); after the
     step has queued its work on the GPU, :meth:`prefetch` draws, pins and queues the copy of the next
     one, so that the host's work overlaps the GPU's. The batches are a pure function of (seed, step,
     micro) whether or not they were prefetched, which keeps resume exact. On the CPU nothing is

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import atomic_write_text, checkpoint_name, list_checkpoints, save_checkpoint
 from trainer.config import RunConfig
-from trainer.data import TokenDataset, fixed_batches
+from trainer.data.dataset import TokenDataset, fixed_batches
 from trainer.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -244,7 +244,7 @@ class Validator:
     """Loss on a fixed slice of the validation split, the same tokens at every checkpoint.
 
     The slice is the first ``n_tokens`` tokens of the split cut into contiguous windows by
-    ``trainer.data.fixed_batches``; it is read once and kept in memory. Under DDP the windows
+    ``trainer.data.dataset.fixed_batches``; it is read once and kept in memory. Under DDP the windows
     are dealt round-robin to the ranks and the token-weighted sums are all-reduced, so every
     rank returns the same value.
 

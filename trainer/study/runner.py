@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
-from trainer.data import TokenDataset
+from trainer.data.dataset import TokenDataset
 from trainer.errors import TrainerError
 from trainer.rundir import LOCK_FILE as RUN_LOCK_FILE
 from trainer.study.directory import (
