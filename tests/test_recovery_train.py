@@ -25,11 +25,12 @@ from safetensors.torch import load_file
 
 from cli.train import main as train_cli
 from trainer.checkpoint import list_checkpoints
+from trainer.components import TrainingInterrupted
 from trainer.config import load_config
 from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import ExclusiveLock, LockedError, default_mode
 from trainer.resume import list_resume_states
-from trainer.train import TrainingInterrupted, train
+from trainer.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 

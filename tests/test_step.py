@@ -15,8 +15,7 @@ from trainer.distributed import DistInfo
 from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.optim import Optimizers
-from trainer.step import BatchPrefetcher, sdpa_context
-from trainer.train import Stepper, autocast_factory
+from trainer.step import BatchPrefetcher, Stepper, autocast_factory, sdpa_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -37,12 +37,13 @@ import json
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from trainer.fileio import atomic_write, atomic_write_text, fsync_dir
 
@@ -147,3 +148,59 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: M
         header[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
     return atomic_write(path, lambda tmp: write_safetensors(tmp, state, header))
+
+
+class Checkpointer:
+    """Writes an analysis checkpoint at each milestone step, atomically, with its metadata.
+
+    Parameters
+    ----------
+    directory
+        ``RUN_DIR/checkpoints``.
+    steps
+        Milestone steps (:func:`milestone_steps`).
+    tokens_per_step
+        For the file name, ``tokens_<12-digit tokens>.safetensors``.
+    metadata
+        Keys shared by every checkpoint of the run (model and run config, dataset, versions...);
+        :meth:`save` adds ``step``, ``tokens``, ``train_loss`` and ``val_loss``.
+    enabled
+        False on every rank but 0.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        steps: Iterable[int],
+        tokens_per_step: int,
+        metadata: dict[str, Any],
+        enabled: bool = True,
+    ):
+        self.directory = directory
+        self.steps = frozenset(steps)
+        self.tokens_per_step = tokens_per_step
+        self.metadata = dict(metadata)
+        self.enabled = enabled
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def save(self, model: nn.Module, *, step: int, train_loss: float, val_loss: float) -> Path | None:
+        """Write the checkpoint of ``step``; return its path (None on ranks that do not write)."""
+        if not self.enabled:
+            return None
+        tokens = step * self.tokens_per_step
+        meta = {
+            **self.metadata,
+            "step": step,
+            "tokens": tokens,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+        }
+        return save_checkpoint(self.directory / checkpoint_name(tokens), model, meta)
+
+    def latest(self, max_step: int | None = None) -> Path | None:
+        """The newest complete checkpoint on disk (up to ``max_step``), or None."""
+        limit = None if max_step is None else max_step * self.tokens_per_step
+        found = [p for tokens, p in list_checkpoints(self.directory) if limit is None or tokens <= limit]
+        return found[-1] if found else None

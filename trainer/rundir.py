@@ -24,6 +24,8 @@ never mixes two runs.
 from __future__ import annotations
 
 import json
+import math
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,14 @@ from trainer.checkpoint import list_checkpoints
 from trainer.config import RunConfig
 from trainer.data.dataset import TokenDataset
 from trainer.errors import RunLockedError, TrainerError
-from trainer.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
+from trainer.fileio import (
+    ExclusiveLock,
+    atomic_write_text,
+    check_writable,
+    naming_a_full_disk,
+    remove_stale_temporaries,
+)
+from trainer.provenance import utc_now
 from trainer.resume import ResumeError, differences_from_saved, list_resume_states
 
 METRICS_FILE = "metrics.jsonl"
@@ -253,3 +262,127 @@ def plan_start(
     return StartPlan(
         "restart", f"{out_dir} holds no resume state (killed before its first one): starting again at step 0"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's own files: metrics.jsonl and run.json
+
+
+def finite_or_none(x: float) -> float | None:
+    """Strict JSON has no NaN: non-finite numbers become null in metrics.jsonl and run.json."""
+    return x if math.isfinite(x) else None
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes each line.
+
+    Parameters
+    ----------
+    path
+        The file (created on the first line).
+    enabled
+        False on every rank but 0: :meth:`log` does nothing.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._file = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with naming_a_full_disk(self.path):  # a partial last line is dropped by the next --resume
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Keep only lines with ``step <= step`` (atomically); return how many lines were dropped.
+
+        A resumed run redoes the steps after its resume state, so lines logged after it by the
+        killed process would otherwise appear twice. A partial last line (killed mid-write) is
+        dropped; an unparseable line elsewhere means the file was edited, and is an error.
+        """
+        if not self.enabled or not self.path.exists():
+            return 0
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    continue
+                raise TrainerError(f"{self.path}:{i + 1}: not a JSON line; cannot resume onto it") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        return len(lines) - len(kept)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class RunRecord:
+    """``run.json``: who ran what, where, when, and how it ended; rewritten atomically.
+
+    A resumed run appends a segment, so the file tells the whole story of a run directory.
+    """
+
+    def __init__(self, path: Path, static: dict[str, Any], enabled: bool = True, resume: bool = False):
+        self.path = path
+        self.enabled = enabled
+        self.record: dict[str, Any] = {**static, "start_time": None, "segments": []}
+        if resume and enabled and path.exists():
+            try:
+                previous = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise TrainerError(f"{path}: not valid JSON ({e}); cannot resume onto it") from None
+            self.record["segments"] = previous.get("segments", [])
+            self.record["start_time"] = previous.get("start_time")
+            last = self.record["segments"][-1] if self.record["segments"] else None
+            if last is not None and last.get("status") == "running":
+                # we hold the run directory's lock, so no process is running it: its writer died unrecorded
+                last.update(
+                    status="killed",
+                    note="the process ended without recording how (SIGKILL, out of memory, power loss)",
+                )
+        self._t0 = time.perf_counter()
+
+    def start(self, step: int) -> None:
+        """Open a segment (status ``running``) and write the file."""
+        self._t0 = time.perf_counter()
+        now = utc_now()
+        if not self.record.get("start_time"):  # a resumed run keeps its first start
+            self.record["start_time"] = now
+        self.record["segments"].append({"start_time": now, "start_step": step, "status": "running"})
+        self.record.update(status="running", end_time=None, error=None)
+        self.write()
+
+    def finish(self, status: str, step: int, tokens_trained: int, error: str | None = None) -> None:
+        """Close the segment with ``status`` at ``step`` and write the file."""
+        wall = time.perf_counter() - self._t0
+        segment = self.record["segments"][-1]
+        segment.update(
+            end_time=utc_now(),
+            end_step=step,
+            status=status,
+            wall_time_s=round(wall, 3),
+            tokens_per_s=finite_or_none(tokens_trained / wall) if wall > 0 else None,
+        )
+        self.record.update(
+            status=status,
+            end_time=segment["end_time"],
+            final_step=step,
+            wall_time_s=round(sum(s.get("wall_time_s", 0.0) for s in self.record["segments"]), 3),
+            error=error,
+        )
+        self.write()
+
+    def write(self) -> None:
+        if self.enabled:
+            atomic_write_text(self.path, json.dumps(self.record, indent=2, allow_nan=False) + "\n")

@@ -1,14 +1,12 @@
-"""The training loop and the small components it calls.
+"""The training loop: :func:`train` builds a run, then steps it.
 
 :func:`train` is the one entry point (``collapse-train run`` calls it once). The loop composes,
-it does not contain: it asks a :class:`Checkpointer` whether a step is a milestone and to write
-it, a :class:`Validator` for the fixed validation loss, a :class:`MetricsLogger` to append a JSON
-line, a :class:`RunRecord` to keep ``run.json`` current, and :mod:`trainer.resume` to write the
-state a killed run continues from. Nothing here measures spectra (see DESIGN.md).
-
-Step numbering: ``step`` counts completed optimizer updates. Step 0 is the freshly initialised
-model (always checkpointed); update ``s`` (0-based) reads the batches ``batch_at(seed, s, micro)``
-and produces step ``s + 1``. After step ``s`` the run has consumed ``s * tokens_per_step`` tokens.
+it does not contain: it asks a :class:`~trainer.checkpoint.Checkpointer` whether a step is a milestone
+and to write it, a :class:`~trainer.components.Validator` for the fixed validation loss, a
+:class:`~trainer.rundir.MetricsLogger` to append a JSON line, a :class:`~trainer.rundir.RunRecord` to keep
+``run.json`` current, and :mod:`trainer.resume` to write the state a killed run continues from; one
+optimizer step is a :class:`~trainer.step.Stepper`. Nothing here measures spectra (see DESIGN.md).
+Step numbering is in :mod:`trainer.schedule`.
 """
 
 from __future__ import annotations
@@ -18,14 +16,9 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import atomic_write_text, checkpoint_name, list_checkpoints, save_checkpoint
+from trainer.checkpoint import Checkpointer
+from trainer.components import LossWindow, StopSignals, TrainingInterrupted, Validator, signals_deferred
 from trainer.config import RunConfig
-from trainer.data.dataset import TokenDataset, fixed_batches
+from trainer.data.dataset import TokenDataset
 from trainer.distributed import (
     DistInfo,
-    all_reduce_mean,
     all_reduce_sum,
     barrier,
     init_distributed,
@@ -47,498 +40,33 @@ from trainer.distributed import (
     wrap_ddp,
 )
 from trainer.errors import TrainerError
-from trainer.fileio import DiskFullError, naming_a_full_disk
+from trainer.fileio import DiskFullError, atomic_write_text
 from trainer.model import LLM
-from trainer.optim import Optimizers, clip_grad_norm
-from trainer.provenance import device_description, git_revision, software_versions, utc_now
+from trainer.optim import Optimizers
+from trainer.provenance import device_description, git_revision, software_versions
 from trainer.resume import load_resume_state, save_resume_state
 from trainer.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     RUN_FILE,
+    MetricsLogger,
+    RunRecord,
     StartPlan,
     clean_stale_files,
     create_run_files,
     dataset_identity,
+    finite_or_none,
     lock_run_dir,
     plan_start,
     prepare_run_dir,
 )
-from trainer.step import BatchPrefetcher, sdpa_context
-
-PLAN_MILESTONES = (Fraction(0), Fraction(1, 2), 1, 2, 4, 8, 12, 16, 20, 25)
-"""The plan's checkpoints (0, 0.5M, 1M, 2M, 4M, 8M, 12M, 16M, 20M, 25M tokens) in 25ths of the budget."""
+from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
+from trainer.step import Stepper, autocast_factory
 
 
 class DivergedError(TrainerError):
     """The training loss or gradient norm became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pure schedule arithmetic
-
-
-def tokens_per_step(cfg: RunConfig, world_size: int = 1) -> int:
-    """Tokens consumed by one optimizer step: ``batch_size * seq_len * grad_accum * world_size``."""
-    t = cfg.train
-    return t.batch_size * t.seq_len * t.grad_accum * world_size
-
-
-def total_steps_for(cfg: RunConfig, tokens_per_step: int) -> int:
-    """Whole optimizer steps that fit in ``train.tokens``; raises :class:`TrainerError` if none does."""
-    steps = cfg.train.tokens // tokens_per_step
-    if steps <= 0:
-        raise TrainerError(
-            f"train.tokens={cfg.train.tokens} is less than one optimizer step of {tokens_per_step} tokens "
-            "(batch_size * seq_len * grad_accum * processes); raise --tokens or lower train.batch_size"
-        )
-    return steps
-
-
-def milestone_steps(cfg: RunConfig, tokens_per_step: int, total_steps: int) -> list[int]:
-    """Optimizer steps at which analysis checkpoints are written, sorted and unique.
-
-    Each token milestone ``m`` maps to the first step whose cumulative tokens reach it,
-    ``ceil(m / tokens_per_step)``, capped at ``total_steps`` (the budget is rounded down to whole
-    steps, so the last milestone can fall a fraction of a step past it). Step 0 and the final
-    step are always included.
-
-    ``train.milestones``:
-
-    - ``plan``: (0, 0.5, 1, 2, 4, 8, 12, 16, 20, 25) / 25 of ``train.tokens`` (the source plan's
-      0, 0.5M, ..., 25M tokens, scaled to the budget);
-    - ``log``: step 0 and ``train.n_log_milestones`` steps log-spaced from 1 to ``total_steps``
-      (rounded; duplicates at small step counts collapse);
-    - ``plan+log``: the union of the two;
-    - ``list``: ``train.milestone_tokens``; a value above ``train.tokens`` is an error.
-
-    Examples
-    --------
-    >>> from trainer.config import RunConfig, TrainConfig
-    >>> cfg = RunConfig(train=TrainConfig(tokens=25_000, batch_size=1, seq_len=100))
-    >>> milestone_steps(cfg, tokens_per_step=100, total_steps=250)
-    [0, 5, 10, 20, 40, 80, 120, 160, 200, 250]
-    """
-    t = cfg.train
-    if total_steps <= 0 or tokens_per_step <= 0:
-        raise TrainerError(
-            f"need positive steps and tokens per step, got {total_steps} and {tokens_per_step}"
-        )
-
-    def first_step_reaching(tokens: Fraction | int) -> int:
-        return min(math.ceil(Fraction(tokens) / tokens_per_step), total_steps)
-
-    schedules = t.milestones.split("+")  # "plan+log" is the union of the two
-    if t.milestones == "list":
-        too_big = [m for m in t.milestone_tokens if m > t.tokens]
-        if too_big:
-            raise TrainerError(f"train.milestone_tokens {too_big} exceed the budget train.tokens={t.tokens}")
-        steps = {first_step_reaching(m) for m in t.milestone_tokens}
-    elif set(schedules) <= {"plan", "log"}:
-        steps = set()
-        if "plan" in schedules:
-            steps |= {first_step_reaching(Fraction(t.tokens) * f / 25) for f in PLAN_MILESTONES}
-        if "log" in schedules:
-            if t.n_log_milestones < 1:
-                raise TrainerError(f"train.n_log_milestones must be at least 1, got {t.n_log_milestones}")
-            points = (
-                np.geomspace(1, total_steps, t.n_log_milestones) if t.n_log_milestones > 1 else [total_steps]
-            )
-            steps |= {int(round(float(p))) for p in points}
-    else:
-        raise TrainerError(f"train.milestones: unknown schedule {t.milestones!r}")
-    return sorted(steps | {0, total_steps})
-
-
-def _finite_or_none(x: float) -> float | None:
-    """Strict JSON has no NaN: non-finite numbers become null in metrics.jsonl and run.json."""
-    return x if math.isfinite(x) else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Components
-
-
-class MetricsLogger:
-    """Appends one JSON object per line to ``metrics.jsonl`` and flushes each line.
-
-    Parameters
-    ----------
-    path
-        The file (created on the first line).
-    enabled
-        False on every rank but 0: :meth:`log` does nothing.
-    """
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-        self._file = None
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with naming_a_full_disk(self.path):  # a partial last line is dropped by the next --resume
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
-            self._file.write(json.dumps(record, allow_nan=False) + "\n")
-            self._file.flush()
-
-    def truncate_after(self, step: int) -> int:
-        """Keep only lines with ``step <= step`` (atomically); return how many lines were dropped.
-
-        A resumed run redoes the steps after its resume state, so lines logged after it by the
-        killed process would otherwise appear twice. A partial last line (killed mid-write) is
-        dropped; an unparseable line elsewhere means the file was edited, and is an error.
-        """
-        if not self.enabled or not self.path.exists():
-            return 0
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = []
-        for i, line in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:
-                    continue
-                raise TrainerError(f"{self.path}:{i + 1}: not a JSON line; cannot resume onto it") from None
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-        return len(lines) - len(kept)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class LossWindow:
-    """The losses of the last ``size`` optimizer steps, for logged and checkpointed train loss.
-
-    Its :meth:`state` goes into the resume state, so a resumed run logs the same numbers.
-    """
-
-    def __init__(self, size: int, losses: Iterable[float] = (), last_log_step: int = 0):
-        self.losses: deque[float] = deque(losses, maxlen=size)
-        self.last_log_step = last_log_step
-
-    def add(self, loss: float) -> None:
-        self.losses.append(loss)
-
-    def mean(self, last: int | None = None) -> float:
-        """Mean of the last ``last`` losses (all kept ones by default); NaN when there are none."""
-        values = list(self.losses)[-last:] if last else list(self.losses)
-        return math.fsum(values) / len(values) if values else math.nan
-
-    def state(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "last_log_step": self.last_log_step}
-
-    @classmethod
-    def from_state(cls, size: int, state: dict[str, Any]) -> LossWindow:
-        return cls(size, state["losses"], state["last_log_step"])
-
-
-class Validator:
-    """Loss on a fixed slice of the validation split, the same tokens at every checkpoint.
-
-    The slice is the first ``n_tokens`` tokens of the split cut into contiguous windows by
-    ``trainer.data.dataset.fixed_batches``; it is read once and kept in memory. Under DDP the windows
-    are dealt round-robin to the ranks and the token-weighted sums are all-reduced, so every
-    rank returns the same value.
-
-    Parameters
-    ----------
-    tokens
-        The validation split (a memmap).
-    n_tokens, batch_size, seq_len
-        Size of the slice and shape of its batches.
-    device, autocast
-        Where and in which precision the forward passes run (as in training).
-    info
-        This process's place in the job.
-
-    Attributes
-    ----------
-    n_tokens : int
-        Tokens actually scored: ``n_tokens`` rounded down to whole windows, or less when the
-        split is shorter (recorded in run.json as ``val_tokens``).
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        n_tokens: int,
-        *,
-        batch_size: int,
-        seq_len: int,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager],
-        info: DistInfo,
-    ):
-        # int64 (b, seq_len) pairs, b <= batch_size; fixed_batches raises if not one window fits
-        batches = list(fixed_batches(tokens, n_tokens, batch_size=batch_size, seq_len=seq_len))
-        self.n_tokens = sum(y.numel() for _, y in batches)
-        self.batches = batches[info.rank :: info.world_size]
-        self.device = device
-        self.autocast = autocast
-        self.info = info
-
-    @torch.no_grad()
-    def validate(self, model: nn.Module) -> float:
-        """Mean next-token cross-entropy (nats/token) over the slice; every rank must call it."""
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss * tokens, tokens)
-        for x, y in self.batches:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                loss = model(x, y)
-            sums[0] += loss.double() * y.numel()
-            sums[1] += y.numel()
-        all_reduce_sum(sums, self.info)
-        model.train(was_training)
-        return (sums[0] / sums[1]).item()
-
-
-class Checkpointer:
-    """Writes an analysis checkpoint at each milestone step, atomically, with its metadata.
-
-    Parameters
-    ----------
-    directory
-        ``RUN_DIR/checkpoints``.
-    steps
-        Milestone steps (:func:`milestone_steps`).
-    tokens_per_step
-        For the file name, ``tokens_<12-digit tokens>.safetensors``.
-    metadata
-        Keys shared by every checkpoint of the run (model and run config, dataset, versions...);
-        :meth:`save` adds ``step``, ``tokens``, ``train_loss`` and ``val_loss``.
-    enabled
-        False on every rank but 0.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        steps: Iterable[int],
-        tokens_per_step: int,
-        metadata: dict[str, Any],
-        enabled: bool = True,
-    ):
-        self.directory = directory
-        self.steps = frozenset(steps)
-        self.tokens_per_step = tokens_per_step
-        self.metadata = dict(metadata)
-        self.enabled = enabled
-
-    def due(self, step: int) -> bool:
-        return step in self.steps
-
-    def save(self, model: nn.Module, *, step: int, train_loss: float, val_loss: float) -> Path | None:
-        """Write the checkpoint of ``step``; return its path (None on ranks that do not write)."""
-        if not self.enabled:
-            return None
-        tokens = step * self.tokens_per_step
-        meta = {
-            **self.metadata,
-            "step": step,
-            "tokens": tokens,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-        }
-        return save_checkpoint(self.directory / checkpoint_name(tokens), model, meta)
-
-    def latest(self, max_step: int | None = None) -> Path | None:
-        """The newest complete checkpoint on disk (up to ``max_step``), or None."""
-        limit = None if max_step is None else max_step * self.tokens_per_step
-        found = [p for tokens, p in list_checkpoints(self.directory) if limit is None or tokens <= limit]
-        return found[-1] if found else None
-
-
-class RunRecord:
-    """``run.json``: who ran what, where, when, and how it ended; rewritten atomically.
-
-    A resumed run appends a segment, so the file tells the whole story of a run directory.
-    """
-
-    def __init__(self, path: Path, static: dict[str, Any], enabled: bool = True, resume: bool = False):
-        self.path = path
-        self.enabled = enabled
-        self.record: dict[str, Any] = {**static, "start_time": None, "segments": []}
-        if resume and enabled and path.exists():
-            try:
-                previous = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise TrainerError(f"{path}: not valid JSON ({e}); cannot resume onto it") from None
-            self.record["segments"] = previous.get("segments", [])
-            self.record["start_time"] = previous.get("start_time")
-            last = self.record["segments"][-1] if self.record["segments"] else None
-            if last is not None and last.get("status") == "running":
-                # we hold the run directory's lock, so no process is running it: its writer died unrecorded
-                last.update(
-                    status="killed",
-                    note="the process ended without recording how (SIGKILL, out of memory, power loss)",
-                )
-        self._t0 = time.perf_counter()
-
-    def start(self, step: int) -> None:
-        """Open a segment (status ``running``) and write the file."""
-        self._t0 = time.perf_counter()
-        now = utc_now()
-        if not self.record.get("start_time"):  # a resumed run keeps its first start
-            self.record["start_time"] = now
-        self.record["segments"].append({"start_time": now, "start_step": step, "status": "running"})
-        self.record.update(status="running", end_time=None, error=None)
-        self.write()
-
-    def finish(self, status: str, step: int, tokens_trained: int, error: str | None = None) -> None:
-        """Close the segment with ``status`` at ``step`` and write the file."""
-        wall = time.perf_counter() - self._t0
-        segment = self.record["segments"][-1]
-        segment.update(
-            end_time=utc_now(),
-            end_step=step,
-            status=status,
-            wall_time_s=round(wall, 3),
-            tokens_per_s=_finite_or_none(tokens_trained / wall) if wall > 0 else None,
-        )
-        self.record.update(
-            status=status,
-            end_time=segment["end_time"],
-            final_step=step,
-            wall_time_s=round(sum(s.get("wall_time_s", 0.0) for s in self.record["segments"]), 3),
-            error=error,
-        )
-        self.write()
-
-    def write(self) -> None:
-        if self.enabled:
-            atomic_write_text(self.path, json.dumps(self.record, indent=2, allow_nan=False) + "\n")
-
-
-class Stepper:
-    """One optimizer step: gradient accumulation over micro-batches, DDP sync, clipping, update.
-
-    Parameters
-    ----------
-    model
-        The plain model (its parameters are clipped and stepped).
-    train_model
-        What the forward runs through: ``model``, possibly compiled and/or wrapped in DDP.
-    optimizers
-        The run's :class:`~trainer.optim.Optimizers`.
-    tokens
-        The train split; micro-batch ``m`` of step ``s`` is ``batch_at(tokens, seed, s, m, ...)``,
-        this rank's slice of the global batch, prefetched by a :class:`~trainer.step.BatchPrefetcher`.
-    cfg
-        The run config (batch shape, accumulation, seed, clipping).
-    device, autocast, info
-        Where, in which precision, and as which rank the step runs.
-    deferred
-        Leave each step's loss and gradient norm on the device until :meth:`results` reads them
-        (default: on CUDA). Then a step only queues work and the host never waits for the device
-        except when the loop reads; a non-finite step is still applied, and found at the next read,
-        before anything is written. Not deferred (the CPU), each step is read at once and a non-finite
-        step is not applied. Whatever writes a checkpoint or resume state must read (and check) the
-        steps before it first, as the loop does at its log, checkpoint and resume steps.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        train_model: nn.Module,
-        optimizers: Optimizers,
-        tokens: np.ndarray,
-        cfg: RunConfig,
-        *,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager],
-        info: DistInfo,
-        deferred: bool | None = None,
-    ):
-        self.model, self.train_model, self.optimizers = model, train_model, optimizers
-        self.cfg, self.device, self.autocast, self.info = cfg, device, autocast, info
-        self.batches = BatchPrefetcher(tokens, cfg.train, info, device)
-        self.deferred = device.type == "cuda" if deferred is None else deferred
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (steps done, loss, grad norm)
-
-    def __call__(self, step: int) -> dict[str, float]:
-        """Take update ``step`` (0-based) and return the learning rate of each group; its loss and
-        pre-clip gradient norm (the loss is the mean over the global batch) wait for :meth:`results`."""
-        t = self.cfg.train
-        lrs = self.optimizers.set_lr(step)
-        loss_sum = torch.zeros((), device=self.device)  # promoted to float64 by a float64 model's loss
-        for micro in range(t.grad_accum):
-            x, y = self.batches.get(step, micro)  # (B, T) each
-            # DDP all-reduces the gradients in the backward of the last micro-batch only
-            last = micro == t.grad_accum - 1
-            with contextlib.nullcontext() if last or not self.info.enabled else self.train_model.no_sync():
-                with self.autocast():
-                    loss = self.train_model(x, y)
-                (loss / t.grad_accum).backward()
-            self.batches.prefetch(step, micro)  # host work while the device runs the queued kernels
-            loss_sum = loss_sum + loss.detach()
-        loss_mean = all_reduce_mean(loss_sum / t.grad_accum, self.info)
-        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip)  # a device tensor: no sync
-        if self.deferred or bool(torch.isfinite(torch.stack((loss_mean, grad_norm))).all()):
-            self.optimizers.step()
-        self.optimizers.zero_grad()
-        self._pending.append((step + 1, loss_mean, grad_norm))
-        return lrs
-
-    def results(self, read: bool = True) -> list[tuple[int, float, float]]:
-        """``(steps completed, loss, gradient norm)`` of every step since the last read, oldest first.
-
-        Reading synchronises with the device once for all of them. When deferred and ``read`` is false,
-        nothing is read and the list is empty; not deferred, every call reads.
-        """
-        if (self.deferred and not read) or not self._pending:
-            return []
-        values = torch.stack(
-            [torch.stack((loss, norm)) for _, loss, norm in self._pending]
-        ).tolist()  # (S, 2)
-        done = [d for d, _, _ in self._pending]
-        self._pending.clear()
-        return [(d, loss, norm) for d, (loss, norm) in zip(done, values)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Device, precision, run directory
-
-
-def autocast_factory(
-    device: torch.device, dtype: str, sdpa_backend: str = "default", weights_dtype: str = "float32"
-) -> Callable[[], contextlib.AbstractContextManager]:
-    """A zero-argument factory of the forward passes' context: precision and attention kernels.
-
-    ``dtype`` ``auto`` is bfloat16 autocast on CUDA and plain float32 on the CPU; parameters and
-    optimizer state stay in ``weights_dtype`` either way (autocast only lowers the matmul inputs).
-    With ``weights_dtype`` ``float64`` ``auto`` means no autocast: the point of float64 weights is
-    float64 arithmetic throughout.
-    ``sdpa_backend`` is ``train.sdpa_backend`` (:func:`trainer.step.sdpa_context`); ``default`` adds
-    no context.
-    """
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and weights_dtype != "float64" else "float32"
-    if dtype == "float32":
-        precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    elif dtype == "bfloat16":
-        precision = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
-    else:
-        raise TrainerError(f"train.dtype={dtype!r}: expected auto, float32 or bfloat16")
-    kernels = sdpa_context(sdpa_backend, device)
-    if kernels is contextlib.nullcontext:
-        return precision
-
-    @contextlib.contextmanager
-    def forward_context() -> Iterator[None]:
-        with precision(), kernels():
-            yield
-
-    return forward_context
 
 
 def _dataset_description(ds: TokenDataset) -> dict[str, Any]:
@@ -561,90 +89,6 @@ def _status_of(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt | TrainingInterrupted):
         return "interrupted"
     return "failed"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stopping on a signal
-
-
-class TrainingInterrupted(TrainerError):
-    """The run was stopped by SIGINT or SIGTERM; ``--resume`` continues it. Exit status 130."""
-
-    exit_code = 130
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (``kill``, SLURM preemption) stop the loop cleanly.
-
-    In a single-process run the first signal asks the loop to stop after the step in progress: it
-    writes a resume state there, records ``interrupted`` with the reason in run.json and raises
-    :class:`TrainingInterrupted`, so no step is lost. A second signal stops at once (the resume
-    state is then the newest one written before). Under DDP every rank would have to agree on the
-    step to stop at, which would cost a collective at every step; there a signal stops at once
-    (SIGTERM is turned into ``KeyboardInterrupt`` so that the run still records how it ended).
-    Handlers can only be installed from the main thread; elsewhere Python's defaults stay.
-    """
-
-    def __init__(self, graceful: bool):
-        self.graceful = graceful
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if not self.graceful or self.signum is not None:
-            self.signum = signum
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-        self.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this step and writing a resume state "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while the run records how it ended; they take effect right after.
-
-    The loop's own handlers are gone by the time a failure is recorded, so a signal in that window (torchrun
-    stopping the other ranks when one fails, a second Ctrl-C) would end the process with run.json still
-    saying ``running``. Handlers (process-wide, unlike a thread's signal mask: torch's threads would take the
-    signal) note what arrives; afterwards the previous handlers are back and the first noted signal is sent
-    again. Only the main thread can install handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum)) for sig in held}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if arrived:
-            os.kill(os.getpid(), arrived[0])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loop
 
 
 @dataclass(frozen=True)
@@ -905,7 +349,7 @@ def _loop(
                 "kind": "val",
                 "step": step,
                 "tokens": step * step_tokens,
-                "val_loss": _finite_or_none(val_loss),
+                "val_loss": finite_or_none(val_loss),
                 "checkpoint": path.name if path else None,
             }
         )
@@ -968,8 +412,8 @@ def _loop(
                             "tokens": step * step_tokens,
                             "train_loss": train_loss,
                             "lr": lrs,
-                            "grad_norm": _finite_or_none(grad_norm),
-                            "tokens_per_s": _finite_or_none(rate),
+                            "grad_norm": finite_or_none(grad_norm),
+                            "tokens_per_s": finite_or_none(rate),
                         }
                     )
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")

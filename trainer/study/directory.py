@@ -43,8 +43,8 @@ from trainer.errors import TrainerError
 from trainer.fileio import ExclusiveLock
 from trainer.provenance import utc_now
 from trainer.resume import config_differences, differences_from_saved
+from trainer.rundir import CONFIG_FILE, METRICS_FILE, RUN_FILE
 from trainer.study.spec import PlannedRun, Study, SweepChoice, SweepResult
-from trainer.train import CONFIG_FILE, METRICS_FILE, RUN_FILE
 
 FORMAT = "collapse-study"
 FORMAT_VERSION = 1

@@ -28,6 +28,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data.dataset import TokenDataset
 from trainer.errors import TrainerError
 from trainer.rundir import LOCK_FILE as RUN_LOCK_FILE
+from trainer.schedule import tokens_per_step, total_steps_for
 from trainer.study.directory import (
     SLURM_DIR,
     STUDY_JSON,
@@ -72,7 +73,6 @@ from trainer.study.spec import (
     select_lr,
     sweep_runs,
 )
-from trainer.train import tokens_per_step, total_steps_for
 
 Echo = Callable[[str], None]
 

@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from trainer.components import TrainingInterrupted
     from trainer.study.directory import read_run_state
-    from trainer.train import DivergedError, TrainingInterrupted, train
+    from trainer.train import DivergedError, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
