@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from study_helpers import inprocess, run_guarded, tree_bytes, write_tiny_study
 
 from cli.train import main as train_main
-from trainer.study.directory import read_run_state
+from trainer.rundir import read_run_state
 from trainer.study.executors import RunnerInterrupted, RunTask, SlurmExecutor, SlurmOptions, worker_command
 from trainer.study.runner import StudyIncompleteError, run_study
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from study_helpers import run_guarded, write_tiny_study
 
 from cli.train import main as train_main
-from trainer.study.directory import read_run_state
+from trainer.rundir import read_run_state
 from trainer.study.executors import LocalExecutor, SlurmExecutor, SlurmOptions
 from trainer.study.runner import StudyIncompleteError
 

@@ -40,9 +40,10 @@ import trainer.study.spec
 import trainer.train as train_mod
 from cli.train import main as train_main
 from trainer.config import ConfigError, load_config
+from trainer.fileio import live_holder
 from trainer.model import LLM
-from trainer.rundir import lock_run_dir
-from trainer.study.directory import check_study_dir, live_holder, lock_holder, read_run_state, study_lock
+from trainer.rundir import lock_run_dir, read_run_state
+from trainer.study.directory import check_study_dir, lock_holder, study_lock
 from trainer.study.executors import (
     EXIT_LOCKED,
     LocalExecutor,

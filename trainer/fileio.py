@@ -326,3 +326,50 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def live_holder(lock_file: Path) -> dict[str, Any] | None:
+    """The holder recorded in ``lock_file`` (a lock of :class:`trainer.fileio.ExclusiveLock`) while it is alive.
+
+    A holder on this host is alive when its pid is: nothing is locked to find out, so a process that
+    takes the lock at that moment is never refused because of this look. A holder on another host
+    (a SLURM node, with the run directory on a shared filesystem) is asked through the lock itself.
+    """
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:  # no lock file: no holder (it is removed on release)
+        return None
+    try:
+        try:
+            holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+            holder = {}
+        if holder and holder.get("host") == socket.gethostname():
+            return holder if _pid_alive(holder["pid"]) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``pid 123 on node7``, or ``an unknown process`` when the lock file names none."""
+    if not holder:
+        return "an unknown process"
+    return f"pid {holder['pid']}" + (f" on {holder['host']}" if holder.get("host") else "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -1,24 +1,10 @@
-"""One run directory, one run: claiming it, deciding how a (re)started run begins, cleaning debris.
+"""The run directory: the names in it, its lock, and the files a run writes about itself.
 
-A run directory (docs/training.md) is written by one process at a time: rank 0 of the training job
-holds an exclusive lock on ``RUN_DIR/.lock`` (:class:`trainer.fileio.ExclusiveLock`) from before it
-looks at the directory until the run ends. What a start or a restart does is decided from the
-directory alone, read-only, by :func:`plan_start`, the same way on every rank:
-
-==================================================  ===========================================
-the directory                                        ``run``                 ``run --resume``
-==================================================  ===========================================
-missing or empty                                     start at step 0         start at step 0 (empty) / error (missing)
-a finished run (``run.json`` status ``completed``)   refused: exists          nothing to do, said so
-a complete resume state                              refused: exists          continue from it
-traces of a run killed before its first resume       refused: exists          start again at step 0
-state (config, run.json, the step-0 checkpoint)
-anything else (files that are not a run's)           refused                  refused
-==================================================  ===========================================
-
-A restart is refused when the run in the directory was made with another config (every differing key
-is named) or another dataset (both are named: their paths and eval-batch hashes), so one directory
-never mixes two runs.
+A run directory (docs/training.md) is written by one process at a time: rank 0 of the training job holds an
+exclusive lock on ``RUN_DIR/.lock`` (:func:`lock_run_dir`) from before it looks at the directory until the run
+ends. :class:`MetricsLogger` writes ``metrics.jsonl`` and :class:`RunRecord` ``run.json``;
+:func:`read_run_state` is what a run directory says about its run. How a run begins in its directory is
+decided by :mod:`trainer.start`.
 """
 
 from __future__ import annotations
@@ -26,24 +12,19 @@ from __future__ import annotations
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from trainer.checkpoint import list_checkpoints
-from trainer.config import RunConfig
-from trainer.data.dataset import TokenDataset
 from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import (
     ExclusiveLock,
     atomic_write_text,
-    check_writable,
     naming_a_full_disk,
     remove_stale_temporaries,
 )
 from trainer.provenance import utc_now
-from trainer.resume import ResumeError, differences_from_saved, list_resume_states
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -56,20 +37,6 @@ RUN_ENTRIES = frozenset({METRICS_FILE, RUN_FILE, CONFIG_FILE, CHECKPOINT_DIR, RE
 STALE_PATTERNS = (".run.json.*.tmp", ".config.toml.*.tmp", ".metrics.jsonl.*.tmp", ".write-test-*")
 """Hidden temporaries of the run directory's own files that a killed writer can leave."""
 
-StartKind = Literal["fresh", "resume", "restart", "completed"]
-
-
-@dataclass(frozen=True)
-class StartPlan:
-    """How a run begins in its directory (see the module docstring)."""
-
-    kind: StartKind
-    """``fresh`` (step 0 in a new or empty directory), ``resume`` (from the newest resume state),
-    ``restart`` (step 0 over the traces of a run killed before its first resume state) or
-    ``completed`` (nothing to do)."""
-    note: str = ""
-    """What to tell the user about it (empty for a plain start or resume)."""
-
 
 def lock_run_dir(out_dir: Path) -> ExclusiveLock:
     """The lock of a run directory (enter it to hold it; the directory must exist).
@@ -78,23 +45,6 @@ def lock_run_dir(out_dir: Path) -> ExclusiveLock:
     as "running elsewhere".
     """
     return ExclusiveLock(out_dir / LOCK_FILE, f"run directory {out_dir}", RunLockedError)
-
-
-def prepare_run_dir(out_dir: Path, resume: bool) -> None:
-    """Create the run directory if a start may create it; refuse a path that cannot be one.
-
-    Raises :class:`TrainerError` for a path that exists and is not a directory, for ``--resume`` of a
-    directory that does not exist, and for a directory that cannot be created.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainerError(f"run directory {out_dir} exists and is not a directory")
-    if resume and not out_dir.is_dir():
-        raise ResumeError(f"--resume: run directory {out_dir} does not exist")
-    check_writable(out_dir, "run directory", into=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainerError(f"cannot write the run directory {out_dir}: {e.strerror or e}") from e
 
 
 def create_run_files(out_dir: Path) -> None:
@@ -113,159 +63,6 @@ def clean_stale_files(out_dir: Path) -> list[Path]:
     removed = remove_stale_temporaries(out_dir, STALE_PATTERNS)
     removed += remove_stale_temporaries(out_dir / CHECKPOINT_DIR, (".tokens_*.tmp",))
     return removed
-
-
-# ----------------------------------------------------------------------------------------------------
-# Deciding how to start
-
-
-def dataset_identity(ds: TokenDataset) -> dict[str, Any]:
-    """What identifies a dataset for a run: its path, eval-batch hash, train tokens, tokenizer."""
-    tokenizer = ds.meta.get("tokenizer", {})
-    return {
-        "path": str(ds.path.resolve()),
-        "eval_batch_sha256": ds.eval_batch_sha256,
-        "train_tokens": ds.meta.get("splits", {}).get("train", {}).get("tokens"),
-        "vocab_size": ds.vocab_size,
-        "tokenizer_sha256": tokenizer.get("sha256") if isinstance(tokenizer, dict) else None,
-    }
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TrainerError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
-    if not isinstance(data, dict):
-        raise TrainerError(f"{path}: not a run record (a JSON object)")
-    return data
-
-
-def _recorded_dataset(out_dir: Path, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The dataset the run in ``out_dir`` was trained on: run.json's record, else a checkpoint's header."""
-    if record and isinstance(record.get("dataset"), dict):
-        return record["dataset"]
-    found: dict[str, Any] = {}
-    if record and record.get("data_dir"):
-        found["path"] = record["data_dir"]
-    checkpoints = list_checkpoints(out_dir / CHECKPOINT_DIR)
-    if checkpoints:
-        import safetensors
-
-        try:
-            with safetensors.safe_open(str(checkpoints[-1][1]), "pt") as f:
-                meta = f.metadata() or {}
-        except safetensors.SafetensorError:
-            meta = {}
-        if meta.get("eval_batch_sha256"):
-            found["eval_batch_sha256"] = meta["eval_batch_sha256"]
-        found.setdefault("path", meta.get("data_dir"))
-    return found or None
-
-
-def check_same_dataset(out_dir: Path, record: dict[str, Any] | None, ds: TokenDataset) -> None:
-    """Refuse to continue a run on another dataset than the one it was trained on, naming both.
-
-    The path alone does not decide: a dataset directory that was moved is the same dataset (same
-    eval-batch hash and train tokens), and another dataset prepared into the same path is not.
-    """
-    recorded = _recorded_dataset(out_dir, record)
-    if not recorded:
-        return
-    now = dataset_identity(ds)
-    keys = [
-        k for k in ("eval_batch_sha256", "train_tokens", "vocab_size", "tokenizer_sha256") if recorded.get(k)
-    ]
-    if not keys:  # only a path is known (a run from before identities were recorded)
-        keys = ["path"]
-    if all(recorded.get(k) == now[k] for k in keys):
-        return
-
-    def describe(identity: dict[str, Any]) -> str:
-        sha = identity.get("eval_batch_sha256")
-        tokens = identity.get("train_tokens")
-        details = ", ".join(
-            x
-            for x in (f"eval batch {sha[:12]}" if sha else "", f"{tokens:,} train tokens" if tokens else "")
-            if x
-        )
-        return f"{identity.get('path', '?')}" + (f" ({details})" if details else "")
-
-    raise TrainerError(
-        f"{out_dir} was trained on {describe(recorded)}, but --data is {describe(now)}: one run directory holds "
-        f"one run; continue it with --data {recorded.get('path', '<its dataset>')}, or train into another --out"
-    )
-
-
-def _check_same_config(out_dir: Path, cfg: RunConfig) -> None:
-    path = out_dir / CONFIG_FILE
-    if not path.is_file():
-        return
-    try:
-        saved = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise TrainerError(f"{path}: not a readable run config ({e})") from None
-    diff = differences_from_saved(saved, cfg)
-    if diff:
-        raise ResumeError(
-            f"--resume: the config differs from the one {out_dir} was started with: " + "; ".join(diff)
-        )
-
-
-def _foreign_entries(out_dir: Path) -> list[str]:
-    return sorted(
-        p.name for p in out_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")
-    )
-
-
-def plan_start(
-    out_dir: Path, cfg: RunConfig, ds: TokenDataset, *, resume: bool, total_steps: int
-) -> StartPlan:
-    """Decide, without writing anything, how the run ``cfg`` begins in ``out_dir`` (see the module docstring).
-
-    Raises
-    ------
-    TrainerError
-        The directory holds something else than this run: files that are not a run's, a run of another
-        config or dataset, or (without ``resume``) any run at all.
-    """
-    entries = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
-    if not [e for e in entries if e != LOCK_FILE and not e.startswith(".")]:
-        return StartPlan("fresh", f"no run in {out_dir} yet: starting at step 0" if resume else "")
-    if not resume:
-        raise TrainerError(
-            f"run directory {out_dir} already exists and is not empty; choose another --out, "
-            "or pass --resume to continue the run in it"
-        )
-    foreign = _foreign_entries(out_dir)
-    record = _read_json(out_dir / RUN_FILE)
-    if foreign and record is None:
-        raise TrainerError(
-            f"--resume: {out_dir} holds no run made by collapse-train (it has {', '.join(foreign[:5])}); "
-            "choose the run's own directory"
-        )
-    check_same_dataset(out_dir, record, ds)
-    if record and record.get("status") == "completed" and record.get("final_step") == total_steps:
-        _check_same_config(out_dir, cfg)
-        return StartPlan("completed", f"{out_dir} already completed at step {total_steps}: nothing to do")
-    if list_resume_states(out_dir):
-        return StartPlan("resume")  # load_resume_state checks the config against the state's own copy
-    _check_same_config(out_dir, cfg)
-    later = [t for t, _ in list_checkpoints(out_dir / CHECKPOINT_DIR) if t > 0]
-    if later:
-        raise ResumeError(
-            f"--resume: {out_dir} has checkpoints up to {later[-1]:,} tokens but no resume state (was "
-            f"{out_dir / RESUME_DIR} removed?); restarting would rewrite them: move them away first"
-        )
-    return StartPlan(
-        "restart", f"{out_dir} holds no resume state (killed before its first one): starting again at step 0"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run's own files: metrics.jsonl and run.json
 
 
 def finite_or_none(x: float) -> float | None:
@@ -386,3 +183,80 @@ class RunRecord:
     def write(self) -> None:
         if self.enabled:
             atomic_write_text(self.path, json.dumps(self.record, indent=2, allow_nan=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a run directory says about its run
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run directory as read from disk (``run.json`` and ``metrics.jsonl``)."""
+
+    status: str
+    """``missing`` (no directory), ``new`` (a directory without run.json), or run.json's status:
+    ``running`` (or killed), ``completed``, ``diverged``, ``failed``, ``interrupted``."""
+    tokens: int = 0
+    """Training tokens reached (the newest metrics line)."""
+    total_tokens: int | None = None
+    """The run's whole budget in whole steps (run.json), once it has started."""
+    wall_time_s: float = 0.0
+    """Time spent training, all segments (the open one up to now)."""
+    final_val_loss: float | None = None
+    """Validation loss at the last step of a completed run; None otherwise or when not finite."""
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Completed or diverged: nothing more will come of training it again."""
+        return self.status in ("completed", "diverged")
+
+
+def read_run_state(run_dir: Path) -> RunState:
+    """The :class:`RunState` of ``run_dir`` (read only; an unreadable run.json reads as ``failed``)."""
+    if not run_dir.exists():
+        return RunState("missing")
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+    except FileNotFoundError:
+        return RunState("new")
+    except (OSError, json.JSONDecodeError) as e:
+        return RunState("failed", error=f"{run_dir / RUN_FILE} unreadable: {e}")
+    metrics = _metrics(run_dir / METRICS_FILE)
+    tokens = max((m.get("tokens", 0) for m in metrics), default=0)
+    status = record.get("status", "running")
+    wall = float(record.get("wall_time_s") or 0.0)
+    segments = record.get("segments") or []
+    if status == "running" and segments and segments[-1].get("start_time"):
+        closed = sum(float(s.get("wall_time_s") or 0.0) for s in segments[:-1])
+        started = datetime.fromisoformat(segments[-1]["start_time"])
+        wall = closed + max(0.0, (datetime.now(UTC) - started).total_seconds())
+    val_loss = None
+    if status == "completed":
+        final = record.get("final_step")
+        at_end = [m for m in metrics if m.get("kind") == "val" and m.get("step") == final]
+        if at_end and isinstance(at_end[-1].get("val_loss"), int | float):
+            val_loss = float(at_end[-1]["val_loss"])
+            val_loss = val_loss if math.isfinite(val_loss) else None
+    return RunState(
+        status,
+        tokens=int(tokens),
+        total_tokens=record.get("total_tokens"),
+        wall_time_s=wall,
+        final_val_loss=val_loss,
+        error=record.get("error"),
+    )
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill mid-write; the trainer drops it on resume
+            continue
+    return out

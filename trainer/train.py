@@ -52,16 +52,13 @@ from trainer.rundir import (
     RUN_FILE,
     MetricsLogger,
     RunRecord,
-    StartPlan,
     clean_stale_files,
     create_run_files,
-    dataset_identity,
     finite_or_none,
     lock_run_dir,
-    plan_start,
-    prepare_run_dir,
 )
 from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
+from trainer.start import StartPlan, dataset_identity, plan_start, prepare_run_dir
 from trainer.step import Stepper, autocast_factory
 
 
@@ -124,7 +121,7 @@ def train(
         The run directory; it must not exist or be empty, unless ``resume``.
     resume
         Continue the run in ``out_dir``: from its newest resume state; from step 0 when it was killed
-        before writing one; not at all when it already completed (see :mod:`trainer.rundir`).
+        before writing one; not at all when it already completed (see :mod:`trainer.start`).
     progress
         Show a tqdm progress bar (rank 0 only).
     echo

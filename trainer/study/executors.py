@@ -181,9 +181,7 @@ def launch_worker(
 
 def classify(task: RunTask, returncode: int, elapsed_s: float = 0.0, where: str = "") -> RunOutcome:
     """The :class:`RunOutcome` of a finished worker from its exit code, ``run.json`` and its log."""
-    from trainer.study.directory import (
-        read_run_state,  # study_dir imports the training stack; only needed here
-    )
+    from trainer.rundir import read_run_state  # study_dir imports the training stack; only needed here
 
     state = read_run_state(Path(task.run_dir)).status
     status: Status

@@ -27,7 +27,9 @@ from pathlib import Path
 from trainer.config import ConfigError, load_config
 from trainer.data.dataset import TokenDataset
 from trainer.errors import TrainerError
+from trainer.fileio import describe_holder, live_holder
 from trainer.rundir import LOCK_FILE as RUN_LOCK_FILE
+from trainer.rundir import read_run_state
 from trainer.schedule import tokens_per_step, total_steps_for
 from trainer.study.directory import (
     SLURM_DIR,
@@ -37,10 +39,7 @@ from trainer.study.directory import (
     SWEEP_JSON,
     check_study_dir,
     completed_config_differences,
-    describe_holder,
-    live_holder,
     lock_holder,
-    read_run_state,
     study_lock,
     sweep_result,
     write_study_json,

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.components import TrainingInterrupted
-    from trainer.study.directory import read_run_state
+    from trainer.rundir import read_run_state
     from trainer.train import DivergedError, train
 
     if args.threads:
