@@ -606,13 +606,13 @@ def test_a_failing_run_is_retried_once_and_does_not_stop_the_others(study_file, 
 
 KILLER = r"""
 import os, signal, sys
-import trainer.train as t
-log = t.MetricsLogger.log
+import trainer.rundir as rundir
+log = rundir.MetricsLogger.log
 def log_then_die(self, record):
     log(self, record)
     if record.get("kind") == "train" and record["step"] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
-t.MetricsLogger.log = log_then_die
+rundir.MetricsLogger.log = log_then_die
 from trainer.study.worker import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -854,7 +854,13 @@ def test_check_study_dir_accepts_an_empty_directory(tmp_path, study_file):
 
 @pytest.mark.parametrize(
     "module",
-    [trainer.study.spec, trainer.study.directory, trainer.study.executors, trainer.study.slurm_queue, trainer.config],
+    [
+        trainer.study.spec,
+        trainer.study.directory,
+        trainer.study.executors,
+        trainer.study.slurm_queue,
+        trainer.config,
+    ],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)

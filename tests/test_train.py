@@ -22,12 +22,12 @@ from trainer.checkpoint import FORMAT, FORMAT_VERSION, Checkpointer, checkpoint_
 from trainer.components import LossWindow, Validator
 from trainer.config import RunConfig, TrainConfig, load_config
 from trainer.data.dataset import TokenDataset, fixed_batches
-from trainer.errors import TrainerError
+from trainer.errors import DivergedError, TrainerError
 from trainer.model import LLM
 from trainer.rundir import MetricsLogger
 from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
 from trainer.step import autocast_factory
-from trainer.train import DivergedError, train
+from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

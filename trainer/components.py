@@ -26,7 +26,6 @@ from trainer.distributed import (
     DistInfo,
     all_reduce_sum,
 )
-from trainer.errors import TrainerError
 
 
 class LossWindow:
@@ -117,19 +116,13 @@ class Validator:
         return (sums[0] / sums[1]).item()
 
 
-class TrainingInterrupted(TrainerError):
-    """The run was stopped by SIGINT or SIGTERM; ``--resume`` continues it. Exit status 130."""
-
-    exit_code = 130
-
-
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (``kill``, SLURM preemption) stop the loop cleanly.
 
     In a single-process run the first signal asks the loop to stop after the step in progress: it
     writes a resume state there, records ``interrupted`` with the reason in run.json and raises
-    :class:`TrainingInterrupted`, so no step is lost. A second signal stops at once (the resume
-    state is then the newest one written before). Under DDP every rank would have to agree on the
+    :class:`~trainer.errors.TrainingInterrupted`, so no step is lost. A second signal stops at once (the
+    resume state is then the newest one written before). Under DDP every rank would have to agree on the
     step to stop at, which would cost a collective at every step; there a signal stops at once
     (SIGTERM is turned into ``KeyboardInterrupt`` so that the run still records how it ended).
     Handlers can only be installed from the main thread; elsewhere Python's defaults stay.

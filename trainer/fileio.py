@@ -8,12 +8,15 @@ without leaving its own temporaries behind.
   group shares (:func:`apply_default_mode`).
 - :class:`ExclusiveLock` is an ``fcntl.flock`` on a lock file: one process at a time works on a run
   directory. The kernel releases it when the process dies, however it dies, so a killed run never
-  leaves a stale lock; the file records its holder so that the process refused can name it.
+  leaves a stale lock; the file records its holder so that the process refused can name it, and
+  :func:`live_holder` reads it without taking the lock (who is working on a run or study directory).
 - :func:`remove_stale_temporaries` deletes the hidden temporaries a killed writer left, matching only
   this command's own name patterns; it is called while the lock is held, so it never touches the
   temporary file of a writer that is still running.
 - A write that fails because the file system is full is a :class:`DiskFullError` naming the file
   (:func:`naming_a_full_disk`), however the library that wrote it reported it.
+- :func:`write_safetensors` writes a safetensors file whose bytes depend only on its tensors and metadata
+  (checkpoints, resume states and the eval batch all go through it).
 
 ``spectra`` has its own twin of these helpers (``spectra/fileio.py``): the two halves of the project
 share file formats, not code (see DESIGN.md). The lock file's content is part of that shared format
@@ -29,11 +32,15 @@ import json
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
 from trainer.provenance import utc_now
@@ -166,6 +173,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with the header metadata in sorted key order: same input, same bytes.
+
+    safetensors orders the tensors itself (by alignment, then name) but writes the ``__metadata__`` table
+    from a Rust ``HashMap``, whose order is randomised per map: two identical calls give files with
+    different hashes (safetensors 0.8 has no option for a fixed order). The header is therefore rewritten
+    in place with the metadata keys sorted: the same keys and values in compact JSON, escaped as
+    serde_json escapes them, so it has the same length and the tensor data does not move. Every
+    safetensors file the trainer writes (checkpoints, resume state, the eval batch) goes through here.
+
+    Examples
+    --------
+    >>> import hashlib, tempfile
+    >>> path = tempfile.mkdtemp() + "/x.safetensors"
+    >>> digests = set()
+    >>> for _ in range(3):
+    ...     write_safetensors(path, {"w": torch.ones(2)}, {k: "v" for k in "abcdefgh"})
+    ...     digests.add(hashlib.sha256(open(path, "rb").read()).hexdigest())
+    >>> len(digests)
+    1
+    """
+    save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
+    if metadata:
+        _sort_header_metadata(Path(path))
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` keys sorted."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # keeps its place, first
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # cannot happen for the same strings; never move the tensor data
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces too
 
 
 def not_writable(directory: str | os.PathLike) -> str | None:

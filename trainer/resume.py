@@ -38,14 +38,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from trainer.checkpoint import unwrap_model, write_safetensors
+from trainer.checkpoint import unwrap_model
 from trainer.config import RunConfig, config_sha256, differences_from_saved
 from trainer.errors import TrainerError
-from trainer.fileio import apply_default_mode, fsync_dir, naming_a_full_disk
+from trainer.fileio import apply_default_mode, fsync_dir, naming_a_full_disk, write_safetensors
+from trainer.rundir import RESUME_DIR
 
 FORMAT = "collapse-resume"
 FORMAT_VERSION = 1
-RESUME_DIRNAME = "resume"
 MANIFEST = "manifest.json"
 STATE_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
@@ -193,7 +193,7 @@ class ResumeState:
 
 
 def resume_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / RESUME_DIRNAME
+    return Path(run_dir) / RESUME_DIR
 
 
 def _state_dirname(step: int) -> str:

@@ -1,10 +1,21 @@
-"""The run directory: the names in it, its lock, and the files a run writes about itself.
+"""The run directory: every name in it, its lock, and the one reader and writer of the run's own files.
 
-A run directory (docs/training.md) is written by one process at a time: rank 0 of the training job holds an
-exclusive lock on ``RUN_DIR/.lock`` (:func:`lock_run_dir`) from before it looks at the directory until the run
-ends. :class:`MetricsLogger` writes ``metrics.jsonl`` and :class:`RunRecord` ``run.json``;
-:func:`read_run_state` is what a run directory says about its run. How a run begins in its directory is
-decided by :mod:`trainer.start`.
+Layout (docs/training.md is the reference)::
+
+    RUN_DIR/
+        config.toml     the resolved run config                   write_config, read_config
+        run.json        versions, git, device, segments, status   RunRecord, read_run_record
+        metrics.jsonl   one JSON line per log step and checkpoint  MetricsLogger, read_metrics
+        checkpoints/    tokens_<12 digits>.safetensors             trainer.checkpoint
+        resume/         step_<8 digits>/                           trainer.resume
+        .lock           held by the one process writing here       lock_run_dir
+
+The names are defined here and nowhere else; the formats of the three files above are written and read
+here only (the training loop, the start decision and the study layer all go through this module), and
+:func:`read_run_state` is what a run directory says about its run to anyone who asks. A run directory is
+written by one process at a time: rank 0 of the training job holds an exclusive lock on ``RUN_DIR/.lock``
+from before it looks at the directory until the run ends. How a run begins in its directory is decided by
+:mod:`trainer.start`.
 """
 
 from __future__ import annotations
@@ -12,11 +23,13 @@ from __future__ import annotations
 import json
 import math
 import time
+import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trainer.config import RunConfig
 from trainer.errors import RunLockedError, TrainerError
 from trainer.fileio import (
     ExclusiveLock,
@@ -65,6 +78,39 @@ def clean_stale_files(out_dir: Path) -> list[Path]:
     return removed
 
 
+# ----------------------------------------------------------------------------------------------------
+# config.toml
+
+
+def write_config(run_dir: Path, cfg: RunConfig, replace: bool = True) -> None:
+    """Write ``config.toml``: the resolved run config, atomically; with ``replace`` false, only where there
+    is none (a continued run keeps the one it started with, which :mod:`trainer.start` checked equal)."""
+    path = run_dir / CONFIG_FILE
+    if replace or not path.exists():
+        atomic_write_text(path, cfg.to_toml())
+
+
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """The plain data of ``run_dir``'s ``config.toml``, or None when it has none.
+
+    Raises
+    ------
+    TrainerError
+        The file cannot be read as TOML; the message names it.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise TrainerError(f"{path}: not a readable run config ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
 def finite_or_none(x: float) -> float | None:
     """Strict JSON has no NaN: non-finite numbers become null in metrics.jsonl and run.json."""
     return x if math.isfinite(x) else None
@@ -72,6 +118,9 @@ def finite_or_none(x: float) -> float | None:
 
 class MetricsLogger:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes each line.
+
+    The training loop writes two kinds of line (docs/training.md): :meth:`log_train` at each log step and
+    :meth:`log_val` at each checkpoint; :func:`read_metrics` reads them back.
 
     Parameters
     ----------
@@ -94,6 +143,40 @@ class MetricsLogger:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
+
+    def log_train(
+        self,
+        step: int,
+        tokens: int,
+        train_loss: float,
+        lrs: dict[str, float],
+        grad_norm: float,
+        tokens_per_s: float,
+    ) -> None:
+        """The line of a log step: mean train loss since the last one, learning rates, gradient norm, speed."""
+        self.log(
+            {
+                "kind": "train",
+                "step": step,
+                "tokens": tokens,
+                "train_loss": train_loss,
+                "lr": lrs,
+                "grad_norm": finite_or_none(grad_norm),
+                "tokens_per_s": finite_or_none(tokens_per_s),
+            }
+        )
+
+    def log_val(self, step: int, tokens: int, val_loss: float, checkpoint: str | None) -> None:
+        """The line of a checkpoint: validation loss and the checkpoint's file name (None on other ranks)."""
+        self.log(
+            {
+                "kind": "val",
+                "step": step,
+                "tokens": tokens,
+                "val_loss": finite_or_none(val_loss),
+                "checkpoint": checkpoint,
+            }
+        )
 
     def truncate_after(self, step: int) -> int:
         """Keep only lines with ``step <= step`` (atomically); return how many lines were dropped.
@@ -124,21 +207,72 @@ class MetricsLogger:
             self._file = None
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete line of ``run_dir``'s ``metrics.jsonl`` (none when it has none), oldest first.
+
+    A line cut by a kill mid-write is skipped (the trainer drops it when the run is resumed).
+    """
+    try:
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# run.json
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """``run_dir``'s ``run.json`` as a dict, or None when it has none.
+
+    Raises
+    ------
+    TrainerError
+        The file is not valid JSON or not a JSON object (a damaged run directory); the message names it.
+    """
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TrainerError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
+    if not isinstance(data, dict):
+        raise TrainerError(f"{path}: not a run record (a JSON object)")
+    return data
+
+
 class RunRecord:
     """``run.json``: who ran what, where, when, and how it ended; rewritten atomically.
 
     A resumed run appends a segment, so the file tells the whole story of a run directory.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    static
+        What does not change while the run trains: versions, git revision, device, seed, dataset, schedule
+        (docs/training.md lists the keys).
+    enabled
+        False on every rank but 0: nothing is written.
+    resume
+        Continue the record already in ``run_dir`` (its first start time and its segments).
     """
 
-    def __init__(self, path: Path, static: dict[str, Any], enabled: bool = True, resume: bool = False):
-        self.path = path
+    def __init__(self, run_dir: Path, static: dict[str, Any], enabled: bool = True, resume: bool = False):
+        self.path = run_dir / RUN_FILE
         self.enabled = enabled
         self.record: dict[str, Any] = {**static, "start_time": None, "segments": []}
-        if resume and enabled and path.exists():
-            try:
-                previous = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise TrainerError(f"{path}: not valid JSON ({e}); cannot resume onto it") from None
+        previous = read_run_record(run_dir) if resume and enabled else None
+        if previous is not None:
             self.record["segments"] = previous.get("segments", [])
             self.record["start_time"] = previous.get("start_time")
             last = self.record["segments"][-1] if self.record["segments"] else None
@@ -217,12 +351,12 @@ def read_run_state(run_dir: Path) -> RunState:
     if not run_dir.exists():
         return RunState("missing")
     try:
-        record = json.loads((run_dir / RUN_FILE).read_text())
-    except FileNotFoundError:
+        record = read_run_record(run_dir)
+    except TrainerError as e:
+        return RunState("failed", error=str(e))
+    if record is None:
         return RunState("new")
-    except (OSError, json.JSONDecodeError) as e:
-        return RunState("failed", error=f"{run_dir / RUN_FILE} unreadable: {e}")
-    metrics = _metrics(run_dir / METRICS_FILE)
+    metrics = read_metrics(run_dir)
     tokens = max((m.get("tokens", 0) for m in metrics), default=0)
     status = record.get("status", "running")
     wall = float(record.get("wall_time_s") or 0.0)
@@ -246,17 +380,3 @@ def read_run_state(run_dir: Path) -> RunState:
         final_val_loss=val_loss,
         error=record.get("error"),
     )
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill mid-write; the trainer drops it on resume
-            continue
-    return out

@@ -23,19 +23,17 @@ never mixes two runs.
 
 from __future__ import annotations
 
-import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import list_checkpoints, read_checkpoint_metadata
 from trainer.config import RunConfig, differences_from_saved
 from trainer.data.dataset import TokenDataset
 from trainer.errors import TrainerError
 from trainer.fileio import check_writable
 from trainer.resume import ResumeError, list_resume_states
-from trainer.rundir import CHECKPOINT_DIR, CONFIG_FILE, LOCK_FILE, RESUME_DIR, RUN_ENTRIES, RUN_FILE
+from trainer.rundir import CHECKPOINT_DIR, LOCK_FILE, RESUME_DIR, RUN_ENTRIES, read_config, read_run_record
 
 StartKind = Literal["fresh", "resume", "restart", "completed"]
 
@@ -81,18 +79,6 @@ def dataset_identity(ds: TokenDataset) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TrainerError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
-    if not isinstance(data, dict):
-        raise TrainerError(f"{path}: not a run record (a JSON object)")
-    return data
-
-
 def _recorded_dataset(out_dir: Path, record: dict[str, Any] | None) -> dict[str, Any] | None:
     """The dataset the run in ``out_dir`` was trained on: run.json's record, else a checkpoint's header."""
     if record and isinstance(record.get("dataset"), dict):
@@ -102,13 +88,7 @@ def _recorded_dataset(out_dir: Path, record: dict[str, Any] | None) -> dict[str,
         found["path"] = record["data_dir"]
     checkpoints = list_checkpoints(out_dir / CHECKPOINT_DIR)
     if checkpoints:
-        import safetensors
-
-        try:
-            with safetensors.safe_open(str(checkpoints[-1][1]), "pt") as f:
-                meta = f.metadata() or {}
-        except safetensors.SafetensorError:
-            meta = {}
+        meta = read_checkpoint_metadata(checkpoints[-1][1])
         if meta.get("eval_batch_sha256"):
             found["eval_batch_sha256"] = meta["eval_batch_sha256"]
         found.setdefault("path", meta.get("data_dir"))
@@ -150,13 +130,9 @@ def check_same_dataset(out_dir: Path, record: dict[str, Any] | None, ds: TokenDa
 
 
 def _check_same_config(out_dir: Path, cfg: RunConfig) -> None:
-    path = out_dir / CONFIG_FILE
-    if not path.is_file():
+    saved = read_config(out_dir)
+    if saved is None:
         return
-    try:
-        saved = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise TrainerError(f"{path}: not a readable run config ({e})") from None
     diff = differences_from_saved(saved, cfg)
     if diff:
         raise ResumeError(
@@ -190,7 +166,7 @@ def plan_start(
             "or pass --resume to continue the run in it"
         )
     foreign = _foreign_entries(out_dir)
-    record = _read_json(out_dir / RUN_FILE)
+    record = read_run_record(out_dir)
     if foreign and record is None:
         raise TrainerError(
             f"--resume: {out_dir} holds no run made by collapse-train (it has {', '.join(foreign[:5])}); "

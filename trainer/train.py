@@ -12,23 +12,21 @@ Step numbering is in :mod:`trainer.schedule`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import Checkpointer
-from trainer.components import LossWindow, StopSignals, TrainingInterrupted, Validator, signals_deferred
+from trainer.checkpoint import Checkpointer, run_metadata
+from trainer.components import LossWindow, StopSignals, Validator, signals_deferred
 from trainer.config import RunConfig
 from trainer.data.dataset import TokenDataset
 from trainer.distributed import (
@@ -39,44 +37,25 @@ from trainer.distributed import (
     shutdown,
     wrap_ddp,
 )
-from trainer.errors import TrainerError
-from trainer.fileio import DiskFullError, atomic_write_text
+from trainer.errors import DivergedError, TrainerError, TrainingInterrupted
+from trainer.fileio import DiskFullError
 from trainer.model import LLM
 from trainer.optim import Optimizers
 from trainer.provenance import device_description, git_revision, software_versions
 from trainer.resume import load_resume_state, save_resume_state
 from trainer.rundir import (
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     METRICS_FILE,
-    RUN_FILE,
     MetricsLogger,
     RunRecord,
     clean_stale_files,
     create_run_files,
-    finite_or_none,
     lock_run_dir,
+    write_config,
 )
 from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
 from trainer.start import StartPlan, dataset_identity, plan_start, prepare_run_dir
 from trainer.step import Stepper, autocast_factory
-
-
-class DivergedError(TrainerError):
-    """The training loss or gradient norm became NaN or infinite."""
-
-
-def _dataset_description(ds: TokenDataset) -> dict[str, Any]:
-    meta = ds.meta
-    return {
-        "name": ds.name,
-        "sources": meta.get("sources"),
-        "filters": meta.get("filters"),
-        "tokenizer": meta.get("tokenizer"),
-        "vocab_size": ds.vocab_size,
-        "eot_id": ds.eot_id,
-        "split_tokens": {name: split["tokens"] for name, split in meta.get("splits", {}).items()},
-    }
 
 
 def _status_of(error: BaseException) -> str:
@@ -219,11 +198,69 @@ def _train(
         echo(plan.note)
     if plan.kind == "completed":
         return TrainResult(out_dir, "already completed", plan.note)
-    _loop(cfg, ds, out_dir, info, device, plan, step_tokens, total_steps, progress)
+    _loop(_build(cfg, ds, out_dir, info, device, plan, step_tokens, total_steps), progress)
     return TrainResult(out_dir, "completed", plan.note)
 
 
-def _loop(
+# ----------------------------------------------------------------------------------------------------
+# Building a run
+
+
+@dataclass
+class _Run:
+    """A run built and ready to step: what the loop advances, and the components it calls."""
+
+    cfg: RunConfig
+    info: DistInfo
+    out_dir: Path
+    step_tokens: int
+    total_steps: int
+    resumed: bool
+    """Whether it continues from a resume state (whose step's checkpoint is then on disk already)."""
+    start_step: int
+    model: nn.Module
+    """The plain model (its weights are checkpointed)."""
+    eval_model: nn.Module
+    """The model as validation runs it (compiled when ``train.compile``)."""
+    optimizers: Optimizers
+    stepper: Stepper
+    window: LossWindow
+    validator: Validator
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    record: RunRecord
+    step: int = 0
+    """Optimizer steps completed (the loop advances it)."""
+    saved_step: int | None = None
+    """The step of the newest resume state on disk."""
+
+    def tokens(self, step: int) -> int:
+        return step * self.step_tokens
+
+    def save_state(self, step: int) -> None:
+        """Write the resume state of ``step`` (rank 0)."""
+        if self.info.is_main:
+            save_resume_state(
+                self.out_dir,
+                step=step,
+                tokens=self.tokens(step),
+                cfg=self.cfg,
+                world_size=self.info.world_size,
+                model=self.model,
+                optimizers=self.optimizers,
+                metrics={"loss_window": self.window.state()},
+            )
+        self.saved_step = step
+
+    def checkpoint(self, step: int) -> None:
+        """Validate, write the checkpoint of ``step``, log its line, and write its resume state."""
+        val_loss = self.validator.validate(self.eval_model)
+        path = self.checkpointer.save(self.model, step=step, train_loss=self.window.mean(), val_loss=val_loss)
+        self.metrics.log_val(step, self.tokens(step), val_loss, path.name if path else None)
+        self.save_state(step)
+
+
+def _build(
     cfg: RunConfig,
     ds: TokenDataset,
     out_dir: Path,
@@ -232,8 +269,10 @@ def _loop(
     plan: StartPlan,
     step_tokens: int,
     total_steps: int,
-    progress: bool,
-) -> None:
+) -> _Run:
+    """Build the run in order: the milestones, the validation slice, the model and optimizers (restored from the resume state
+    when there is one), the run directory's files (rank 0 writes them once every rank has read the
+    directory), then compilation and data parallelism around the model, and the step."""
     t = cfg.train
     milestones = milestone_steps(cfg, step_tokens, total_steps)
     autocast = autocast_factory(device, t.dtype, t.sdpa_backend, t.weights_dtype)
@@ -246,27 +285,76 @@ def _loop(
         autocast=autocast,
         info=info,
     )
+    model, optimizers, window, start_step = _model_and_state(cfg, out_dir, info, device, plan, total_steps)
+    barrier(info)  # every rank has read the run directory before rank 0 writes into it
+    metrics, checkpointer, record = _run_files(
+        cfg, ds, out_dir, info, device, plan, start_step, milestones, step_tokens, total_steps, validator
+    )
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work outside autocast
+    eval_model: nn.Module = torch.compile(model) if t.compile else model
+    train_model = wrap_ddp(eval_model, info, device)
+    stepper = Stepper(
+        model, train_model, optimizers, ds.split("train"), cfg, device=device, autocast=autocast, info=info
+    )
+    return _Run(
+        cfg=cfg,
+        info=info,
+        out_dir=out_dir,
+        step_tokens=step_tokens,
+        total_steps=total_steps,
+        resumed=plan.kind == "resume",
+        start_step=start_step,
+        model=model,
+        eval_model=eval_model,
+        optimizers=optimizers,
+        stepper=stepper,
+        window=window,
+        validator=validator,
+        checkpointer=checkpointer,
+        metrics=metrics,
+        record=record,
+        step=start_step,
+        saved_step=start_step if plan.kind == "resume" else None,
+    )
 
+
+def _model_and_state(
+    cfg: RunConfig, out_dir: Path, info: DistInfo, device: torch.device, plan: StartPlan, total_steps: int
+) -> tuple[nn.Module, Optimizers, LossWindow, int]:
+    """The model, its optimizers and the loss window: freshly seeded, or as the newest resume state left
+    them; and the step the run starts from."""
+    t = cfg.train
     # Same initial weights on every rank. The loop draws from no global generator (batches come from
     # per-step generators), but numpy's and Python's are seeded and saved too, so that code added
     # later that does draw from them stays reproducible and resumable.
     torch.manual_seed(t.seed)
     np.random.seed(t.seed % 2**32)  # noqa: NPY002
     random.seed(t.seed)
-    weights_dtype = getattr(torch, t.weights_dtype)
-    model = LLM(cfg.model, loss_chunk_tokens=t.loss_chunk_tokens).to(device, weights_dtype)
+    model = LLM(cfg.model, loss_chunk_tokens=t.loss_chunk_tokens).to(device, getattr(torch, t.weights_dtype))
     optimizers = Optimizers(model, cfg.optim, total_steps, device.type)
-    window = LossWindow(t.log_every)
-    start_step = 0
-    if plan.kind == "resume":
-        state = load_resume_state(out_dir, cfg, info.world_size)
-        state.restore(model, optimizers)
-        start_step = state.step
-        window = LossWindow.from_state(t.log_every, state.metrics["loss_window"])
-        del state  # the CPU copies of the weights and moments are no longer needed
-    barrier(info)  # every rank has read the run directory before rank 0 writes into it
+    if plan.kind != "resume":
+        return model, optimizers, LossWindow(t.log_every), 0
+    state = load_resume_state(out_dir, cfg, info.world_size)  # CPU copies, freed on return
+    state.restore(model, optimizers)
+    return model, optimizers, LossWindow.from_state(t.log_every, state.metrics["loss_window"]), state.step
 
-    # --- run directory (rank 0 writes) ---------------------------------------------------------------
+
+def _run_files(
+    cfg: RunConfig,
+    ds: TokenDataset,
+    out_dir: Path,
+    info: DistInfo,
+    device: torch.device,
+    plan: StartPlan,
+    start_step: int,
+    milestones: list[int],
+    step_tokens: int,
+    total_steps: int,
+    validator: Validator,
+) -> tuple[MetricsLogger, Checkpointer, RunRecord]:
+    """The writers of the run directory (enabled on rank 0 only). Rank 0 first removes what a killed run
+    left, drops the metrics lines a resumed run writes again, and writes ``config.toml``."""
     main = info.is_main
     continuing = plan.kind in ("resume", "restart")
     if main:
@@ -274,195 +362,154 @@ def _loop(
         create_run_files(out_dir)
     metrics = MetricsLogger(out_dir / METRICS_FILE, enabled=main)
     versions = software_versions()
-    data_path = ds.path.resolve()
     checkpointer = Checkpointer(
         out_dir / CHECKPOINT_DIR,
         milestones,
         step_tokens,
-        metadata={
-            "model_config": json.dumps(asdict(cfg.model), sort_keys=True),
-            "run_config": cfg.to_json(),
-            "run_name": cfg.name,
-            "eval_batch_sha256": ds.eval_batch_sha256,
-            "data_dir": str(data_path),
-            "dataset": _dataset_description(ds),
-            "seed": t.seed,
-            "versions": versions,
-        },
+        metadata=run_metadata(cfg, ds, versions),
         enabled=main,
     )
     if main:
         if continuing:
             metrics.truncate_after(start_step if plan.kind == "resume" else -1)
-        if not continuing or not (out_dir / CONFIG_FILE).exists():
-            atomic_write_text(out_dir / CONFIG_FILE, cfg.to_toml())
-    record = RunRecord(
-        out_dir / RUN_FILE,
-        static={
-            "run_name": cfg.name,
-            "versions": versions,
-            "git": git_revision(),
-            "device": device_description(device),
-            "world_size": info.world_size,
-            "seed": t.seed,
-            "data_dir": str(data_path),
-            "dataset": dataset_identity(ds),
-            "tokens_per_step": step_tokens,
-            "total_steps": total_steps,
-            "total_tokens": total_steps * step_tokens,
-            "milestone_steps": milestones,
-            "val_tokens": validator.n_tokens,
-        },
-        enabled=main,
-        resume=continuing,
-    )
+        write_config(out_dir, cfg, replace=not continuing)
+    facts = {
+        "run_name": cfg.name,
+        "versions": versions,
+        "git": git_revision(),
+        "device": device_description(device),
+        "world_size": info.world_size,
+        "seed": cfg.train.seed,
+        "data_dir": str(ds.path.resolve()),
+        "dataset": dataset_identity(ds),
+        "tokens_per_step": step_tokens,
+        "total_steps": total_steps,
+        "total_tokens": total_steps * step_tokens,
+        "milestone_steps": milestones,
+        "val_tokens": validator.n_tokens,
+    }
+    record = RunRecord(out_dir, static=facts, enabled=main, resume=continuing)
+    return metrics, checkpointer, record
 
-    # --- precision, compilation, data parallelism ------------------------------------------------------
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for any float32 work outside autocast
-    eval_model: nn.Module = torch.compile(model) if t.compile else model
-    train_model = wrap_ddp(eval_model, info, device)
-    saved = {"step": start_step if plan.kind == "resume" else None}  # the newest resume state on disk
 
-    def save_state(step: int) -> None:
-        if main:
-            save_resume_state(
-                out_dir,
-                step=step,
-                tokens=step * step_tokens,
-                cfg=cfg,
-                world_size=info.world_size,
-                model=model,
-                optimizers=optimizers,
-                metrics={"loss_window": window.state()},
-            )
-        saved["step"] = step
+# ----------------------------------------------------------------------------------------------------
+# The loop
 
-    def checkpoint(step: int) -> None:
-        val_loss = validator.validate(eval_model)
-        path = checkpointer.save(model, step=step, train_loss=window.mean(), val_loss=val_loss)
-        metrics.log(
-            {
-                "kind": "val",
-                "step": step,
-                "tokens": step * step_tokens,
-                "val_loss": finite_or_none(val_loss),
-                "checkpoint": path.name if path else None,
-            }
-        )
-        save_state(step)
 
-    step_once = Stepper(
-        model, train_model, optimizers, ds.split("train"), cfg, device=device, autocast=autocast, info=info
-    )
-    record.start(start_step)
+def _loop(run: _Run, progress: bool) -> None:
+    """Step ``run`` to its end, and record in run.json how it ended, whatever ends it."""
+    run.record.start(run.start_step)
     bar = tqdm(
-        total=total_steps * step_tokens,
-        initial=start_step * step_tokens,
+        total=run.tokens(run.total_steps),
+        initial=run.tokens(run.start_step),
         unit="tok",
         unit_scale=True,
         dynamic_ncols=True,
-        disable=not (progress and main),
+        disable=not (progress and run.info.is_main),
     )
-    step = start_step
-    window_time, timed_steps = 0.0, 0  # time of the optimizer steps since the last log line
-    stop = StopSignals(graceful=not info.enabled)
+    stop = StopSignals(graceful=not run.info.enabled)
     try:
         with stop:
-            if plan.kind != "resume" and checkpointer.due(0):  # a resume state implies its checkpoint
-                checkpoint(0)
-            model.train()
-            while step < total_steps:
-                t0 = time.perf_counter()
-                lrs = step_once(step)
-                step += 1
-                # the device's numbers are read (one sync) only where the loop logs or writes a state
-                sync = (
-                    step % t.log_every == 0
-                    or step % t.resume_every == 0
-                    or checkpointer.due(step)
-                    or stop.signum is not None
-                )
-                for done, loss_value, grad_norm in step_once.results(read=sync or step == total_steps):
-                    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                        step = done - 1  # the last good state; nothing after it is written
-                        last = checkpointer.latest(max_step=step)
-                        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                        raise DivergedError(
-                            f"non-finite {what} at step {done} (after {step * step_tokens} tokens): "
-                            f"loss={loss_value}, grad_norm={grad_norm}; stopped without writing this state; "
-                            f"last good checkpoint: {last if last else 'none'}"
-                        )
-                    window.add(loss_value)
-                window_time += time.perf_counter() - t0
-                timed_steps += 1
-                bar.update(step_tokens)
-
-                if step % t.log_every == 0 or step == total_steps:
-                    n = step - window.last_log_step
-                    train_loss = window.mean(last=n)
-                    rate = timed_steps * step_tokens / window_time if window_time > 0 else math.nan
-                    metrics.log(
-                        {
-                            "kind": "train",
-                            "step": step,
-                            "tokens": step * step_tokens,
-                            "train_loss": train_loss,
-                            "lr": lrs,
-                            "grad_norm": finite_or_none(grad_norm),
-                            "tokens_per_s": finite_or_none(rate),
-                        }
-                    )
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
-                    window.last_log_step = step
-                    window_time, timed_steps = 0.0, 0
-                if checkpointer.due(step):
-                    checkpoint(step)
-                elif step % t.resume_every == 0 or (stop.signum is not None and step < total_steps):
-                    save_state(step)
-                if stop.signum is not None and step < total_steps:
-                    raise TrainingInterrupted(
-                        f"stopped by {stop.name} after step {step} of {total_steps} ({step * step_tokens:,} "
-                        f"tokens); resume state written at step {step}: continue with --resume"
-                    )
-            barrier(info)  # every rank finished its last step: only then is the run complete
+            _steps(run, stop, bar)
     except TrainingInterrupted as e:
-        with signals_deferred():
-            record.finish("interrupted", step, (step - start_step) * step_tokens, error=str(e))
+        _record_end(run, "interrupted", str(e))
         raise
     except KeyboardInterrupt as e:
-        reason = _interrupted_reason(e, stop, step, total_steps, step_tokens, saved["step"])
-        with signals_deferred():
-            record.finish("interrupted", step, (step - start_step) * step_tokens, error=reason)
+        reason = _interrupted_reason(e, stop, run)
+        _record_end(run, "interrupted", reason)
         raise TrainingInterrupted(reason) from None
     except BaseException as e:
-        try:
-            with signals_deferred():
-                record.finish(
-                    _status_of(e), step, (step - start_step) * step_tokens, error=f"{type(e).__name__}: {e}"
-                )
-        except DiskFullError:
-            pass  # run.json stays "running" (the next --resume marks the segment killed); report the first error
+        # a full disk here leaves run.json "running" (the next --resume marks the segment killed): the first
+        # error is the one to report
+        with contextlib.suppress(DiskFullError):
+            _record_end(run, _status_of(e), f"{type(e).__name__}: {e}")
         raise
     finally:
         bar.close()
-        metrics.close()
-    record.finish("completed", step, (step - start_step) * step_tokens)
+        run.metrics.close()
+    run.record.finish("completed", run.step, run.tokens(run.step - run.start_step))
 
 
-def _interrupted_reason(
-    error: KeyboardInterrupt,
-    stop: StopSignals,
-    step: int,
-    total_steps: int,
-    step_tokens: int,
-    saved: int | None,
-) -> str:
+def _steps(run: _Run, stop: StopSignals, bar: tqdm) -> None:
+    """The steps: update, read the device's numbers where needed, log, checkpoint or save a resume state, and
+    stop after a step when a signal asked to."""
+    t = run.cfg.train
+    if not run.resumed and run.checkpointer.due(0):  # a resume state implies its checkpoint
+        run.checkpoint(0)
+    run.model.train()
+    window_time, timed_steps = 0.0, 0  # time of the optimizer steps since the last log line
+    while run.step < run.total_steps:
+        t0 = time.perf_counter()
+        lrs = run.stepper(run.step)
+        run.step += 1
+        step = run.step
+        # the device's numbers are read (one sync) only where the loop logs or writes a state
+        sync = (
+            step % t.log_every == 0
+            or step % t.resume_every == 0
+            or run.checkpointer.due(step)
+            or stop.signum is not None
+        )
+        grad_norm = _read_steps(run, read=sync or step == run.total_steps)
+        window_time += time.perf_counter() - t0
+        timed_steps += 1
+        bar.update(run.step_tokens)
+
+        if step % t.log_every == 0 or step == run.total_steps:
+            train_loss = run.window.mean(last=step - run.window.last_log_step)
+            rate = timed_steps * run.step_tokens / window_time if window_time > 0 else math.nan
+            run.metrics.log_train(step, run.tokens(step), train_loss, lrs, grad_norm, rate)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}")
+            run.window.last_log_step = step
+            window_time, timed_steps = 0.0, 0
+        if run.checkpointer.due(step):
+            run.checkpoint(step)
+        elif step % t.resume_every == 0 or (stop.signum is not None and step < run.total_steps):
+            run.save_state(step)
+        if stop.signum is not None and step < run.total_steps:
+            raise TrainingInterrupted(
+                f"stopped by {stop.name} after step {step} of {run.total_steps} ({run.tokens(step):,} "
+                f"tokens); resume state written at step {step}: continue with --resume"
+            )
+    barrier(run.info)  # every rank finished its last step: only then is the run complete
+
+
+def _read_steps(run: _Run, read: bool) -> float:
+    """Read the losses and gradient norms of the steps taken since the last read (all of them, when
+    ``read``; the CPU reads every step) into the loss window; return the newest gradient norm read (NaN when
+    none was).
+
+    A non-finite one raises :class:`DivergedError` with ``run.step`` set back to the last good step, so that
+    nothing after it is written.
+    """
+    grad_norm = math.nan
+    for done, loss_value, grad_norm in run.stepper.results(read=read):
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            run.step = done - 1  # the last good state; nothing after it is written
+            last = run.checkpointer.latest(max_step=run.step)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise DivergedError(
+                f"non-finite {what} at step {done} (after {run.tokens(run.step)} tokens): "
+                f"loss={loss_value}, grad_norm={grad_norm}; stopped without writing this state; "
+                f"last good checkpoint: {last if last else 'none'}"
+            )
+        run.window.add(loss_value)
+    return grad_norm
+
+
+def _record_end(run: _Run, status: str, error: str) -> None:
+    """Close run.json's segment with ``status`` and ``error``, holding back a signal while it is written."""
+    with signals_deferred():
+        run.record.finish(status, run.step, run.tokens(run.step - run.start_step), error=error)
+
+
+def _interrupted_reason(error: KeyboardInterrupt, stop: StopSignals, run: _Run) -> str:
     """run.json's ``error`` and the message of a run stopped at once by a signal."""
     what = stop.name or str(error) or "SIGINT"
-    where = f"during step {step + 1} of {total_steps} (after {step * step_tokens:,} tokens)"
-    if saved is None:
+    where = f"during step {run.step + 1} of {run.total_steps} (after {run.tokens(run.step):,} tokens)"
+    if run.saved_step is None:
         return f"interrupted by {what} {where}, before any resume state: --resume starts it again at step 0"
     return (
-        f"interrupted by {what} {where}; the newest resume state is at step {saved}: continue with --resume"
+        f"interrupted by {what} {where}; the newest resume state is at step {run.saved_step}: "
+        "continue with --resume"
     )

@@ -15,7 +15,7 @@ Layout (docs/studies.md is the reference; spectra reads it by its format, never 
         logs/runs/<run>.log
         slurm/                submitit's job files, with the slurm executor only
 
-Every file but the logs is written atomically (:func:`trainer.checkpoint.atomic_write_text`). A
+Every file but the logs is written atomically (:func:`trainer.fileio.atomic_write_text`). A
 study directory belongs to one study: opening it with a study whose resolved form differs is
 refused, with the differing keys named (:func:`study_differences`).
 """
@@ -36,7 +36,7 @@ from trainer.config import config_differences, differences_from_saved
 from trainer.errors import TrainerError
 from trainer.fileio import ExclusiveLock, atomic_write_text, describe_holder, live_holder
 from trainer.provenance import utc_now
-from trainer.rundir import CONFIG_FILE, RunState, read_run_state
+from trainer.rundir import CONFIG_FILE, RunState, read_config, read_run_state
 from trainer.study.spec import PlannedRun, Study, SweepChoice, SweepResult
 
 FORMAT = "collapse-study"
@@ -177,11 +177,12 @@ def completed_config_differences(out: Path, run: PlannedRun, study: Study) -> li
     The study file cannot see a change of the base preset or file, or of this package's defaults;
     a finished run trained with other settings must not be counted as this study's run.
     """
-    path = out / run.run_dir / CONFIG_FILE
     try:
-        saved = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        return [f"{path} unreadable: {e}"]
+        saved = read_config(out / run.run_dir)
+    except TrainerError as e:
+        return [str(e)]
+    if saved is None:
+        return [f"{out / run.run_dir / CONFIG_FILE}: missing"]
     return differences_from_saved(saved, run.config(study))
 
 

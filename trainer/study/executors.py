@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 
 from trainer.errors import TrainerError
 from trainer.provenance import utc_now
+from trainer.rundir import read_run_state
 from trainer.study.slurm_queue import (
     RUNNING_STATES,
     WAITING_STATES,
@@ -181,8 +182,6 @@ def launch_worker(
 
 def classify(task: RunTask, returncode: int, elapsed_s: float = 0.0, where: str = "") -> RunOutcome:
     """The :class:`RunOutcome` of a finished worker from its exit code, ``run.json`` and its log."""
-    from trainer.rundir import read_run_state  # study_dir imports the training stack; only needed here
-
     state = read_run_state(Path(task.run_dir)).status
     status: Status
     if state == "completed":  # whatever happened after run.json said so (a kill during exit)

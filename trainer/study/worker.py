@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from trainer.config import ConfigError, run_config_from_dict
-from trainer.errors import RunLockedError, TrainerError
+from trainer.errors import DivergedError, RunLockedError, TrainerError, TrainingInterrupted
 from trainer.study.executors import EXIT_DIVERGED, EXIT_LOCKED
 
 PR_SET_PDEATHSIG = 1
@@ -57,7 +57,9 @@ def stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.study.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.study.worker", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config-json", required=True, help="the full run config as JSON")
     parser.add_argument("--data", required=True, help="dataset directory")
     parser.add_argument("--out", required=True, help="run directory")
@@ -67,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid:
         stop_with_parent(args.parent_pid)
 
+    # imported once the parent is watched: torch and the training stack take seconds to import, and a
+    # runner that dies meanwhile must still stop this worker
     import torch
 
-    from trainer.components import TrainingInterrupted
     from trainer.rundir import read_run_state
-    from trainer.train import DivergedError, train
+    from trainer.train import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
