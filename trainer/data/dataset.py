@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from trainer.errors import TrainerError
+from trainer.fileio import apply_default_mode, naming_a_full_disk, write_safetensors
 
 FORMAT = "collapse-dataset"
 FORMAT_VERSION = 1
@@ -54,6 +55,26 @@ def eval_batch_sha256(input_ids: torch.Tensor) -> str:
     """
     array = input_ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
     return hashlib.sha256(array.astype("<i8", copy=False).tobytes()).hexdigest()
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """Write ``directory/meta.json``: the format tag and version, then ``meta``'s entries (docs/data.md)."""
+    path = directory / META_FILE
+    with naming_a_full_disk(path):
+        path.write_text(
+            json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **meta}, indent=2) + "\n"
+        )
+
+
+def write_eval_batch(directory: Path, input_ids: torch.Tensor) -> str:
+    """Write ``directory/eval_batch.safetensors`` (``input_ids`` and, in its header, their sha256, as
+    :meth:`TokenDataset.open` checks them); return the sha256."""
+    path = directory / EVAL_BATCH_FILE
+    digest = eval_batch_sha256(input_ids)
+    with naming_a_full_disk(path):
+        write_safetensors(path, {"input_ids": input_ids}, {"sha256": digest})
+    apply_default_mode(path)  # save_file makes it private, unlike the other files
+    return digest
 
 
 def read_meta(path: Path) -> dict[str, Any]:

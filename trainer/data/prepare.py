@@ -12,13 +12,13 @@ from __future__ import annotations
 import collections
 import glob
 import itertools
-import json
 import os
 import secrets
 import shutil
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,15 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from trainer.checkpoint import write_safetensors
 from trainer.data.dataset import (
     EOT_TOKEN,
     EVAL_BATCH_FILE,
-    FORMAT,
-    FORMAT_VERSION,
     META_FILE,
     SPLITS,
     TOKENIZER_FILE,
     DataError,
-    eval_batch_sha256,
+    write_eval_batch,
+    write_meta,
 )
 from trainer.data.filters import DocumentFilter, split_of
 from trainer.data.sources import DEFAULT_SOURCE, SourceSpec, parse_source, source_records, token_budgets
@@ -45,7 +43,6 @@ from trainer.data.tokenizer import load_tokenizer, tokenizer_info, train_bpe
 from trainer.fileio import (
     DiskFullError,
     ExclusiveLock,
-    apply_default_mode,
     check_writable,
     disk_is_full,
     fsync_dir,
@@ -299,22 +296,24 @@ def prepare_data(
     """
     out = Path(out).expanduser()
     _check_out_free(out)
-    specs = [parse_source(s) for s in (sources or (DEFAULT_SOURCE,))]
-    budgets = token_budgets(specs, max_tokens)
-    doc_filter = DocumentFilter.parse(filters, min_grade, max_grade)
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise DataError(
-            f"--val-frac {val_frac} and --test-frac {test_frac} must be >= 0 and add up to less than 1"
-        )
-    if seed < 0:
-        raise DataError(f"--seed must be non-negative, got {seed}")
-    if eval_seqs <= 0 or eval_seq_len <= 0:
-        raise DataError(
-            f"--eval-seqs and --eval-seq-len must be positive, got {eval_seqs} and {eval_seq_len}"
-        )
-    if tokenizer is None and vocab_size < 257:
-        raise DataError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
-    doc_filter.check_grade_available()
+    specs = tuple(parse_source(s) for s in (sources or (DEFAULT_SOURCE,)))
+    recipe = _Recipe(
+        specs=specs,
+        budgets=tuple(token_budgets(specs, max_tokens)),
+        doc_filter=DocumentFilter.parse(filters, min_grade, max_grade),
+        vocab_size=vocab_size,
+        tokenizer=tokenizer,
+        eot_token=eot_token,
+        text_field=text_field,
+        max_tokens=max_tokens,
+        val_frac=val_frac,
+        test_frac=test_frac,
+        eval_seqs=eval_seqs,
+        eval_seq_len=eval_seq_len,
+        seed=seed,
+        progress=progress,
+    )
+    recipe.doc_filter.check_grade_available()
 
     check_writable(out, "dataset directory")  # built beside it, then renamed into place
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,56 +322,62 @@ def prepare_data(
     with ExclusiveLock(out.parent / f".{out.name}.lock", f"dataset directory {out}"):
         remove_stale_temporaries(out.parent, [f".{glob.escape(out.name)}.*.tmp"])
         _check_out_free(out)
-        _build_dataset(
-            out,
-            specs,
-            budgets,
-            doc_filter,
-            vocab_size=vocab_size,
-            tokenizer=tokenizer,
-            eot_token=eot_token,
-            text_field=text_field,
-            max_tokens=max_tokens,
-            val_frac=val_frac,
-            test_frac=test_frac,
-            eval_seqs=eval_seqs,
-            eval_seq_len=eval_seq_len,
-            seed=seed,
-            progress=progress,
-        )
+        _build_dataset(out, recipe)
     return out
 
 
-def _build_dataset(
-    out: Path,
-    specs: Sequence[SourceSpec],
-    budgets: Sequence[int | None],
-    doc_filter: DocumentFilter,
-    *,
-    vocab_size: int,
-    tokenizer: str | None,
-    eot_token: str | None,
-    text_field: str,
-    max_tokens: int | None,
-    val_frac: float,
-    test_frac: float,
-    eval_seqs: int,
-    eval_seq_len: int,
-    seed: int,
-    progress: bool,
-) -> None:
+@dataclass(frozen=True, kw_only=True)
+class _Recipe:
+    """The options of :func:`prepare_data`, parsed and checked (on construction) before anything is read."""
+
+    specs: tuple[SourceSpec, ...]
+    budgets: tuple[int | None, ...]
+    """Each source's token budget (:func:`~trainer.data.sources.token_budgets`)."""
+    doc_filter: DocumentFilter
+    vocab_size: int
+    tokenizer: str | None
+    eot_token: str | None
+    text_field: str
+    max_tokens: int | None
+    val_frac: float
+    test_frac: float
+    eval_seqs: int
+    eval_seq_len: int
+    seed: int
+    progress: bool
+
+    def __post_init__(self) -> None:
+        val_frac, test_frac = self.val_frac, self.test_frac
+        if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+            raise DataError(
+                f"--val-frac {val_frac} and --test-frac {test_frac} must be >= 0 and add up to less than 1"
+            )
+        if self.seed < 0:
+            raise DataError(f"--seed must be non-negative, got {self.seed}")
+        if self.eval_seqs <= 0 or self.eval_seq_len <= 0:
+            raise DataError(
+                f"--eval-seqs and --eval-seq-len must be positive, got {self.eval_seqs} and {self.eval_seq_len}"
+            )
+        if self.tokenizer is None and self.vocab_size < 257:
+            raise DataError(
+                f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {self.vocab_size}"
+            )
+
+
+def _build_dataset(out: Path, recipe: _Recipe) -> None:
     """Build the dataset in a hidden sibling directory of ``out``, then rename it into place."""
     tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     writer = None
     try:
-        readers = [_SourceReader(s, text_field, doc_filter, val_frac, test_frac) for s in specs]
-        if tokenizer is None:
+        r = recipe
+        readers = [_SourceReader(s, r.text_field, r.doc_filter, r.val_frac, r.test_frac) for s in r.specs]
+        if r.tokenizer is None:
             tok, raw, tok_info = _train_tokenizer(
-                readers, budgets, vocab_size, eot_token or EOT_TOKEN, progress
+                readers, r.budgets, r.vocab_size, r.eot_token or EOT_TOKEN, r.progress
             )
         else:
-            tok, raw, tok_info = load_tokenizer(tokenizer, eot_token)
+            tok, raw, tok_info = load_tokenizer(r.tokenizer, r.eot_token)
         with naming_a_full_disk(tmp / TOKENIZER_FILE):
             (tmp / TOKENIZER_FILE).write_bytes(raw)
         # A literal "<|endoftext|>" inside a document is text, not a document boundary.
@@ -380,48 +385,21 @@ def _build_dataset(
         dtype = np.dtype(np.uint16 if tok_info["vocab_size"] <= 2**16 else np.uint32)
 
         writer = _SplitWriter(tmp, dtype, tok_info["eot_id"])
-        source_meta = []
-        for reader, budget, spec in zip(readers, budgets, specs):
-            with _bar(progress, f"tokenize {spec.spec}", "tok", total=budget) as bar:
-                stats = _tokenize_source(reader, tok, budget, writer, bar)
-            source_meta.append({**reader.info, "weight": spec.weight, **stats})
-            if budget is not None and stats["exhausted"] and stats["tokens"] < budget:
-                warnings.warn(
-                    f"source {spec.spec!r} ran out after {stats['tokens']} of its {budget} budgeted tokens; "
-                    "the mix proportions recorded in meta.json differ from the weights",
-                    stacklevel=2,
-                )
-        splits = writer.finish(seed)
+        source_meta = [
+            _tokenize_into(writer, reader, tok, budget, r.progress)
+            for reader, budget in zip(readers, r.budgets)
+        ]
+        splits = writer.finish(r.seed)
         writer = None
         if splits["train"]["tokens"] == 0:
-            names = ", ".join(s.spec for s in specs)
+            names = ", ".join(s.spec for s in r.specs)
             raise DataError(
                 f"no training tokens: every document was filtered out or held out (sources: {names})"
             )
-        eval_meta = _write_eval_batch(tmp, dtype, splits["val"]["tokens"], eval_seqs, eval_seq_len, seed)
-
-        total = sum(s["tokens"] for s in source_meta)
-        for s in source_meta:
-            s["share"] = s["tokens"] / total if total else 0.0
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": out.name,
-            "sources": source_meta,
-            "filters": doc_filter.describe(),
-            "tokenizer": tok_info,
-            "dtype": dtype.name,
-            "splits": splits,
-            "split_fractions": {"train": 1 - val_frac - test_frac, "val": val_frac, "test": test_frac},
-            "split_by": "blake2b-64 of each document's key (Bible: book:chapter; otherwise its text) as a "
-            "fraction of 2**64: below val_frac -> val, below val_frac + test_frac -> test, else train",
-            "max_tokens": max_tokens,
-            "seed": seed,
-            "eval_batch": eval_meta,
-            **provenance_record(*PREPARE_DISTRIBUTIONS),  # versions, git revision, created
-        }
-        with naming_a_full_disk(tmp / META_FILE):
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        eval_meta = _write_eval_batch(
+            tmp, dtype, splits["val"]["tokens"], r.eval_seqs, r.eval_seq_len, r.seed
+        )
+        write_meta(tmp, _meta(out.name, r, source_meta, tok_info, dtype, splits, eval_meta))
         _move_into_place(tmp, out)
     except BaseException as e:
         full = _full_disk_in_build(e, tmp, out)  # asked before the removal frees the space
@@ -431,6 +409,53 @@ def _build_dataset(
         if full is not None:
             raise full from e.__cause__ if isinstance(e, DiskFullError) else e
         raise
+
+
+def _tokenize_into(
+    writer: _SplitWriter, reader: _SourceReader, tok: Tokenizer, budget: int | None, progress: bool
+) -> dict[str, Any]:
+    """Tokenize one source into the splits; return its meta.json entry (warning when it ran out early)."""
+    spec = reader.spec
+    with _bar(progress, f"tokenize {spec.spec}", "tok", total=budget) as bar:
+        stats = _tokenize_source(reader, tok, budget, writer, bar)
+    if budget is not None and stats["exhausted"] and stats["tokens"] < budget:
+        warnings.warn(
+            f"source {spec.spec!r} ran out after {stats['tokens']} of its {budget} budgeted tokens; "
+            "the mix proportions recorded in meta.json differ from the weights",
+            stacklevel=2,
+        )
+    return {**reader.info, "weight": spec.weight, **stats}
+
+
+def _meta(
+    name: str,
+    recipe: _Recipe,
+    source_meta: list[dict[str, Any]],
+    tok_info: dict[str, Any],
+    dtype: np.dtype,
+    splits: dict[str, dict[str, Any]],
+    eval_meta: dict[str, Any],
+) -> dict[str, Any]:
+    """meta.json's entries (docs/data.md) after its format tag, which :func:`write_meta` puts first."""
+    total = sum(s["tokens"] for s in source_meta)
+    for s in source_meta:
+        s["share"] = s["tokens"] / total if total else 0.0
+    val_frac, test_frac = recipe.val_frac, recipe.test_frac
+    return {
+        "name": name,
+        "sources": source_meta,
+        "filters": recipe.doc_filter.describe(),
+        "tokenizer": tok_info,
+        "dtype": dtype.name,
+        "splits": splits,
+        "split_fractions": {"train": 1 - val_frac - test_frac, "val": val_frac, "test": test_frac},
+        "split_by": "blake2b-64 of each document's key (Bible: book:chapter; otherwise its text) as a "
+        "fraction of 2**64: below val_frac -> val, below val_frac + test_frac -> test, else train",
+        "max_tokens": recipe.max_tokens,
+        "seed": recipe.seed,
+        "eval_batch": eval_meta,
+        **provenance_record(*PREPARE_DISTRIBUTIONS),  # versions, git revision, created
+    }
 
 
 def _full_disk_in_build(error: BaseException, tmp: Path, out: Path) -> DiskFullError | None:
@@ -482,10 +507,7 @@ def _write_eval_batch(
     val = np.memmap(directory / "val.bin", dtype=dtype, mode="r", shape=(n_val,))
     input_ids = torch.from_numpy(val[starts[:, None] + np.arange(seq_len)].astype(np.int64))  # (N, T)
     del val
-    digest = eval_batch_sha256(input_ids)
-    with naming_a_full_disk(directory / EVAL_BATCH_FILE):
-        write_safetensors(directory / EVAL_BATCH_FILE, {"input_ids": input_ids}, {"sha256": digest})
-    apply_default_mode(directory / EVAL_BATCH_FILE)  # save_file makes it private, unlike the other files
+    digest = write_eval_batch(directory, input_ids)
     return {"n_seqs": n_seqs, "seq_len": seq_len, "split": "val", "starts": starts.tolist(), "sha256": digest}
 
 
