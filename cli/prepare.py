@@ -1,4 +1,4 @@
-"""``collapse-train prepare-data``: a thin skin over :func:`trainer.data.prepare_data`."""
+"""``collapse-train prepare-data``: a thin skin over :func:`trainer.data.prepare.prepare_data`."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ SDPA_KERNELS = {
 """``train.sdpa_backend`` names of the ``scaled_dot_product_attention`` kernels."""
 
 SDPA_AUTO_ORDER = ("cudnn", "flash", "efficient", "math")
-"""Priority of ``train.sdpa_backend = "auto"``: on one H100, for the 88M preset's attention, cuDNN took
-about 1.8 ms per layer against 2.6 ms for flash (issue 9); a kernel that cannot take the inputs (dtype,
+"""Priority of ``train.sdpa_backend = "auto"``: on one H100 with torch 2.11, for the 88M preset's attention,
+cuDNN took about 1.8 ms per layer against 2.6 ms for flash (docs/model.md); a kernel that cannot take the inputs (dtype,
 head dimension, device, ``enable_gqa``) is skipped for the next. On the CPU only flash and math exist.
 ``benchmarks/bench_attention.py`` shows which kernels run at a preset's shapes."""
 

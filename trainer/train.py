@@ -95,7 +95,7 @@ def train(
     cfg
         The validated run config.
     data_dir
-        A directory made by ``collapse-train prepare-data`` (``trainer.data.prepare_data``).
+        A directory made by ``collapse-train prepare-data`` (``trainer.data.prepare.prepare_data``).
     out_dir
         The run directory; it must not exist or be empty, unless ``resume``.
     resume
