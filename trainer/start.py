@@ -1,9 +1,9 @@
 """How a run begins in its run directory: fresh, resumed, restarted, or not at all (already complete).
 
 A run directory (docs/training.md) is written by one process at a time: rank 0 of the training job
-holds an exclusive lock on ``RUN_DIR/.lock`` (:class:`trainer.fileio.ExclusiveLock`) from before it
-looks at the directory until the run ends. What a start or a restart does is decided from the
-directory alone, read-only, by :func:`plan_start`, the same way on every rank:
+creates it if needed and holds its lock (:func:`claim_run_dir`) from before it looks at the directory until
+the run ends. What a start or a restart does is decided from the directory alone, read-only, by
+:func:`plan_start`, the same way on every rank:
 
 ==================================================  ===========================================
 the directory                                        ``run``                 ``run --resume``
@@ -23,17 +23,29 @@ never mixes two runs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from trainer.checkpoint import list_checkpoints, read_checkpoint_metadata
 from trainer.config import RunConfig, differences_from_saved
 from trainer.data.dataset import TokenDataset
+from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.errors import TrainerError
 from trainer.fileio import check_writable
 from trainer.resume import ResumeError, list_resume_states
-from trainer.rundir import CHECKPOINT_DIR, LOCK_FILE, RESUME_DIR, RUN_ENTRIES, read_config, read_run_record
+from trainer.rundir import (
+    CHECKPOINT_DIR,
+    LOCK_FILE,
+    RESUME_DIR,
+    RUN_ENTRIES,
+    lock_run_dir,
+    read_config,
+    read_run_record,
+)
 
 StartKind = Literal["fresh", "resume", "restart", "completed"]
 
@@ -65,6 +77,31 @@ def prepare_run_dir(out_dir: Path, resume: bool) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainerError(f"cannot write the run directory {out_dir}: {e.strerror or e}") from e
+
+
+def _agree(error: TrainerError | None, info: DistInfo, device: torch.device) -> None:
+    """Raise on every rank if rank 0 failed (``error``): no rank may go on alone into a collective."""
+    if info.enabled:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        all_reduce_sum(failed, info)
+        if error is None and failed.item() > 0:
+            raise TrainerError("rank 0 could not claim the run directory (its message says why)")
+    if error is not None:
+        raise error
+
+
+def claim_run_dir(
+    out_dir: Path, resume: bool, info: DistInfo, device: torch.device, held: contextlib.ExitStack
+) -> None:
+    """Rank 0 creates the run directory if needed and locks it for the whole run; every rank agrees."""
+    error = None
+    if info.is_main:
+        try:
+            prepare_run_dir(out_dir, resume)
+            held.enter_context(lock_run_dir(out_dir))
+        except TrainerError as e:
+            error = e
+    _agree(error, info, device)
 
 
 def dataset_identity(ds: TokenDataset) -> dict[str, Any]:

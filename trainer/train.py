@@ -1,6 +1,9 @@
 """The training loop: :func:`train` builds a run, then steps it.
 
-:func:`train` is the one entry point (``collapse-train run`` calls it once). The loop composes,
+:func:`train` is the one entry point (``collapse-train run`` calls it once). It checks the dataset against
+the model, claims the run directory and decides how the run begins there (:mod:`trainer.start`), builds the
+run (:func:`_build`: model, optimizers and their resume state, the run directory's writers, the step), then
+steps it (:func:`_loop`, which records how the run ended, around :func:`_steps`). The loop composes,
 it does not contain: it asks a :class:`~trainer.checkpoint.Checkpointer` whether a step is a milestone
 and to write it, a :class:`~trainer.components.Validator` for the fixed validation loss, a
 :class:`~trainer.rundir.MetricsLogger` to append a JSON line, a :class:`~trainer.rundir.RunRecord` to keep
@@ -31,7 +34,6 @@ from trainer.config import RunConfig
 from trainer.data.dataset import TokenDataset
 from trainer.distributed import (
     DistInfo,
-    all_reduce_sum,
     barrier,
     init_distributed,
     shutdown,
@@ -50,21 +52,11 @@ from trainer.rundir import (
     RunRecord,
     clean_stale_files,
     create_run_files,
-    lock_run_dir,
     write_config,
 )
 from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
-from trainer.start import StartPlan, dataset_identity, plan_start, prepare_run_dir
+from trainer.start import StartPlan, claim_run_dir, dataset_identity, plan_start
 from trainer.step import Stepper, autocast_factory
-
-
-def _status_of(error: BaseException) -> str:
-    """run.json status of a run that stopped with ``error``."""
-    if isinstance(error, DivergedError):
-        return "diverged"
-    if isinstance(error, KeyboardInterrupt | TrainingInterrupted):
-        return "interrupted"
-    return "failed"
 
 
 @dataclass(frozen=True)
@@ -115,8 +107,8 @@ def train(
     ------
     TrainerError
         Bad dataset, vocabulary mismatch, an existing, locked or unwritable run directory, a config
-        or dataset differing from the run being resumed, :class:`DivergedError` on a non-finite loss,
-        :class:`TrainingInterrupted` on SIGINT or SIGTERM.
+        or dataset differing from the run being resumed, :class:`~trainer.errors.DivergedError` on a
+        non-finite loss, :class:`~trainer.errors.TrainingInterrupted` on SIGINT or SIGTERM.
 
     Examples
     --------
@@ -131,6 +123,30 @@ def train(
             return _train(cfg, Path(data_dir), Path(out_dir), info, device, held, resume, progress, echo)
     finally:
         shutdown(info)
+
+
+def _train(
+    cfg: RunConfig,
+    data_dir: Path,
+    out_dir: Path,
+    info: DistInfo,
+    device: torch.device,
+    held: contextlib.ExitStack,
+    resume: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> TrainResult:
+    ds = _open_dataset(cfg, data_dir)  # read-only checks on every rank before anything is written
+    step_tokens = tokens_per_step(cfg, info.world_size)
+    total_steps = total_steps_for(cfg, step_tokens)
+    claim_run_dir(out_dir, resume, info, device, held)
+    plan = plan_start(out_dir, cfg, ds, resume=resume, total_steps=total_steps)  # same verdict on every rank
+    if plan.note and echo is not None and info.is_main:
+        echo(plan.note)
+    if plan.kind == "completed":
+        return TrainResult(out_dir, "already completed", plan.note)
+    _loop(_build(cfg, ds, out_dir, info, device, plan, step_tokens, total_steps), progress)
+    return TrainResult(out_dir, "completed", plan.note)
 
 
 def _open_dataset(cfg: RunConfig, data_dir: Path) -> TokenDataset:
@@ -151,55 +167,6 @@ def _open_dataset(cfg: RunConfig, data_dir: Path) -> TokenDataset:
             f"less), or use --set model.context_length={eval_len}"
         )
     return ds
-
-
-def _agree(error: TrainerError | None, info: DistInfo, device: torch.device) -> None:
-    """Raise on every rank if rank 0 failed (``error``): no rank may go on alone into a collective."""
-    if info.enabled:
-        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
-        all_reduce_sum(failed, info)
-        if error is None and failed.item() > 0:
-            raise TrainerError("rank 0 could not claim the run directory (its message says why)")
-    if error is not None:
-        raise error
-
-
-def _claim_run_dir(
-    out_dir: Path, resume: bool, info: DistInfo, device: torch.device, held: contextlib.ExitStack
-) -> None:
-    """Rank 0 creates the run directory if needed and locks it for the whole run; every rank agrees."""
-    error = None
-    if info.is_main:
-        try:
-            prepare_run_dir(out_dir, resume)
-            held.enter_context(lock_run_dir(out_dir))
-        except TrainerError as e:
-            error = e
-    _agree(error, info, device)
-
-
-def _train(
-    cfg: RunConfig,
-    data_dir: Path,
-    out_dir: Path,
-    info: DistInfo,
-    device: torch.device,
-    held: contextlib.ExitStack,
-    resume: bool,
-    progress: bool,
-    echo: Callable[[str], None] | None,
-) -> TrainResult:
-    ds = _open_dataset(cfg, data_dir)  # read-only checks on every rank before anything is written
-    step_tokens = tokens_per_step(cfg, info.world_size)
-    total_steps = total_steps_for(cfg, step_tokens)
-    _claim_run_dir(out_dir, resume, info, device, held)
-    plan = plan_start(out_dir, cfg, ds, resume=resume, total_steps=total_steps)  # same verdict on every rank
-    if plan.note and echo is not None and info.is_main:
-        echo(plan.note)
-    if plan.kind == "completed":
-        return TrainResult(out_dir, "already completed", plan.note)
-    _loop(_build(cfg, ds, out_dir, info, device, plan, step_tokens, total_steps), progress)
-    return TrainResult(out_dir, "completed", plan.note)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,6 +468,15 @@ def _record_end(run: _Run, status: str, error: str) -> None:
     """Close run.json's segment with ``status`` and ``error``, holding back a signal while it is written."""
     with signals_deferred():
         run.record.finish(status, run.step, run.tokens(run.step - run.start_step), error=error)
+
+
+def _status_of(error: BaseException) -> str:
+    """run.json status of a run that stopped with ``error``."""
+    if isinstance(error, DivergedError):
+        return "diverged"
+    if isinstance(error, KeyboardInterrupt | TrainingInterrupted):
+        return "interrupted"
+    return "failed"
 
 
 def _interrupted_reason(error: KeyboardInterrupt, stop: StopSignals, run: _Run) -> str:

@@ -9,4 +9,8 @@
   :mod:`trainer.study.slurm_queue` is what SLURM says about partitions and jobs.
 - :mod:`trainer.study.worker`: ``python -m trainer.study.worker``, one run in one process.
 - ``files/``: the shipped study files, loadable by name (``collapse-train study demo``).
+
+The study layer trains only through :func:`trainer.train.train` (in the worker) and reads run directories
+through :mod:`trainer.rundir` like any other reader (an import-linter contract keeps the run layer from
+importing it).
 """
