@@ -111,7 +111,7 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
 # metrics.jsonl
 
 
-def finite_or_none(x: float) -> float | None:
+def _finite_or_none(x: float) -> float | None:
     """Strict JSON has no NaN: non-finite numbers become null in metrics.jsonl and run.json."""
     return x if math.isfinite(x) else None
 
@@ -161,8 +161,8 @@ class MetricsLogger:
                 "tokens": tokens,
                 "train_loss": train_loss,
                 "lr": lrs,
-                "grad_norm": finite_or_none(grad_norm),
-                "tokens_per_s": finite_or_none(tokens_per_s),
+                "grad_norm": _finite_or_none(grad_norm),
+                "tokens_per_s": _finite_or_none(tokens_per_s),
             }
         )
 
@@ -173,7 +173,7 @@ class MetricsLogger:
                 "kind": "val",
                 "step": step,
                 "tokens": tokens,
-                "val_loss": finite_or_none(val_loss),
+                "val_loss": _finite_or_none(val_loss),
                 "checkpoint": checkpoint,
             }
         )
@@ -303,7 +303,7 @@ class RunRecord:
             end_step=step,
             status=status,
             wall_time_s=round(wall, 3),
-            tokens_per_s=finite_or_none(tokens_trained / wall) if wall > 0 else None,
+            tokens_per_s=_finite_or_none(tokens_trained / wall) if wall > 0 else None,
         )
         self.record.update(
             status=status,
