@@ -1,10 +1,10 @@
 """Training throughput: tokens/s, peak memory and MFU of the trainer's own step for a config (not a test).
 
-The measured step is the training loop's: ``trainer.train.Stepper`` with the trainer's model (its loss
+The measured step is the training loop's: ``trainer.step.Stepper`` with the trainer's model (its loss
 chunked as ``train.loss_chunk_tokens`` says), optimizers (``optim.muon_impl`` picks the Muon),
 forward context (``train.dtype``: ``auto`` = bfloat16 on CUDA, float32 on the CPU; the attention
 kernels of ``train.sdpa_backend``), batch prefetcher, gradient clipping and learning-rate schedule.
-Its batches are drawn by ``trainer.data.batch_at`` from a random token array held in memory, so no
+Its batches are drawn by ``trainer.data.dataset.batch_at`` from a random token array held in memory, so no
 dataset is needed. As in the loop on CUDA, the device is read (and waited for) only once per
 measurement, after the timed steps; on the CPU every step is read.
 
@@ -41,7 +41,7 @@ from trainer.distributed import DistInfo, resolve_device
 from trainer.errors import TrainerError
 from trainer.model import LLM, count_flops_per_token
 from trainer.optim import Optimizers
-from trainer.train import Stepper, autocast_factory
+from trainer.step import Stepper, autocast_factory
 
 RANDOM_TOKENS = 1 << 22  # the random "train split": 4M tokens, enough that batches do not repeat
 

@@ -181,9 +181,9 @@ def device_part(check: Check) -> None:
             f"   {props.name}, {info['memory_gib']} GiB, capability {info['capability']}, torch {torch.__version__}"
         )
     else:
-        from trainer.train import device_description
+        from trainer.provenance import cpu_name
 
-        info["name"] = device_description(torch.device("cpu"))["name"]
+        info["name"] = cpu_name()
         print(f"   no CUDA device (torch {torch.__version__}): the CUDA-only parts below are skipped")
     check.record("device", {"status": "ok", **info})
 
@@ -447,7 +447,7 @@ def torchrun_part(check: Check) -> None:
         if prep["status"] != "ok":
             check.record("torchrun", {"status": "failed", "backend": backend, "prepare": _strip(prep)})
             return
-        from trainer.data import TokenDataset
+        from trainer.data.dataset import TokenDataset
 
         vocab = TokenDataset.open(data).vocab_size
         out = Path(tmp) / "run"

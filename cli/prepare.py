@@ -1,4 +1,4 @@
-"""``collapse-train prepare-data``: a thin skin over :func:`trainer.data.prepare_data`."""
+"""``collapse-train prepare-data``: a thin skin over :func:`trainer.data.prepare.prepare_data`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from cli.common import reports_errors
-from trainer.data import SPLITS, TokenDataset
-from trainer.data import prepare_data as prepare_dataset
+from trainer.data.dataset import SPLITS, TokenDataset
+from trainer.data.prepare import prepare_data as prepare_dataset
 
 
 @click.command("prepare-data")

@@ -1,4 +1,4 @@
-"""``collapse-train study``: a thin skin over :mod:`trainer.study_runner` (run, --dry-run, --status)."""
+"""``collapse-train study``: a thin skin over :mod:`trainer.study.runner` (run, --dry-run, --status)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from cli.common import reports_errors
-from trainer.executors import SlurmOptions
-from trainer.study_runner import plan_text, run_study, status_text
+from trainer.study.executors import SlurmOptions
+from trainer.study.runner import plan_text, run_study, status_text
 
 
 @click.command("study")

@@ -2,7 +2,7 @@
 # The demo on the embedded offline default, as a study: the six configurations of the plan (A1 ... C2) on the
 # Bible corpus (standard: both translations mixed; C1 simple: Basic English; C2 complex: King James; one
 # shared tokenizer), 2 seeds each, each configuration's learning rate chosen by a 3-point sweep
-# (trainer/studies/demo.toml: `tiny` at 4 x 256 tokens, 81,920 tokens per main run, 20,480 per sweep run);
+# (trainer/study/files/demo.toml: `tiny` at 4 x 256 tokens, 81,920 tokens per main run, 20,480 per sweep run);
 # then the spectra of every checkpoint, pruning surgery on each final checkpoint, two local downstream evals
 # (a cloze and a 4-way choice task cut from the held-out test text: near chance at this size), and the report.
 # Re-running it continues where it stopped; after it finished, it takes seconds.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_tiny_dataset
 
-from trainer.data import TokenDataset
+from trainer.data.dataset import TokenDataset
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from spectra.cube import open_cubes
 from trainer.checkpoint import save_checkpoint
 from trainer.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
-from trainer.data import prepare_data
+from trainer.data.prepare import prepare_data
 from trainer.model import LLM
 
 SITES = ("proj", "unit", "normed", "rope")  # the read-out sites of docs/cube.md, in cube order

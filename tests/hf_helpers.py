@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from helpers import tiny_corpus
 
-from trainer.data import prepare_data, train_bpe
+from trainer.data.prepare import prepare_data
+from trainer.data.tokenizer import train_bpe
 
 VOCAB = 320  # the models' embedding; the tokenizer has fewer tokens, as padded public vocabularies do
 TOKENIZER_VOCAB = 300

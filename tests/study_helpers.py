@@ -12,9 +12,9 @@ from pathlib import Path
 
 from helpers import TINY_MODEL_OVERRIDES
 
-from trainer.executors import LocalExecutor, RunOutcome, RunTask, classify, worker_command
-from trainer.study_runner import run_study
-from trainer.worker import main as worker_main
+from trainer.study.executors import LocalExecutor, RunOutcome, RunTask, classify, worker_command
+from trainer.study.runner import run_study
+from trainer.study.worker import main as worker_main
 
 HANG_GUARD_S = 600
 """How long a test waits for something that takes seconds before it calls it a hang (the old code hung for
@@ -74,7 +74,7 @@ def inprocess_launch(task: RunTask, env=None, *, threads=None, on_start=None, np
     t0 = time.monotonic()
     with open(task.log, "a") as log, contextlib.redirect_stdout(log):
         print(f"=== attempt {task.attempt} of {task.name} (in process) ===")
-        args = worker_command(task)[3:]  # drop `python -m trainer.worker`
+        args = worker_command(task)[3:]  # drop `python -m trainer.study.worker`
         rc = worker_main(args)
     return classify(task, rc, time.monotonic() - t0)
 

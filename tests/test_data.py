@@ -14,17 +14,11 @@ from click.testing import CliRunner
 from helpers import make_tiny_dataset, tiny_corpus
 from safetensors.torch import save_file
 
-from trainer.data import (
-    DataError,
-    TokenDataset,
-    batch_at,
-    bible_chapters,
-    eval_batch_sha256,
-    fixed_batches,
-    parse_source,
-    prepare_data,
-    split_of,
-)
+from trainer.data.bible import bible_chapters
+from trainer.data.dataset import DataError, TokenDataset, batch_at, eval_batch_sha256, fixed_batches
+from trainer.data.filters import split_of
+from trainer.data.prepare import prepare_data
+from trainer.data.sources import parse_source
 
 # ----------------------------------------------------------------------------------------------------
 # Fixtures and helpers

@@ -11,7 +11,8 @@ from hf_helpers import make_model_dataset
 
 from spectra.errors import SpectraError
 from spectra.hf.tokenizer import check_tokenizer, tokenizer_differences
-from trainer.data import DataError, TokenDataset, train_bpe
+from trainer.data.dataset import DataError, TokenDataset
+from trainer.data.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -391,7 +391,7 @@ def test_import_spectra_does_not_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-# the doctests of spectra.metrics, now three modules, and of the accessor
+# the doctests of the metrics (kernels, labelled functions, summary table) and of the accessor
 @pytest.mark.parametrize("module", [kernels, metrics, summary, accessor])
 def test_docstring_examples_run(module) -> None:
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

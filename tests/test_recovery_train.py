@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 from cli.train import main as train_cli
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
-from trainer.errors import RunLockedError, TrainerError
+from trainer.errors import RunLockedError, TrainerError, TrainingInterrupted
 from trainer.fileio import ExclusiveLock, LockedError, default_mode
 from trainer.resume import list_resume_states
-from trainer.train import TrainingInterrupted, train
+from trainer.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,30 +74,32 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import torch
     torch.set_num_threads(1)
+    import trainer.rundir as rundir_mod
     import trainer.train as train_mod
     from trainer.config import load_config
+    from trainer.errors import TrainingInterrupted
 
     data_dir, out, moment, *overrides = sys.argv[1:]
     kind, _, where = moment.partition(":")
     if kind == "after-config":
-        write = train_mod.atomic_write_text
+        write = rundir_mod.atomic_write_text
         def write_then_die(path, text):
             write(path, text)
             if str(path).endswith("config.toml"):
                 os.kill(os.getpid(), signal.SIGKILL)
-        train_mod.atomic_write_text = write_then_die
+        rundir_mod.atomic_write_text = write_then_die
     elif kind in ("sigint", "sigint-twice"):
-        log = train_mod.MetricsLogger.log
+        log = rundir_mod.MetricsLogger.log
         def log_then_signal(self, record):
             log(self, record)
             if record.get("kind") == "train" and record["step"] == int(where):
                 os.kill(os.getpid(), signal.SIGINT)
                 if kind == "sigint-twice":
                     os.kill(os.getpid(), signal.SIGINT)
-        train_mod.MetricsLogger.log = log_then_signal
+        rundir_mod.MetricsLogger.log = log_then_signal
     try:
         train_mod.train(load_config("tiny", overrides), data_dir, out, progress=False)
-    except train_mod.TrainingInterrupted as e:
+    except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     """

@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import trainer.checkpoint as checkpoint_mod
-from trainer.checkpoint import list_checkpoints, write_safetensors
+from trainer.checkpoint import list_checkpoints
 from trainer.config import RunConfig, load_config
 from trainer.errors import TrainerError
+from trainer.fileio import write_safetensors
 from trainer.model import LLM
 from trainer.optim import Optimizers
 from trainer.resume import (
@@ -323,18 +324,19 @@ LAUNCHER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import trainer.resume as resume_mod
+    import trainer.rundir as rundir_mod
     import trainer.train as train_mod
     from trainer.config import RunConfig, load_config
 
     data_dir, out, kill_at, *overrides = sys.argv[1:]
     kind, where = kill_at.split(":")
     if kind == "after-log":  # SIGKILL right after the metrics line of step N is flushed
-        log = train_mod.MetricsLogger.log
+        log = rundir_mod.MetricsLogger.log
         def log_then_die(self, record):
             log(self, record)
             if record.get("kind") == "train" and record["step"] == int(where):
                 os.kill(os.getpid(), signal.SIGKILL)
-        train_mod.MetricsLogger.log = log_then_die
+        rundir_mod.MetricsLogger.log = log_then_die
     elif kind == "mid-resume-write":  # SIGKILL after the first file of the N-th resume state
         save = resume_mod.write_safetensors
         count = {"states": 0}

@@ -25,9 +25,9 @@ from click.testing import CliRunner
 from study_helpers import inprocess, run_guarded, tree_bytes, write_tiny_study
 
 from cli.train import main as train_main
-from trainer.executors import RunnerInterrupted, RunTask, SlurmExecutor, SlurmOptions, worker_command
-from trainer.study_dir import read_run_state
-from trainer.study_runner import StudyIncompleteError, run_study
+from trainer.rundir import read_run_state
+from trainer.study.executors import RunnerInterrupted, RunTask, SlurmExecutor, SlurmOptions, worker_command
+from trainer.study.runner import StudyIncompleteError, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 submitit = pytest.importorskip("submitit")

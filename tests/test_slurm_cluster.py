@@ -21,9 +21,9 @@ from safetensors import safe_open
 from study_helpers import run_guarded, write_tiny_study
 
 from cli.train import main as train_main
-from trainer.executors import LocalExecutor, SlurmExecutor, SlurmOptions
-from trainer.study_dir import read_run_state
-from trainer.study_runner import StudyIncompleteError
+from trainer.rundir import read_run_state
+from trainer.study.executors import LocalExecutor, SlurmExecutor, SlurmOptions
+from trainer.study.runner import StudyIncompleteError
 
 
 def cluster_problem() -> str | None:

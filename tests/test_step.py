@@ -10,13 +10,12 @@ import torch
 from helpers import tiny_model_config
 
 from trainer.config import TrainConfig, load_config
-from trainer.data import batch_at
+from trainer.data.dataset import batch_at
 from trainer.distributed import DistInfo
 from trainer.errors import TrainerError
 from trainer.model import LLM
 from trainer.optim import Optimizers
-from trainer.step import BatchPrefetcher, sdpa_context
-from trainer.train import Stepper, autocast_factory
+from trainer.step import BatchPrefetcher, Stepper, autocast_factory, sdpa_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,7 +236,7 @@ def test_a_non_finite_step_is_skipped_when_read_at_once_and_applied_when_deferre
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_device_sync_between_log_steps_on_cuda(tiny_data_dir, tiny_vocab):
     """torch.cuda.set_sync_debug_mode('error') raises on any synchronising call: steps 2-5 must make none."""
-    from trainer.data import TokenDataset
+    from trainer.data.dataset import TokenDataset
 
     device = torch.device("cuda")
     cfg = load_config(

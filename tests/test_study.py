@@ -33,14 +33,18 @@ from study_helpers import (
 )
 
 import trainer.config
-import trainer.executors
-import trainer.slurm_queue
-import trainer.study
-import trainer.study_dir
+import trainer.study.directory
+import trainer.study.executors
+import trainer.study.slurm_queue
+import trainer.study.spec
 import trainer.train as train_mod
 from cli.train import main as train_main
 from trainer.config import ConfigError, load_config
-from trainer.executors import (
+from trainer.fileio import live_holder
+from trainer.model import LLM
+from trainer.rundir import lock_run_dir, read_run_state
+from trainer.study.directory import check_study_dir, lock_holder, study_lock
+from trainer.study.executors import (
     EXIT_LOCKED,
     LocalExecutor,
     RunnerInterrupted,
@@ -51,9 +55,8 @@ from trainer.executors import (
     classify,
     worker_command,
 )
-from trainer.model import LLM
-from trainer.rundir import lock_run_dir
-from trainer.study import (
+from trainer.study.runner import StudyIncompleteError, plan_text, run_study, status_text
+from trainer.study.spec import (
     SweepConfig,
     SweepResult,
     config_changes,
@@ -65,8 +68,6 @@ from trainer.study import (
     sweep_grid,
     sweep_runs,
 )
-from trainer.study_dir import check_study_dir, live_holder, lock_holder, read_run_state, study_lock
-from trainer.study_runner import StudyIncompleteError, plan_text, run_study, status_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -605,14 +606,14 @@ def test_a_failing_run_is_retried_once_and_does_not_stop_the_others(study_file, 
 
 KILLER = r"""
 import os, signal, sys
-import trainer.train as t
-log = t.MetricsLogger.log
+import trainer.rundir as rundir
+log = rundir.MetricsLogger.log
 def log_then_die(self, record):
     log(self, record)
     if record.get("kind") == "train" and record["step"] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
-t.MetricsLogger.log = log_then_die
-from trainer.worker import main
+rundir.MetricsLogger.log = log_then_die
+from trainer.study.worker import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -852,7 +853,14 @@ def test_check_study_dir_accepts_an_empty_directory(tmp_path, study_file):
 
 
 @pytest.mark.parametrize(
-    "module", [trainer.study, trainer.study_dir, trainer.executors, trainer.slurm_queue, trainer.config]
+    "module",
+    [
+        trainer.study.spec,
+        trainer.study.directory,
+        trainer.study.executors,
+        trainer.study.slurm_queue,
+        trainer.config,
+    ],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)

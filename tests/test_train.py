@@ -16,24 +16,18 @@ from helpers import read_jsonl, tiny_overrides
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import trainer.step as step_mod
 import trainer.train as train_mod
-from trainer.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_name, list_checkpoints
+from trainer.checkpoint import FORMAT, FORMAT_VERSION, Checkpointer, checkpoint_name, list_checkpoints
+from trainer.components import LossWindow, Validator
 from trainer.config import RunConfig, TrainConfig, load_config
-from trainer.data import TokenDataset, fixed_batches
-from trainer.errors import TrainerError
+from trainer.data.dataset import TokenDataset, fixed_batches
+from trainer.errors import DivergedError, TrainerError
 from trainer.model import LLM
-from trainer.train import (
-    Checkpointer,
-    DivergedError,
-    LossWindow,
-    MetricsLogger,
-    Validator,
-    autocast_factory,
-    milestone_steps,
-    tokens_per_step,
-    total_steps_for,
-    train,
-)
+from trainer.rundir import MetricsLogger
+from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
+from trainer.step import autocast_factory
+from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -404,7 +398,7 @@ def test_a_deferred_check_finds_the_bad_step_before_anything_is_written(
 
 def test_non_finite_gradient_norm_also_stops(tmp_path, tiny_data_dir, tiny_vocab, monkeypatch):
     norms = iter(torch.tensor([1.0, math.inf]))  # clip_grad_norm returns a 0-d tensor
-    monkeypatch.setattr(train_mod, "clip_grad_norm", lambda model, max_norm: next(norms))
+    monkeypatch.setattr(step_mod, "clip_grad_norm", lambda model, max_norm: next(norms))
     with pytest.raises(DivergedError, match="non-finite gradient norm at step 2.*grad_norm=inf"):
         train(tiny_config(tiny_vocab), tiny_data_dir, tmp_path / "inf", progress=False)
 
@@ -461,7 +455,7 @@ def test_cuda_bf16_compiled_run(tmp_path, tiny_data_dir, tiny_vocab):
 SIGTERM_WHILE_RECORDING = """
 import os, signal, sys
 from pathlib import Path
-from trainer.train import signals_deferred
+from trainer.components import signals_deferred
 
 with signals_deferred():
     os.kill(os.getpid(), signal.SIGTERM)  # default action: end the process, but not before the block is done

@@ -36,28 +36,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
-from trainer.fileio import atomic_write, atomic_write_text, fsync_dir
-
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "atomic_write",
-    "atomic_write_text",
-    "checkpoint_name",
-    "fsync_dir",
-    "list_checkpoints",
-    "save_checkpoint",
-    "unwrap_model",
-    "write_safetensors",
-]
+from trainer.config import RunConfig
+from trainer.data.dataset import TokenDataset
+from trainer.fileio import atomic_write, write_safetensors
 
 FORMAT = "collapse-checkpoint"
 FORMAT_VERSION = "1"
@@ -80,6 +70,44 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def run_metadata(cfg: RunConfig, ds: TokenDataset, versions: dict[str, str]) -> dict[str, Any]:
+    """The header entries every checkpoint of the run ``cfg`` on ``ds`` shares (the table above, but the
+    step's own: ``step``, ``tokens``, ``train_loss``, ``val_loss``)."""
+    meta = ds.meta
+    dataset = {
+        "name": ds.name,
+        "sources": meta.get("sources"),
+        "filters": meta.get("filters"),
+        "tokenizer": meta.get("tokenizer"),
+        "vocab_size": ds.vocab_size,
+        "eot_id": ds.eot_id,
+        "split_tokens": {name: split["tokens"] for name, split in meta.get("splits", {}).items()},
+    }
+    return {
+        "model_config": json.dumps(asdict(cfg.model), sort_keys=True),
+        "run_config": cfg.to_json(),
+        "run_name": cfg.name,
+        "eval_batch_sha256": ds.eval_batch_sha256,
+        "data_dir": str(ds.path.resolve()),
+        "dataset": dataset,
+        "seed": cfg.train.seed,
+        "versions": versions,
+    }
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of the checkpoint ``path`` (strings, as stored), or ``{}`` when it is unreadable.
+
+    For what a run directory's own checkpoints say about the run (its dataset); readers that measure a
+    checkpoint check it whole (``spectra`` reads the format on its own).
+    """
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (OSError, safetensors.SafetensorError):
+        return {}
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain model under DDP and ``torch.compile`` wrappers."""
     while True:
@@ -89,47 +117,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> None:
-    """``safetensors.torch.save_file``, with the header metadata in sorted key order: same input, same bytes.
-
-    safetensors orders the tensors itself (by alignment, then name) but writes the ``__metadata__`` table
-    from a Rust ``HashMap``, whose order is randomised per map: two identical calls give files with
-    different hashes (safetensors 0.8 has no option for a fixed order). The header is therefore rewritten
-    in place with the metadata keys sorted: the same keys and values in compact JSON, escaped as
-    serde_json escapes them, so it has the same length and the tensor data does not move. Every
-    safetensors file the trainer writes (checkpoints, resume state, the eval batch) goes through here.
-
-    Examples
-    --------
-    >>> import hashlib, tempfile
-    >>> path = tempfile.mkdtemp() + "/x.safetensors"
-    >>> digests = set()
-    >>> for _ in range(3):
-    ...     write_safetensors(path, {"w": torch.ones(2)}, {k: "v" for k in "abcdefgh"})
-    ...     digests.add(hashlib.sha256(open(path, "rb").read()).hexdigest())
-    >>> len(digests)
-    1
-    """
-    save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
-    if metadata:
-        _sort_header_metadata(Path(path))
-
-
-def _sort_header_metadata(path: Path) -> None:
-    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` keys sorted."""
-    with open(path, "r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # keeps its place, first
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(text) > length:  # cannot happen for the same strings; never move the tensor data
-            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the original")
-        f.seek(8)
-        f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces too
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: Mapping[str, Any]) -> Path:
@@ -147,3 +134,59 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, metadata: M
         header[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
     return atomic_write(path, lambda tmp: write_safetensors(tmp, state, header))
+
+
+class Checkpointer:
+    """Writes an analysis checkpoint at each milestone step, atomically, with its metadata.
+
+    Parameters
+    ----------
+    directory
+        ``RUN_DIR/checkpoints``.
+    steps
+        Milestone steps (:func:`milestone_steps`).
+    tokens_per_step
+        For the file name, ``tokens_<12-digit tokens>.safetensors``.
+    metadata
+        Keys shared by every checkpoint of the run (model and run config, dataset, versions...);
+        :meth:`save` adds ``step``, ``tokens``, ``train_loss`` and ``val_loss``.
+    enabled
+        False on every rank but 0.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        steps: Iterable[int],
+        tokens_per_step: int,
+        metadata: dict[str, Any],
+        enabled: bool = True,
+    ):
+        self.directory = directory
+        self.steps = frozenset(steps)
+        self.tokens_per_step = tokens_per_step
+        self.metadata = dict(metadata)
+        self.enabled = enabled
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def save(self, model: nn.Module, *, step: int, train_loss: float, val_loss: float) -> Path | None:
+        """Write the checkpoint of ``step``; return its path (None on ranks that do not write)."""
+        if not self.enabled:
+            return None
+        tokens = step * self.tokens_per_step
+        meta = {
+            **self.metadata,
+            "step": step,
+            "tokens": tokens,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+        }
+        return save_checkpoint(self.directory / checkpoint_name(tokens), model, meta)
+
+    def latest(self, max_step: int | None = None) -> Path | None:
+        """The newest complete checkpoint on disk (up to ``max_step``), or None."""
+        limit = None if max_step is None else max_step * self.tokens_per_step
+        found = [p for tokens, p in list_checkpoints(self.directory) if limit is None or tokens <= limit]
+        return found[-1] if found else None

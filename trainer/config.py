@@ -12,6 +12,7 @@ Only this module and :mod:`trainer.model` may be imported by ``spectra`` (see DE
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import tomllib
@@ -522,3 +523,45 @@ def load_config(preset_or_path: str, overrides: list[str] | tuple[str, ...] = ()
             data = _deep_merge(tomllib.loads(text), data)
     data = apply_overrides(data, list(overrides))
     return run_config_from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config identity
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    """sha256 of the config's canonical JSON (sorted keys)."""
+    return hashlib.sha256(cfg.to_json().encode()).hexdigest()
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts, as ``key: saved -> current``.
+
+    >>> config_differences({"optim": {"lr": 0.1}, "name": "a"}, {"optim": {"lr": 0.2}, "name": "a"})
+    ['optim.lr: 0.1 (saved) != 0.2 (now)']
+    """
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} (saved) != {b!r} (now)")
+    return out
+
+
+def differences_from_saved(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """:func:`config_differences` between a config saved with a run and ``cfg``, defaults filled in.
+
+    A field added to the config since the run was saved is absent from ``saved``; it counts as its default,
+    which is the behaviour the run had before the field existed, so adding a field never stops a run from
+    being resumed or recognised. A saved config this version cannot read is compared as it is.
+
+    >>> differences_from_saved({"optim": {"lr": 0.1}}, RunConfig())
+    ['optim.lr: 0.1 (saved) != 0.003 (now)']
+    """
+    try:
+        filled = run_config_from_dict(saved).to_dict()
+    except ConfigError:
+        filled = saved
+    return config_differences(filled, cfg.to_dict())

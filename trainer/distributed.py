@@ -3,7 +3,7 @@
 Under ``torchrun`` (the environment variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are set)
 :func:`init_distributed` joins the default process group (``nccl`` on CUDA, ``gloo`` on the CPU)
 and the loop wraps the model in :class:`~torch.nn.parallel.DistributedDataParallel`. Each rank reads
-its own slice of the *global* batch (``trainer.data.batch_at(..., rank, world_size)``), gradients
+its own slice of the *global* batch (``trainer.data.dataset.batch_at(..., rank, world_size)``), gradients
 are averaged by DDP, the logged loss is averaged with :func:`all_reduce_mean`, and only rank 0
 writes files. Without those variables everything here is a no-op and the loop runs as one process.
 

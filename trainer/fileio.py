@@ -8,12 +8,15 @@ without leaving its own temporaries behind.
   group shares (:func:`apply_default_mode`).
 - :class:`ExclusiveLock` is an ``fcntl.flock`` on a lock file: one process at a time works on a run
   directory. The kernel releases it when the process dies, however it dies, so a killed run never
-  leaves a stale lock; the file records its holder so that the process refused can name it.
+  leaves a stale lock; the file records its holder so that the process refused can name it, and
+  :func:`live_holder` reads it without taking the lock (who is working on a run or study directory).
 - :func:`remove_stale_temporaries` deletes the hidden temporaries a killed writer left, matching only
   this command's own name patterns; it is called while the lock is held, so it never touches the
   temporary file of a writer that is still running.
 - A write that fails because the file system is full is a :class:`DiskFullError` naming the file
   (:func:`naming_a_full_disk`), however the library that wrote it reported it.
+- :func:`write_safetensors` writes a safetensors file whose bytes depend only on its tensors and metadata
+  (checkpoints, resume states and the eval batch all go through it).
 
 ``spectra`` has its own twin of these helpers (``spectra/fileio.py``): the two halves of the project
 share file formats, not code (see DESIGN.md). The lock file's content is part of that shared format
@@ -29,14 +32,18 @@ import json
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from trainer.errors import TrainerError
+from trainer.provenance import utc_now
 
 
 class LockedError(TrainerError):
@@ -166,6 +173,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], suffi
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, with the header metadata in sorted key order: same input, same bytes.
+
+    safetensors orders the tensors itself (by alignment, then name) but writes the ``__metadata__`` table
+    from a Rust ``HashMap``, whose order is randomised per map: two identical calls give files with
+    different hashes (safetensors 0.8 has no option for a fixed order). The header is therefore rewritten
+    in place with the metadata keys sorted: the same keys and values in compact JSON, escaped as
+    serde_json escapes them, so it has the same length and the tensor data does not move. Every
+    safetensors file the trainer writes (checkpoints, resume state, the eval batch) goes through here.
+
+    Examples
+    --------
+    >>> import hashlib, tempfile
+    >>> path = tempfile.mkdtemp() + "/x.safetensors"
+    >>> digests = set()
+    >>> for _ in range(3):
+    ...     write_safetensors(path, {"w": torch.ones(2)}, {k: "v" for k in "abcdefgh"})
+    ...     digests.add(hashlib.sha256(open(path, "rb").read()).hexdigest())
+    >>> len(digests)
+    1
+    """
+    save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
+    if metadata:
+        _sort_header_metadata(Path(path))
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` keys sorted."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # keeps its place, first
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # cannot happen for the same strings; never move the tensor data
+            raise RuntimeError(f"{path}: the sorted safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces too
 
 
 def not_writable(directory: str | os.PathLike) -> str | None:
@@ -312,7 +360,7 @@ def _write_holder(fd: int) -> None:
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        "since": utc_now(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
     }
     os.ftruncate(fd, 0)
@@ -326,3 +374,50 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def live_holder(lock_file: Path) -> dict[str, Any] | None:
+    """The holder recorded in ``lock_file`` (a lock of :class:`trainer.fileio.ExclusiveLock`) while it is alive.
+
+    A holder on this host is alive when its pid is: nothing is locked to find out, so a process that
+    takes the lock at that moment is never refused because of this look. A holder on another host
+    (a SLURM node, with the run directory on a shared filesystem) is asked through the lock itself.
+    """
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:  # no lock file: no holder (it is removed on release)
+        return None
+    try:
+        try:
+            holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+            holder = {}
+        if holder and holder.get("host") == socket.gethostname():
+            return holder if _pid_alive(holder["pid"]) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``pid 123 on node7``, or ``an unknown process`` when the lock file names none."""
+    if not holder:
+        return "an unknown process"
+    return f"pid {holder['pid']}" + (f" on {holder['host']}" if holder.get("host") else "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -185,7 +185,7 @@ def count_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 #
 # At the 88M preset's batch of 32 x 2048 tokens and vocabulary 49,152 the logits are 3.2e9 numbers: 6.4 GB in
 # bfloat16 and 12.9 GB more for the float32 copy the loss reads; on one H100 the head with its loss took 66 ms
-# eager and 22 ms compiled (issue 9). The libraries that fuse it (Liger Kernel's fused linear cross-entropy,
+# eager and 22 ms compiled (torch 2.11; docs/benchmarks.md). The libraries that fuse it (Liger Kernel's fused linear cross-entropy,
 # Apple's Cut Cross-Entropy) are Triton kernels for CUDA only; the tests run on the CPU, so this is plain
 # torch, which torch.compile fuses on either device, in the model's own graph. It lives in this file because
 # it is what ``model(idx, targets)`` computes, and spectra may import the model file and nothing else.

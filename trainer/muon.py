@@ -4,7 +4,7 @@ Why it exists
 -------------
 ``torch.optim.Muon`` orthogonalises its matrices one at a time (its ``foreach`` path raises "not
 supported"), so a step of the 88M preset is 132 small Newton-Schulz chains of 15 matmuls each. On one
-H100 (issue 9, torch 2.11, batch 32 x 2048) that step took about 65 ms, against about 5 ms for one
+H100 (torch 2.11, batch 32 x 2048; docs/model.md) that step took about 65 ms, against about 5 ms for one
 stacked, compiled Newton-Schulz per shape group, out of a training step of about 150 ms.
 ``benchmarks/bench_muon.py`` measures both implementations on any device (the CPU figures are in
 docs/benchmarks.md). The library has no batched variant, so this module provides one and keeps the

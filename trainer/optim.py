@@ -214,7 +214,7 @@ def _muon(
     if cfg.muon_impl == "torch":
         return torch.optim.Muon([group], **common)
     if cfg.muon_impl == "batched":
-        # compiled on CUDA, where fewer, fused kernels are the point (issue 9's 65 ms -> 5 ms); on the CPU
+        # compiled on CUDA, where fewer, fused kernels are the point (65 ms -> 5 ms on one H100); on the CPU
         # the step is matmul-bound and a compilation per shape costs seconds (benchmarks/bench_muon.py)
         compile_ns = device_type == "cuda"
         return BatchedMuon(

@@ -23,7 +23,6 @@ non-JSON node is tagged (``{"__tensor__": path}``, ``{"__tuple__": [...]}``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -39,14 +38,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from trainer.checkpoint import unwrap_model, write_safetensors
-from trainer.config import ConfigError, RunConfig, run_config_from_dict
+from trainer.checkpoint import unwrap_model
+from trainer.config import RunConfig, config_sha256, differences_from_saved
 from trainer.errors import TrainerError
-from trainer.fileio import apply_default_mode, fsync_dir, naming_a_full_disk
+from trainer.fileio import apply_default_mode, fsync_dir, naming_a_full_disk, write_safetensors
+from trainer.rundir import RESUME_DIR
 
 FORMAT = "collapse-resume"
 FORMAT_VERSION = 1
-RESUME_DIRNAME = "resume"
 MANIFEST = "manifest.json"
 STATE_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
@@ -164,48 +163,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> Non
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config identity
-
-
-def config_sha256(cfg: RunConfig) -> str:
-    """sha256 of the config's canonical JSON (sorted keys)."""
-    return hashlib.sha256(cfg.to_json().encode()).hexdigest()
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config dicts, as ``key: saved -> current``.
-
-    >>> config_differences({"optim": {"lr": 0.1}, "name": "a"}, {"optim": {"lr": 0.2}, "name": "a"})
-    ['optim.lr: 0.1 (saved) != 0.2 (now)']
-    """
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} (saved) != {b!r} (now)")
-    return out
-
-
-def differences_from_saved(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """:func:`config_differences` between a config saved with a run and ``cfg``, defaults filled in.
-
-    A field added to the config since the run was saved is absent from ``saved``; it counts as its default,
-    which is the behaviour the run had before the field existed, so adding a field never stops a run from
-    being resumed or recognised. A saved config this version cannot read is compared as it is.
-
-    >>> differences_from_saved({"optim": {"lr": 0.1}}, RunConfig())
-    ['optim.lr: 0.1 (saved) != 0.003 (now)']
-    """
-    try:
-        filled = run_config_from_dict(saved).to_dict()
-    except ConfigError:
-        filled = saved
-    return config_differences(filled, cfg.to_dict())
-
-
-# ----------------------------------------------------------------------------------------------------
 # Writing and reading
 
 
@@ -236,7 +193,7 @@ class ResumeState:
 
 
 def resume_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / RESUME_DIRNAME
+    return Path(run_dir) / RESUME_DIR
 
 
 def _state_dirname(step: int) -> str:

@@ -1,40 +1,43 @@
-"""One run directory, one run: claiming it, deciding how a (re)started run begins, cleaning debris.
+"""The run directory: every name in it, its lock, and the one reader and writer of the run's own files.
 
-A run directory (docs/training.md) is written by one process at a time: rank 0 of the training job
-holds an exclusive lock on ``RUN_DIR/.lock`` (:class:`trainer.fileio.ExclusiveLock`) from before it
-looks at the directory until the run ends. What a start or a restart does is decided from the
-directory alone, read-only, by :func:`plan_start`, the same way on every rank:
+Layout (docs/training.md is the reference)::
 
-==================================================  ===========================================
-the directory                                        ``run``                 ``run --resume``
-==================================================  ===========================================
-missing or empty                                     start at step 0         start at step 0 (empty) / error (missing)
-a finished run (``run.json`` status ``completed``)   refused: exists          nothing to do, said so
-a complete resume state                              refused: exists          continue from it
-traces of a run killed before its first resume       refused: exists          start again at step 0
-state (config, run.json, the step-0 checkpoint)
-anything else (files that are not a run's)           refused                  refused
-==================================================  ===========================================
+    RUN_DIR/
+        config.toml     the resolved run config                   write_config, read_config
+        run.json        versions, git, device, segments, status   RunRecord, read_run_record
+        metrics.jsonl   one JSON line per log step and checkpoint  MetricsLogger, read_metrics
+        checkpoints/    tokens_<12 digits>.safetensors             trainer.checkpoint
+        resume/         step_<8 digits>/                           trainer.resume
+        .lock           held by the one process writing here       lock_run_dir
 
-A restart is refused when the run in the directory was made with another config (every differing key
-is named) or another dataset (both are named: their paths and eval-batch hashes), so one directory
-never mixes two runs.
+The names are defined here and nowhere else; the formats of the three files above are written and read
+here only (the training loop, the start decision and the study layer all go through this module), and
+:func:`read_run_state` is what a run directory says about its run to anyone who asks. A run directory is
+written by one process at a time: rank 0 of the training job holds an exclusive lock on ``RUN_DIR/.lock``
+from before it looks at the directory until the run ends. How a run begins in its directory is decided by
+:mod:`trainer.start`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from trainer.checkpoint import list_checkpoints
 from trainer.config import RunConfig
-from trainer.data import TokenDataset
 from trainer.errors import RunLockedError, TrainerError
-from trainer.fileio import ExclusiveLock, check_writable, remove_stale_temporaries
-from trainer.resume import ResumeError, differences_from_saved, list_resume_states
+from trainer.fileio import (
+    ExclusiveLock,
+    atomic_write_text,
+    naming_a_full_disk,
+    remove_stale_temporaries,
+)
+from trainer.provenance import utc_now
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
@@ -47,20 +50,6 @@ RUN_ENTRIES = frozenset({METRICS_FILE, RUN_FILE, CONFIG_FILE, CHECKPOINT_DIR, RE
 STALE_PATTERNS = (".run.json.*.tmp", ".config.toml.*.tmp", ".metrics.jsonl.*.tmp", ".write-test-*")
 """Hidden temporaries of the run directory's own files that a killed writer can leave."""
 
-StartKind = Literal["fresh", "resume", "restart", "completed"]
-
-
-@dataclass(frozen=True)
-class StartPlan:
-    """How a run begins in its directory (see the module docstring)."""
-
-    kind: StartKind
-    """``fresh`` (step 0 in a new or empty directory), ``resume`` (from the newest resume state),
-    ``restart`` (step 0 over the traces of a run killed before its first resume state) or
-    ``completed`` (nothing to do)."""
-    note: str = ""
-    """What to tell the user about it (empty for a plain start or resume)."""
-
 
 def lock_run_dir(out_dir: Path) -> ExclusiveLock:
     """The lock of a run directory (enter it to hold it; the directory must exist).
@@ -69,23 +58,6 @@ def lock_run_dir(out_dir: Path) -> ExclusiveLock:
     as "running elsewhere".
     """
     return ExclusiveLock(out_dir / LOCK_FILE, f"run directory {out_dir}", RunLockedError)
-
-
-def prepare_run_dir(out_dir: Path, resume: bool) -> None:
-    """Create the run directory if a start may create it; refuse a path that cannot be one.
-
-    Raises :class:`TrainerError` for a path that exists and is not a directory, for ``--resume`` of a
-    directory that does not exist, and for a directory that cannot be created.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainerError(f"run directory {out_dir} exists and is not a directory")
-    if resume and not out_dir.is_dir():
-        raise ResumeError(f"--resume: run directory {out_dir} does not exist")
-    check_writable(out_dir, "run directory", into=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainerError(f"cannot write the run directory {out_dir}: {e.strerror or e}") from e
 
 
 def create_run_files(out_dir: Path) -> None:
@@ -107,22 +79,165 @@ def clean_stale_files(out_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Deciding how to start
+# config.toml
 
 
-def dataset_identity(ds: TokenDataset) -> dict[str, Any]:
-    """What identifies a dataset for a run: its path, eval-batch hash, train tokens, tokenizer."""
-    tokenizer = ds.meta.get("tokenizer", {})
-    return {
-        "path": str(ds.path.resolve()),
-        "eval_batch_sha256": ds.eval_batch_sha256,
-        "train_tokens": ds.meta.get("splits", {}).get("train", {}).get("tokens"),
-        "vocab_size": ds.vocab_size,
-        "tokenizer_sha256": tokenizer.get("sha256") if isinstance(tokenizer, dict) else None,
-    }
+def write_config(run_dir: Path, cfg: RunConfig, replace: bool = True) -> None:
+    """Write ``config.toml``: the resolved run config, atomically; with ``replace`` false, only where there
+    is none (a continued run keeps the one it started with, which :mod:`trainer.start` checked equal)."""
+    path = run_dir / CONFIG_FILE
+    if replace or not path.exists():
+        atomic_write_text(path, cfg.to_toml())
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """The plain data of ``run_dir``'s ``config.toml``, or None when it has none.
+
+    Raises
+    ------
+    TrainerError
+        The file cannot be read as TOML; the message names it.
+    """
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise TrainerError(f"{path}: not a readable run config ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def _finite_or_none(x: float) -> float | None:
+    """Strict JSON has no NaN: non-finite numbers become null in metrics.jsonl and run.json."""
+    return x if math.isfinite(x) else None
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes each line.
+
+    The training loop writes two kinds of line (docs/training.md): :meth:`log_train` at each log step and
+    :meth:`log_val` at each checkpoint; :func:`read_metrics` reads them back.
+
+    Parameters
+    ----------
+    path
+        The file (created on the first line).
+    enabled
+        False on every rank but 0: :meth:`log` does nothing.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self._file = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with naming_a_full_disk(self.path):  # a partial last line is dropped by the next --resume
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+
+    def log_train(
+        self,
+        step: int,
+        tokens: int,
+        train_loss: float,
+        lrs: dict[str, float],
+        grad_norm: float,
+        tokens_per_s: float,
+    ) -> None:
+        """The line of a log step: mean train loss since the last one, learning rates, gradient norm, speed."""
+        self.log(
+            {
+                "kind": "train",
+                "step": step,
+                "tokens": tokens,
+                "train_loss": train_loss,
+                "lr": lrs,
+                "grad_norm": _finite_or_none(grad_norm),
+                "tokens_per_s": _finite_or_none(tokens_per_s),
+            }
+        )
+
+    def log_val(self, step: int, tokens: int, val_loss: float, checkpoint: str | None) -> None:
+        """The line of a checkpoint: validation loss and the checkpoint's file name (None on other ranks)."""
+        self.log(
+            {
+                "kind": "val",
+                "step": step,
+                "tokens": tokens,
+                "val_loss": _finite_or_none(val_loss),
+                "checkpoint": checkpoint,
+            }
+        )
+
+    def truncate_after(self, step: int) -> int:
+        """Keep only lines with ``step <= step`` (atomically); return how many lines were dropped.
+
+        A resumed run redoes the steps after its resume state, so lines logged after it by the
+        killed process would otherwise appear twice. A partial last line (killed mid-write) is
+        dropped; an unparseable line elsewhere means the file was edited, and is an error.
+        """
+        if not self.enabled or not self.path.exists():
+            return 0
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    continue
+                raise TrainerError(f"{self.path}:{i + 1}: not a JSON line; cannot resume onto it") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        return len(lines) - len(kept)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete line of ``run_dir``'s ``metrics.jsonl`` (none when it has none), oldest first.
+
+    A line cut by a kill mid-write is skipped (the trainer drops it when the run is resumed).
+    """
+    try:
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# run.json
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """``run_dir``'s ``run.json`` as a dict, or None when it has none.
+
+    Raises
+    ------
+    TrainerError
+        The file is not valid JSON or not a JSON object (a damaged run directory); the message names it.
+    """
+    path = run_dir / RUN_FILE
     if not path.is_file():
         return None
     try:
@@ -134,122 +249,134 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _recorded_dataset(out_dir: Path, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The dataset the run in ``out_dir`` was trained on: run.json's record, else a checkpoint's header."""
-    if record and isinstance(record.get("dataset"), dict):
-        return record["dataset"]
-    found: dict[str, Any] = {}
-    if record and record.get("data_dir"):
-        found["path"] = record["data_dir"]
-    checkpoints = list_checkpoints(out_dir / CHECKPOINT_DIR)
-    if checkpoints:
-        import safetensors
+class RunRecord:
+    """``run.json``: who ran what, where, when, and how it ended; rewritten atomically.
 
-        try:
-            with safetensors.safe_open(str(checkpoints[-1][1]), "pt") as f:
-                meta = f.metadata() or {}
-        except safetensors.SafetensorError:
-            meta = {}
-        if meta.get("eval_batch_sha256"):
-            found["eval_batch_sha256"] = meta["eval_batch_sha256"]
-        found.setdefault("path", meta.get("data_dir"))
-    return found or None
+    A resumed run appends a segment, so the file tells the whole story of a run directory.
 
-
-def check_same_dataset(out_dir: Path, record: dict[str, Any] | None, ds: TokenDataset) -> None:
-    """Refuse to continue a run on another dataset than the one it was trained on, naming both.
-
-    The path alone does not decide: a dataset directory that was moved is the same dataset (same
-    eval-batch hash and train tokens), and another dataset prepared into the same path is not.
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    static
+        What does not change while the run trains: versions, git revision, device, seed, dataset, schedule
+        (docs/training.md lists the keys).
+    enabled
+        False on every rank but 0: nothing is written.
+    resume
+        Continue the record already in ``run_dir`` (its first start time and its segments).
     """
-    recorded = _recorded_dataset(out_dir, record)
-    if not recorded:
-        return
-    now = dataset_identity(ds)
-    keys = [
-        k for k in ("eval_batch_sha256", "train_tokens", "vocab_size", "tokenizer_sha256") if recorded.get(k)
-    ]
-    if not keys:  # only a path is known (a run from before identities were recorded)
-        keys = ["path"]
-    if all(recorded.get(k) == now[k] for k in keys):
-        return
 
-    def describe(identity: dict[str, Any]) -> str:
-        sha = identity.get("eval_batch_sha256")
-        tokens = identity.get("train_tokens")
-        details = ", ".join(
-            x
-            for x in (f"eval batch {sha[:12]}" if sha else "", f"{tokens:,} train tokens" if tokens else "")
-            if x
+    def __init__(self, run_dir: Path, static: dict[str, Any], enabled: bool = True, resume: bool = False):
+        self.path = run_dir / RUN_FILE
+        self.enabled = enabled
+        self.record: dict[str, Any] = {**static, "start_time": None, "segments": []}
+        previous = read_run_record(run_dir) if resume and enabled else None
+        if previous is not None:
+            self.record["segments"] = previous.get("segments", [])
+            self.record["start_time"] = previous.get("start_time")
+            last = self.record["segments"][-1] if self.record["segments"] else None
+            if last is not None and last.get("status") == "running":
+                # we hold the run directory's lock, so no process is running it: its writer died unrecorded
+                last.update(
+                    status="killed",
+                    note="the process ended without recording how (SIGKILL, out of memory, power loss)",
+                )
+        self._t0 = time.perf_counter()
+
+    def start(self, step: int) -> None:
+        """Open a segment (status ``running``) and write the file."""
+        self._t0 = time.perf_counter()
+        now = utc_now()
+        if not self.record.get("start_time"):  # a resumed run keeps its first start
+            self.record["start_time"] = now
+        self.record["segments"].append({"start_time": now, "start_step": step, "status": "running"})
+        self.record.update(status="running", end_time=None, error=None)
+        self.write()
+
+    def finish(self, status: str, step: int, tokens_trained: int, error: str | None = None) -> None:
+        """Close the segment with ``status`` at ``step`` and write the file."""
+        wall = time.perf_counter() - self._t0
+        segment = self.record["segments"][-1]
+        segment.update(
+            end_time=utc_now(),
+            end_step=step,
+            status=status,
+            wall_time_s=round(wall, 3),
+            tokens_per_s=_finite_or_none(tokens_trained / wall) if wall > 0 else None,
         )
-        return f"{identity.get('path', '?')}" + (f" ({details})" if details else "")
+        self.record.update(
+            status=status,
+            end_time=segment["end_time"],
+            final_step=step,
+            wall_time_s=round(sum(s.get("wall_time_s", 0.0) for s in self.record["segments"]), 3),
+            error=error,
+        )
+        self.write()
 
-    raise TrainerError(
-        f"{out_dir} was trained on {describe(recorded)}, but --data is {describe(now)}: one run directory holds "
-        f"one run; continue it with --data {recorded.get('path', '<its dataset>')}, or train into another --out"
-    )
+    def write(self) -> None:
+        if self.enabled:
+            atomic_write_text(self.path, json.dumps(self.record, indent=2, allow_nan=False) + "\n")
 
 
-def _check_same_config(out_dir: Path, cfg: RunConfig) -> None:
-    path = out_dir / CONFIG_FILE
-    if not path.is_file():
-        return
+# ----------------------------------------------------------------------------------------------------
+# What a run directory says about its run
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run directory as read from disk (``run.json`` and ``metrics.jsonl``)."""
+
+    status: str
+    """``missing`` (no directory), ``new`` (a directory without run.json), or run.json's status:
+    ``running`` (or killed), ``completed``, ``diverged``, ``failed``, ``interrupted``."""
+    tokens: int = 0
+    """Training tokens reached (the newest metrics line)."""
+    total_tokens: int | None = None
+    """The run's whole budget in whole steps (run.json), once it has started."""
+    wall_time_s: float = 0.0
+    """Time spent training, all segments (the open one up to now)."""
+    final_val_loss: float | None = None
+    """Validation loss at the last step of a completed run; None otherwise or when not finite."""
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Completed or diverged: nothing more will come of training it again."""
+        return self.status in ("completed", "diverged")
+
+
+def read_run_state(run_dir: Path) -> RunState:
+    """The :class:`RunState` of ``run_dir`` (read only; an unreadable run.json reads as ``failed``)."""
+    if not run_dir.exists():
+        return RunState("missing")
     try:
-        saved = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise TrainerError(f"{path}: not a readable run config ({e})") from None
-    diff = differences_from_saved(saved, cfg)
-    if diff:
-        raise ResumeError(
-            f"--resume: the config differs from the one {out_dir} was started with: " + "; ".join(diff)
-        )
-
-
-def _foreign_entries(out_dir: Path) -> list[str]:
-    return sorted(
-        p.name for p in out_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")
-    )
-
-
-def plan_start(
-    out_dir: Path, cfg: RunConfig, ds: TokenDataset, *, resume: bool, total_steps: int
-) -> StartPlan:
-    """Decide, without writing anything, how the run ``cfg`` begins in ``out_dir`` (see the module docstring).
-
-    Raises
-    ------
-    TrainerError
-        The directory holds something else than this run: files that are not a run's, a run of another
-        config or dataset, or (without ``resume``) any run at all.
-    """
-    entries = [p.name for p in out_dir.iterdir()] if out_dir.is_dir() else []
-    if not [e for e in entries if e != LOCK_FILE and not e.startswith(".")]:
-        return StartPlan("fresh", f"no run in {out_dir} yet: starting at step 0" if resume else "")
-    if not resume:
-        raise TrainerError(
-            f"run directory {out_dir} already exists and is not empty; choose another --out, "
-            "or pass --resume to continue the run in it"
-        )
-    foreign = _foreign_entries(out_dir)
-    record = _read_json(out_dir / RUN_FILE)
-    if foreign and record is None:
-        raise TrainerError(
-            f"--resume: {out_dir} holds no run made by collapse-train (it has {', '.join(foreign[:5])}); "
-            "choose the run's own directory"
-        )
-    check_same_dataset(out_dir, record, ds)
-    if record and record.get("status") == "completed" and record.get("final_step") == total_steps:
-        _check_same_config(out_dir, cfg)
-        return StartPlan("completed", f"{out_dir} already completed at step {total_steps}: nothing to do")
-    if list_resume_states(out_dir):
-        return StartPlan("resume")  # load_resume_state checks the config against the state's own copy
-    _check_same_config(out_dir, cfg)
-    later = [t for t, _ in list_checkpoints(out_dir / CHECKPOINT_DIR) if t > 0]
-    if later:
-        raise ResumeError(
-            f"--resume: {out_dir} has checkpoints up to {later[-1]:,} tokens but no resume state (was "
-            f"{out_dir / RESUME_DIR} removed?); restarting would rewrite them: move them away first"
-        )
-    return StartPlan(
-        "restart", f"{out_dir} holds no resume state (killed before its first one): starting again at step 0"
+        record = read_run_record(run_dir)
+    except TrainerError as e:
+        return RunState("failed", error=str(e))
+    if record is None:
+        return RunState("new")
+    metrics = read_metrics(run_dir)
+    tokens = max((m.get("tokens", 0) for m in metrics), default=0)
+    status = record.get("status", "running")
+    wall = float(record.get("wall_time_s") or 0.0)
+    segments = record.get("segments") or []
+    if status == "running" and segments and segments[-1].get("start_time"):
+        closed = sum(float(s.get("wall_time_s") or 0.0) for s in segments[:-1])
+        started = datetime.fromisoformat(segments[-1]["start_time"])
+        wall = closed + max(0.0, (datetime.now(UTC) - started).total_seconds())
+    val_loss = None
+    if status == "completed":
+        final = record.get("final_step")
+        at_end = [m for m in metrics if m.get("kind") == "val" and m.get("step") == final]
+        if at_end and isinstance(at_end[-1].get("val_loss"), int | float):
+            val_loss = float(at_end[-1]["val_loss"])
+            val_loss = val_loss if math.isfinite(val_loss) else None
+    return RunState(
+        status,
+        tokens=int(tokens),
+        total_tokens=record.get("total_tokens"),
+        wall_time_s=wall,
+        final_val_loss=val_loss,
+        error=record.get("error"),
     )

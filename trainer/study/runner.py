@@ -8,7 +8,7 @@ that exists otherwise is resumed; a missing one is started. A run that fails is 
 reported with its log path while the others go on. A run whose directory another process holds is
 "running elsewhere": not retried, not failed. SIGINT (Ctrl-C) and SIGTERM stop the study alike: the
 runs in progress are told to stop (each writes a resume state), and the next invocation resumes them.
-The directory layout is in :mod:`trainer.study_dir`.
+The directory layout is in :mod:`trainer.study.directory`.
 
 :func:`plan_text` is ``--dry-run`` and :func:`status_text` is ``--status``: both only read.
 """
@@ -25,9 +25,28 @@ from datetime import datetime
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
-from trainer.data import TokenDataset
+from trainer.data.dataset import TokenDataset
 from trainer.errors import TrainerError
-from trainer.executors import (
+from trainer.fileio import describe_holder, live_holder
+from trainer.rundir import LOCK_FILE as RUN_LOCK_FILE
+from trainer.rundir import read_run_state
+from trainer.schedule import tokens_per_step, total_steps_for
+from trainer.study.directory import (
+    SLURM_DIR,
+    STUDY_JSON,
+    STUDY_TOML,
+    SWEEP_CSV,
+    SWEEP_JSON,
+    check_study_dir,
+    completed_config_differences,
+    lock_holder,
+    study_lock,
+    sweep_result,
+    write_study_json,
+    write_study_toml,
+    write_sweep_files,
+)
+from trainer.study.executors import (
     Executor,
     LocalExecutor,
     RunEvent,
@@ -38,8 +57,7 @@ from trainer.executors import (
     SlurmOptions,
     SubmissionRefused,
 )
-from trainer.rundir import LOCK_FILE as RUN_LOCK_FILE
-from trainer.study import (
+from trainer.study.spec import (
     Configuration,
     PlannedRun,
     Study,
@@ -54,25 +72,6 @@ from trainer.study import (
     select_lr,
     sweep_runs,
 )
-from trainer.study_dir import (
-    SLURM_DIR,
-    STUDY_JSON,
-    STUDY_TOML,
-    SWEEP_CSV,
-    SWEEP_JSON,
-    check_study_dir,
-    completed_config_differences,
-    describe_holder,
-    live_holder,
-    lock_holder,
-    read_run_state,
-    study_lock,
-    sweep_result,
-    write_study_json,
-    write_study_toml,
-    write_sweep_files,
-)
-from trainer.train import tokens_per_step, total_steps_for
 
 Echo = Callable[[str], None]
 
@@ -200,7 +199,7 @@ def run_study(
     ----------
     source, data_root
         The study and, optionally, where its relative dataset paths are (see
-        :func:`trainer.study.load_study`).
+        :func:`trainer.study.spec.load_study`).
     out
         The study directory; created, or continued when it holds this same study.
     only
@@ -208,7 +207,7 @@ def run_study(
     jobs
         Runs at a time (local: default one per GPU, or 1; slurm: the array parallelism, default no cap).
     executor
-        ``local``, ``slurm``, or an :class:`~trainer.executors.Executor`.
+        ``local``, ``slurm``, or an :class:`~trainer.study.executors.Executor`.
     slurm
         Job resources for ``executor="slurm"``.
     echo

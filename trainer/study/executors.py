@@ -1,6 +1,6 @@
 """Where the runs of a study execute: local processes, or SLURM through submitit.
 
-Every run executes the same way, wherever it is placed: a child process ``python -m trainer.worker``
+Every run executes the same way, wherever it is placed: a child process ``python -m trainer.study.worker``
 (:func:`launch_worker`) trains it with :func:`trainer.train.train` into its own run directory, its
 output appended to its own log. A crash, an out-of-memory kill or a segfault of one run therefore
 ends that process only; the runner reads the outcome from the exit status and ``run.json``.
@@ -14,7 +14,7 @@ ends that process only; the runner reads the outcome from the exit status and ``
   ``torchrun`` when a job has several GPUs).
 
 Executors only place runs and report what happened: which runs to start, skip or retry is decided
-by :mod:`trainer.study_runner`.
+by :mod:`trainer.study.runner`.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from trainer.errors import TrainerError
-from trainer.slurm_queue import (
+from trainer.provenance import utc_now
+from trainer.rundir import read_run_state
+from trainer.study.slurm_queue import (
     RUNNING_STATES,
     WAITING_STATES,
     accounting_states,
@@ -123,16 +124,16 @@ class Executor(Protocol):
 def worker_command(
     task: RunTask, threads: int | None = None, nproc: int = 1, parent_pid: int | None = None
 ) -> list[str]:
-    """The command line that trains ``task``: ``python -m trainer.worker ...``, under torchrun if ``nproc > 1``.
+    """The command line that trains ``task``: ``python -m trainer.study.worker ...``, under torchrun if ``nproc > 1``.
 
     With ``parent_pid`` (one process only: under torchrun the worker's parent is torchrun) the worker
-    stops when that process dies, however it dies (:func:`trainer.worker.stop_with_parent`).
+    stops when that process dies, however it dies (:func:`trainer.study.worker.stop_with_parent`).
     """
     if nproc > 1:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        prefix += ["-m", "trainer.worker"]
+        prefix += ["-m", "trainer.study.worker"]
     else:
-        prefix = [sys.executable, "-m", "trainer.worker"]
+        prefix = [sys.executable, "-m", "trainer.study.worker"]
     args = ["--config-json", task.config_json, "--data", task.data_dir, "--out", task.run_dir]
     args += ["--threads", str(threads)] if threads else []
     return prefix + args + (["--parent-pid", str(parent_pid)] if parent_pid and nproc == 1 else [])
@@ -157,7 +158,7 @@ def launch_worker(
     start = time.monotonic()
     with open(log, "a", encoding="utf-8") as f:
         f.write(
-            f"=== {datetime.now(UTC).isoformat(timespec='seconds')} attempt {task.attempt} of {task.name} "
+            f"=== {utc_now()} attempt {task.attempt} of {task.name} "
             f"on {os.uname().nodename} (CUDA_VISIBLE_DEVICES={(env or os.environ).get('CUDA_VISIBLE_DEVICES', '')}, "
             f"threads={threads or 'default'}, processes={nproc}) ===\n"
         )
@@ -181,8 +182,6 @@ def launch_worker(
 
 def classify(task: RunTask, returncode: int, elapsed_s: float = 0.0, where: str = "") -> RunOutcome:
     """The :class:`RunOutcome` of a finished worker from its exit code, ``run.json`` and its log."""
-    from trainer.study_dir import read_run_state  # study_dir imports the training stack; only needed here
-
     state = read_run_state(Path(task.run_dir)).status
     status: Status
     if state == "completed":  # whatever happened after run.json said so (a kill during exit)
@@ -449,7 +448,7 @@ class SlurmExecutor:
     A job whose result file appears has ended, as submitit says. A job that is neither pending nor
     running and has left no result file after ``grace_s`` (cancelled while pending, which leaves no
     record even in ``sacct``; killed with its node; a time limit) is a failed attempt, retried by the study's
-    policy. A job pending for a reason that can never clear (:func:`trainer.slurm_queue.can_never_start`)
+    policy. A job pending for a reason that can never clear (:func:`trainer.study.slurm_queue.can_never_start`)
     for ``grace_s`` is cancelled and is a failed attempt that is not retried. A batch that sbatch refuses
     raises :class:`SubmissionRefused` with sbatch's message, after removing the files submitit wrote for it.
 

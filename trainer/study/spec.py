@@ -5,7 +5,7 @@ sweep. One TOML file describes it (format in docs/studies.md); :func:`load_study
 frozen :class:`Study` through the same validator as run configs (:func:`trainer.config.from_plain`:
 unknown keys, missing keys and wrong types are errors naming the key), checks it, and *resolves* it:
 every default filled in, dataset paths absolute, each configuration's sweep complete. The resolved
-study is what the study directory records and compares (:mod:`trainer.study_dir`).
+study is what the study directory records and compares (:mod:`trainer.study.directory`).
 
 Every run of a study is an ordinary run directory trained from an ordinary run config, built by
 :func:`trainer.config.load_config` from the base preset or file and ``key=value`` overrides, lowest
@@ -15,7 +15,7 @@ priority first::
     [sweep.set], optim.muon_lr / optim.lr (the sweep's point or the chosen one), name
 
 so each is validated exactly like ``collapse-train run``. Nothing here trains or launches anything:
-:mod:`trainer.study_runner` does, through :mod:`trainer.executors`.
+:mod:`trainer.study.runner` does, through :mod:`trainer.study.executors`.
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ class Study:
 
 
 def study_names() -> list[str]:
-    """Names of the study files shipped in ``trainer/studies/``."""
-    files = resources.files("trainer").joinpath("studies")
+    """Names of the study files shipped in ``trainer/study/files/``."""
+    files = resources.files("trainer.study").joinpath("files")
     return sorted(p.name.removesuffix(".toml") for p in files.iterdir() if p.name.endswith(".toml"))
 
 
@@ -249,7 +249,7 @@ def _read_source(source: str | Path) -> tuple[dict[str, Any], Path, str]:
     path = Path(source)
     name = path.name.removesuffix(".toml")
     if str(source) in (name, f"{name}.toml") and name in study_names() and not path.is_file():
-        text = resources.files("trainer").joinpath("studies", f"{name}.toml").read_text()
+        text = resources.files("trainer.study").joinpath("files", f"{name}.toml").read_text()
         return tomllib.loads(text), Path.cwd(), name
     if path.suffix != ".toml" and not path.exists():
         raise ConfigError(
@@ -576,7 +576,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SweepResult:
-    """What one sweep run ended with (read from its run directory by :mod:`trainer.study_dir`)."""
+    """What one sweep run ended with (read from its run directory by :mod:`trainer.study.directory`)."""
 
     name: str
     multiplier: float

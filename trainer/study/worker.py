@@ -1,10 +1,10 @@
-"""``python -m trainer.worker``: train one run of a study in this process (what the executors launch).
+"""``python -m trainer.study.worker``: train one run of a study in this process (what the executors launch).
 
 It decides from the run directory alone how to train it, so a retry, a re-run of the study or a
 SLURM requeue does the right thing without being told: a ``completed`` run is left alone, an
 existing run directory is resumed (``resume=True``), a missing or empty one is started. The exit
-status tells the executor how it ended: 0 completed, :data:`trainer.executors.EXIT_DIVERGED`,
-:data:`trainer.executors.EXIT_LOCKED` (another process holds the run directory), 1 any other error
+status tells the executor how it ended: 0 completed, :data:`trainer.study.executors.EXIT_DIVERGED`,
+:data:`trainer.study.executors.EXIT_LOCKED` (another process holds the run directory), 1 any other error
 (its message on the last ``error: ...`` line). With ``--parent-pid`` it stops (as on SIGTERM) when the
 process that launched it dies, however it dies (:func:`stop_with_parent`).
 """
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from trainer.config import ConfigError, run_config_from_dict
-from trainer.errors import RunLockedError, TrainerError
-from trainer.executors import EXIT_DIVERGED, EXIT_LOCKED
+from trainer.errors import DivergedError, RunLockedError, TrainerError, TrainingInterrupted
+from trainer.study.executors import EXIT_DIVERGED, EXIT_LOCKED
 
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal this process gets when its parent dies (Linux)."""
@@ -57,7 +57,9 @@ def stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.study.worker", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config-json", required=True, help="the full run config as JSON")
     parser.add_argument("--data", required=True, help="dataset directory")
     parser.add_argument("--out", required=True, help="run directory")
@@ -67,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid:
         stop_with_parent(args.parent_pid)
 
+    # imported once the parent is watched: torch and the training stack take seconds to import, and a
+    # runner that dies meanwhile must still stop this worker
     import torch
 
-    from trainer.study_dir import read_run_state
-    from trainer.train import DivergedError, TrainingInterrupted, train
+    from trainer.rundir import read_run_state
+    from trainer.train import train
 
     if args.threads:
         torch.set_num_threads(args.threads)

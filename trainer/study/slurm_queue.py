@@ -1,6 +1,6 @@
 """What SLURM says about a partition and about submitted jobs, read with its own commands.
 
-The study runner's SLURM executor (:class:`trainer.executors.SlurmExecutor`) submits through submitit
+The study runner's SLURM executor (:class:`trainer.study.executors.SlurmExecutor`) submits through submitit
 but watches the jobs through this module, because submitit alone cannot tell what a real cluster did:
 
 - its ``done()`` relies on ``sacct``. Without accounting (no ``slurmdbd``) ``sacct`` fails at every look

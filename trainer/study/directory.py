@@ -15,7 +15,7 @@ Layout (docs/studies.md is the reference; spectra reads it by its format, never 
         logs/runs/<run>.log
         slurm/                submitit's job files, with the slurm executor only
 
-Every file but the logs is written atomically (:func:`trainer.checkpoint.atomic_write_text`). A
+Every file but the logs is written atomically (:func:`trainer.fileio.atomic_write_text`). A
 study directory belongs to one study: opening it with a study whose resolved form differs is
 refused, with the differing keys named (:func:`study_differences`).
 """
@@ -23,27 +23,21 @@ refused, with the differing keys named (:func:`study_differences`).
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import io
 import json
-import math
-import os
-import socket
 import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import atomic_write_text
+from trainer.config import config_differences, differences_from_saved
 from trainer.errors import TrainerError
-from trainer.fileio import ExclusiveLock
-from trainer.resume import config_differences, differences_from_saved
-from trainer.study import PlannedRun, Study, SweepChoice, SweepResult
-from trainer.train import CONFIG_FILE, METRICS_FILE, RUN_FILE
+from trainer.fileio import ExclusiveLock, atomic_write_text, describe_holder, live_holder
+from trainer.provenance import utc_now
+from trainer.rundir import CONFIG_FILE, RunState, read_config, read_run_state
+from trainer.study.spec import PlannedRun, Study, SweepChoice, SweepResult
 
 FORMAT = "collapse-study"
 FORMAT_VERSION = 1
@@ -71,14 +65,6 @@ SELECTION_RULE = (
     "final_step); diverged runs and non-finite losses excluded; losses within tie_tolerance of the lowest "
     "are tied and the lowest learning rate among them wins"
 )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Identity
 
 
 def study_sha256(study: Study) -> str:
@@ -159,10 +145,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise TrainerError(f"{path}: unreadable ({e})") from None
 
 
-# ----------------------------------------------------------------------------------------------------
-# One study process per directory
-
-
 @contextmanager
 def study_lock(out: Path) -> Iterator[None]:
     """Hold ``out/study.lock`` exclusively (:class:`trainer.fileio.ExclusiveLock`) while the block runs.
@@ -182,132 +164,8 @@ def lock_holder(out: Path) -> str | None:
     return None if holder is None else describe_holder(holder)
 
 
-def live_holder(lock_file: Path) -> dict[str, Any] | None:
-    """The holder recorded in ``lock_file`` (a lock of :class:`trainer.fileio.ExclusiveLock`) while it is alive.
-
-    A holder on this host is alive when its pid is: nothing is locked to find out, so a process that
-    takes the lock at that moment is never refused because of this look. A holder on another host
-    (a SLURM node, with the run directory on a shared filesystem) is asked through the lock itself.
-    """
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except OSError:  # no lock file: no holder (it is removed on release)
-        return None
-    try:
-        try:
-            holder = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
-        except ValueError:
-            holder = None
-        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
-            holder = {}
-        if holder and holder.get("host") == socket.gethostname():
-            return holder if _pid_alive(holder["pid"]) else None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return holder
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    """``pid 123 on node7``, or ``an unknown process`` when the lock file names none."""
-    if not holder:
-        return "an unknown process"
-    return f"pid {holder['pid']}" + (f" on {holder['host']}" if holder.get("host") else "")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------
-# What a run directory says about its run
-
-
-@dataclass(frozen=True)
-class RunState:
-    """A run directory as read from disk (``run.json`` and ``metrics.jsonl``)."""
-
-    status: str
-    """``missing`` (no directory), ``new`` (a directory without run.json), or run.json's status:
-    ``running`` (or killed), ``completed``, ``diverged``, ``failed``, ``interrupted``."""
-    tokens: int = 0
-    """Training tokens reached (the newest metrics line)."""
-    total_tokens: int | None = None
-    """The run's whole budget in whole steps (run.json), once it has started."""
-    wall_time_s: float = 0.0
-    """Time spent training, all segments (the open one up to now)."""
-    final_val_loss: float | None = None
-    """Validation loss at the last step of a completed run; None otherwise or when not finite."""
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        """Completed or diverged: nothing more will come of training it again."""
-        return self.status in ("completed", "diverged")
-
-
-def read_run_state(run_dir: Path) -> RunState:
-    """The :class:`RunState` of ``run_dir`` (read only; an unreadable run.json reads as ``failed``)."""
-    if not run_dir.exists():
-        return RunState("missing")
-    try:
-        record = json.loads((run_dir / RUN_FILE).read_text())
-    except FileNotFoundError:
-        return RunState("new")
-    except (OSError, json.JSONDecodeError) as e:
-        return RunState("failed", error=f"{run_dir / RUN_FILE} unreadable: {e}")
-    metrics = _metrics(run_dir / METRICS_FILE)
-    tokens = max((m.get("tokens", 0) for m in metrics), default=0)
-    status = record.get("status", "running")
-    wall = float(record.get("wall_time_s") or 0.0)
-    segments = record.get("segments") or []
-    if status == "running" and segments and segments[-1].get("start_time"):
-        closed = sum(float(s.get("wall_time_s") or 0.0) for s in segments[:-1])
-        started = datetime.fromisoformat(segments[-1]["start_time"])
-        wall = closed + max(0.0, (datetime.now(UTC) - started).total_seconds())
-    val_loss = None
-    if status == "completed":
-        final = record.get("final_step")
-        at_end = [m for m in metrics if m.get("kind") == "val" and m.get("step") == final]
-        if at_end and isinstance(at_end[-1].get("val_loss"), int | float):
-            val_loss = float(at_end[-1]["val_loss"])
-            val_loss = val_loss if math.isfinite(val_loss) else None
-    return RunState(
-        status,
-        tokens=int(tokens),
-        total_tokens=record.get("total_tokens"),
-        wall_time_s=wall,
-        final_val_loss=val_loss,
-        error=record.get("error"),
-    )
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill mid-write; the trainer drops it on resume
-            continue
-    return out
-
-
 def sweep_result(out: Path, run: PlannedRun, state: RunState | None = None) -> SweepResult:
-    """What the sweep run ``run`` of the study in ``out`` ended with, for :func:`trainer.study.select_lr`."""
+    """What the sweep run ``run`` of the study in ``out`` ended with, for :func:`trainer.study.spec.select_lr`."""
     state = state or read_run_state(out / run.run_dir)
     status = {"missing": "missing", "new": "running", "interrupted": "failed"}.get(state.status, state.status)
     return SweepResult(run.name, run.multiplier, run.lrs, status, state.final_val_loss, state.error)
@@ -319,16 +177,13 @@ def completed_config_differences(out: Path, run: PlannedRun, study: Study) -> li
     The study file cannot see a change of the base preset or file, or of this package's defaults;
     a finished run trained with other settings must not be counted as this study's run.
     """
-    path = out / run.run_dir / CONFIG_FILE
     try:
-        saved = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        return [f"{path} unreadable: {e}"]
+        saved = read_config(out / run.run_dir)
+    except TrainerError as e:
+        return [str(e)]
+    if saved is None:
+        return [f"{out / run.run_dir / CONFIG_FILE}: missing"]
     return differences_from_saved(saved, run.config(study))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Writing the study's own files
 
 
 def write_study_toml(out: Path, study: Study, source: str) -> None:
@@ -336,7 +191,7 @@ def write_study_toml(out: Path, study: Study, source: str) -> None:
     path = out / STUDY_TOML
     if path.exists():
         return
-    header = f"# collapse-train study: the study resolved from {source} on {_now()}\n"
+    header = f"# collapse-train study: the study resolved from {source} on {utc_now()}\n"
     atomic_write_text(path, header + study.to_toml())
 
 
@@ -405,8 +260,8 @@ def write_study_json(
         "base": study.base,
         "seeds": list(study.seeds),
         "tokens": study.tokens,
-        "created": previous.get("created") or _now(),
-        "updated": _now(),
+        "created": previous.get("created") or utc_now(),
+        "updated": utc_now(),
         "configurations": [
             {
                 "label": c.label,
@@ -436,7 +291,7 @@ def write_sweep_files(out: Path, study: Study, choices: dict[str, SweepChoice]) 
         "study": study.name,
         "study_sha256": study_sha256(study),
         "rule": SELECTION_RULE,
-        "updated": _now(),
+        "updated": utc_now(),
         "configurations": {
             c.label: {
                 **choice_entry(choices[c.label]),
