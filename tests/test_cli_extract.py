@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import checkpoint_files, make_run
 from safetensors.torch import load_file, save_file
 
-from cli.extract import extract
+from cli.spectra.extract import extract
 
 
 def invoke(*args: str):

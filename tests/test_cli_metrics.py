@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import CENTERINGS, N_TOKENS, SITES, make_cube, write_cube
 
 import spectra
-from cli.metrics import metrics as metrics_command
+from cli.spectra.metrics import metrics as metrics_command
 from spectra.analysis.summary import summary_table
 from spectra.errors import SpectraError
 

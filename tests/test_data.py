@@ -1,4 +1,4 @@
-"""Tests of the data pipeline (trainer.data, cli.prepare): sources, splits, tokenizer, eval batch, loader."""
+"""Tests of the data pipeline (trainer.data, cli.train.prepare): sources, splits, tokenizer, eval batch, loader."""
 
 from __future__ import annotations
 
@@ -656,7 +656,7 @@ def test_fixed_batches_coverage():
 
 
 def test_cli_prepare_data(tmp_path):
-    from cli.prepare import prepare_data as command
+    from cli.train.prepare import prepare_data as command
 
     src = _write_jsonl(tmp_path)
     out = tmp_path / "ds"
@@ -681,7 +681,7 @@ def test_cli_prepare_data(tmp_path):
 
 
 def test_every_prepare_option_is_documented():
-    from cli.prepare import prepare_data as command
+    from cli.train.prepare import prepare_data as command
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text()
     assert "collapse-train prepare-data" in text

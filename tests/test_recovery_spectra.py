@@ -282,7 +282,7 @@ def test_ctrl_c_while_a_command_is_imported_is_one_line_and_exit_130(monkeypatch
     real = importlib.import_module
 
     def interrupted(name, *args):
-        if name == "cli.metrics":
+        if name == "cli.spectra.metrics":
             raise KeyboardInterrupt
         return real(name, *args)
 

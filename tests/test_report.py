@@ -1,4 +1,4 @@
-"""The report (spectra.report) and the plot/report commands (cli.analysis), through click's CliRunner."""
+"""The report (spectra.report) and the plot/report commands (cli.spectra.analysis), through click's CliRunner."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import surgery_result, synthetic_cube, write_cube
 
-from cli.analysis import plot, report
+from cli.spectra.analysis import plot, report
 from spectra import report as rep
 from spectra.analysis import stats
 from spectra.errors import SpectraError

@@ -16,7 +16,7 @@ from helpers import tiny_model_config
 from safetensors.torch import save_file
 from scipy import stats
 
-import cli.surgery
+import cli.spectra.surgery
 from spectra.errors import SpectraError
 from spectra.extract.load import eval_batch_sha256, load_checkpoint
 from spectra.surgery.loss import evaluate_loss, loss_windows
@@ -412,14 +412,14 @@ def test_cli_writes_the_file_and_reports_gamma_status(tmp_path, data_dir):
         "--test-tokens",
         "256",
     ]
-    result = CliRunner().invoke(cli.surgery.surgery, [*args, "--no-progress", "--out", str(out)])
+    result = CliRunner().invoke(cli.spectra.surgery.surgery, [*args, "--no-progress", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "no QK-norm" in result.output and f"wrote {out}" in result.output
     with xr.open_dataset(out) as ds:
         assert ds.attrs["test_tokens"] == 256 and ds.attrs["qk_norm"] == "none"
     # without --data the checkpoint's recorded dataset is used; default output in the run directory
     result = CliRunner().invoke(
-        cli.surgery.surgery, [str(path), "--strategies", "svd", "--fractions", "0", "--no-progress"]
+        cli.spectra.surgery.surgery, [str(path), "--strategies", "svd", "--fractions", "0", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
     assert (path.parent.parent / "surgery.nc").is_file()
@@ -429,18 +429,18 @@ def test_cli_bad_inputs_exit_nonzero(tmp_path, data_dir):
     path = fresh_checkpoint(tmp_path, data_dir, "learned")
     runner = CliRunner()
     result = runner.invoke(
-        cli.surgery.surgery, [str(path), "--data", str(tmp_path / "nope"), "--no-progress"]
+        cli.spectra.surgery.surgery, [str(path), "--data", str(tmp_path / "nope"), "--no-progress"]
     )
     assert result.exit_code == 1 and "dataset directory not found" in result.output
     other = write_dataset(tmp_path / "other", seed=5)  # a different dataset: different eval-batch hash
     args = [str(path), "--data", str(other), "--fractions", "0", "--strategies", "svd", "--no-progress"]
-    result = runner.invoke(cli.surgery.surgery, args)
+    result = runner.invoke(cli.spectra.surgery.surgery, args)
     assert result.exit_code == 1 and "differs from the checkpoint's" in result.output
-    result = runner.invoke(cli.surgery.surgery, [*args, "--force", "--out", str(tmp_path / "forced.nc")])
+    result = runner.invoke(cli.spectra.surgery.surgery, [*args, "--force", "--out", str(tmp_path / "forced.nc")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli.surgery.surgery, [str(tmp_path / "missing.safetensors"), "--no-progress"])
+    result = runner.invoke(cli.spectra.surgery.surgery, [str(tmp_path / "missing.safetensors"), "--no-progress"])
     assert result.exit_code == 1 and "no such checkpoint file" in result.output
-    result = runner.invoke(cli.surgery.surgery, [str(path), "--fractions", "0,x", "--no-progress"])
+    result = runner.invoke(cli.spectra.surgery.surgery, [str(path), "--fractions", "0,x", "--no-progress"])
     assert result.exit_code == 2
 
 
@@ -474,7 +474,7 @@ def test_out_never_replaces_a_file_that_is_not_a_surgery_file(tmp_path, trained,
         target.write_text('{"step": 1}\n' if victim.endswith(".jsonl") else "my notes\n")
     before = _listing(run)
     result = CliRunner().invoke(
-        cli.surgery.surgery,
+        cli.spectra.surgery.surgery,
         [str(trained), "--data", str(data_dir), "--strategies", "svd", "--fractions", "0,0.5", "--out", str(target),
          "--test-tokens", "512", "--no-progress"],
     )  # fmt: skip

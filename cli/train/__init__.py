@@ -7,16 +7,16 @@ from cli.common import LazyGroup
 
 COMMANDS = {
     "prepare-data": (
-        "cli.prepare:prepare_data",
+        "cli.train.prepare:prepare_data",
         "Prepare a dataset directory: token memmaps split by document, a tokenizer and a fixed eval batch.",
     ),
     "run": (
-        "cli.run:run",
+        "cli.train.run:run",
         "Train PRESET_OR_TOML (a preset name or a TOML file) on --data, writing checkpoints to --out.",
     ),
-    "presets": ("cli.run:presets", "List the shipped presets: name, parameter count, description."),
+    "presets": ("cli.train.run:presets", "List the shipped presets: name, parameter count, description."),
     "study": (
-        "cli.study:study",
+        "cli.train.study:study",
         "Run STUDY_FILE (a shipped study's name or a TOML file) into the study directory --out.",
     ),
 }

@@ -7,28 +7,28 @@ from cli.common import LazyGroup
 
 COMMANDS = {
     "extract": (
-        "cli.extract:extract",
+        "cli.spectra.extract:extract",
         "Add the Q/K singular-value spectra of every checkpoint of a run to its cube.",
     ),
     "metrics": (
-        "cli.metrics:metrics",
+        "cli.spectra.metrics:metrics",
         "Summarise METRIC over heads for each run, step and layer of the CUBES.",
     ),
     "surgery": (
-        "cli.surgery:surgery",
+        "cli.spectra.surgery:surgery",
         "Prune key dimensions of CHECKPOINT and write the test loss per strategy and fraction to surgery.nc.",
     ),
-    "plot": ("cli.analysis:plot", "Draw one figure of KIND from CUBE... and write it as PNG and SVG."),
+    "plot": ("cli.spectra.analysis:plot", "Draw one figure of KIND from CUBE... and write it as PNG and SVG."),
     "report": (
-        "cli.analysis:report",
+        "cli.spectra.analysis:report",
         "Write the HTML and Markdown report over RUN_OR_CUBE... into a directory and print its path.",
     ),
     "eval": (
-        "cli.evals:eval_command",
+        "cli.spectra.evals:eval_command",
         "Score checkpoints on lm-eval tasks and write the results to RUN/evals.json.",
     ),
     "eval-tasks": (
-        "cli.evals:eval_tasks",
+        "cli.spectra.evals:eval_tasks",
         "Write a LAMBADA-style cloze and a HellaSwag-style choice task cut from DATA_DIR's held-out test split.",
     ),
 }

@@ -1,7 +1,7 @@
 """``collapse-spectra plot`` and ``collapse-spectra report``: figures and the report over cubes.
 
 Each command parses its options and makes one library call (:func:`spectra.report.render_plot`,
-:func:`spectra.report.build_report`). ``surgery`` lives in :mod:`cli.surgery` and is re-exported here
+:func:`spectra.report.build_report`). ``surgery`` lives in :mod:`cli.spectra.surgery` and is re-exported here
 so that :mod:`cli.spectra` imports the analysis commands from one place.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from cli.common import out_option, reports_errors
-from cli.surgery import surgery
+from cli.spectra.surgery import surgery
 from spectra import cube
 from spectra import report as lib
 from spectra.analysis import gamma, stats
