@@ -140,3 +140,23 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             raise Interrupted() from None
+
+
+def program(commands: dict[str, tuple[str, str]], help_text: str) -> click.Group:
+    """One of the two programs: a :class:`LazyGroup` of ``commands`` with the options both share.
+
+    ``-h``/``--help``, defaults shown in every command's help, and ``--version`` (the ``collapse``
+    distribution's). ``help_text`` is the program's one-paragraph description.
+    """
+
+    @click.group(
+        cls=LazyGroup,
+        commands=commands,
+        context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+        help=help_text,
+    )
+    @click.version_option(package_name="collapse")
+    def main() -> None:
+        pass
+
+    return main

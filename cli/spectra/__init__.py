@@ -1,9 +1,7 @@
 """``collapse-spectra``: extract Q/K spectra from checkpoints and analyse them. Each command lives in
 its own module, imported only when it is used, and makes one library call."""
 
-import click
-
-from cli.common import LazyGroup
+from cli.common import program
 
 COMMANDS = {
     "extract": (
@@ -18,7 +16,10 @@ COMMANDS = {
         "cli.spectra.surgery:surgery",
         "Prune key dimensions of CHECKPOINT and write the test loss per strategy and fraction to surgery.nc.",
     ),
-    "plot": ("cli.spectra.analysis:plot", "Draw one figure of KIND from CUBE... and write it as PNG and SVG."),
+    "plot": (
+        "cli.spectra.analysis:plot",
+        "Draw one figure of KIND from CUBE... and write it as PNG and SVG.",
+    ),
     "report": (
         "cli.spectra.analysis:report",
         "Write the HTML and Markdown report over RUN_OR_CUBE... into a directory and print its path.",
@@ -35,15 +36,5 @@ COMMANDS = {
 """Command name -> (where it is defined, its one-line summary for ``--help``)."""
 
 
-@click.group(
-    cls=LazyGroup,
-    commands=COMMANDS,
-    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
-)
-@click.version_option(package_name="collapse")
-def main() -> None:
-    """Measure the singular-value spectra of attention queries and keys, offline."""
-
-
-if __name__ == "__main__":
-    main()
+main = program(COMMANDS, "Measure the singular-value spectra of attention queries and keys, offline.")
+"""The program; ``[project.scripts]`` in pyproject.toml points at it."""

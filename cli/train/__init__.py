@@ -1,9 +1,7 @@
 """``collapse-train``: prepare datasets and train models. Each command lives in its own module, imported
 only when it is used, and makes one library call."""
 
-import click
-
-from cli.common import LazyGroup
+from cli.common import program
 
 COMMANDS = {
     "prepare-data": (
@@ -23,15 +21,5 @@ COMMANDS = {
 """Command name -> (where it is defined, its one-line summary for ``--help``)."""
 
 
-@click.group(
-    cls=LazyGroup,
-    commands=COMMANDS,
-    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
-)
-@click.version_option(package_name="collapse")
-def main() -> None:
-    """Train small Llama-style LLMs and write self-describing safetensors checkpoints."""
-
-
-if __name__ == "__main__":
-    main()
+main = program(COMMANDS, "Train small Llama-style LLMs and write self-describing safetensors checkpoints.")
+"""The program; ``[project.scripts]`` in pyproject.toml points at it."""
