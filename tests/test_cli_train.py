@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import trainer.train as train_mod
-from cli.train.run import count_parameters, run
 from cli.train import main
+from cli.train.run import count_parameters, run
 from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config, model_config_from_dict, preset_names
 from trainer.model import LLM
