@@ -45,7 +45,7 @@ from spectra.fileio import LockedError, check_writable
 from spectra.rundir import Training, present_checkpoints, read_training
 from spectra.watch.figures import write_run_figures
 from spectra.watch.follow import Followed, follow, is_over
-from spectra.watch.scalars import HEADLINE, HEADLINE_TAG, checkpoint_scalars
+from spectra.watch.scalars import HEADLINE, checkpoint_scalars, headline_pr
 from spectra.watch.tensorboard import ScalarLog, require_tensorboard
 
 __all__ = ["WatchResult", "WatchStopped", "watch"]
@@ -302,15 +302,14 @@ class _Watcher:
         state.added += len(result.added)  # they are in the cube: counted before anything else can stop us
         self.result.added[state.path] = state.added
         cube = open_cube(result.path)
-        points = checkpoint_scalars(cube, None if not state.synced else result.added)
-        headline = {p.tokens: p.value for p in points if p.tag == HEADLINE_TAG}
+        headline = headline_pr(cube, result.added)
         for step, seconds in zip(result.added, result.seconds):
             tokens = int(cube["tokens"].sel(step=step))
             pr = headline.get(tokens)
             shown = f"{pr:.2f}" if pr is not None else "undefined"
             self.echo(f"{state.name}  tokens {tokens:,}  mean key PR {shown}  {seconds:.1f} s")
-        if state.tensorboard is not None:
-            state.tensorboard.add(points)
+        if state.tensorboard is not None:  # the whole cube the first time: a cube made before this watch too
+            state.tensorboard.add(checkpoint_scalars(cube, result.added if state.synced else None))
         if self.figures and state.figures:
             try:
                 write_run_figures(cube, state.path)

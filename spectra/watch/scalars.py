@@ -28,7 +28,7 @@ from spectra.analysis.null import null_metric
 from spectra.analysis.summary import summary_table
 from spectra.cube import CONVENTIONS, SITES, WHICH, Measurement, n_tokens_attr
 
-__all__ = ["HEADLINE", "HEADLINE_TAG", "Scalar", "checkpoint_scalars", "tag"]
+__all__ = ["HEADLINE", "HEADLINE_TAG", "Scalar", "checkpoint_scalars", "headline_pr", "tag"]
 
 HEADLINE = Measurement()
 """The measurement of the progress line and of the report's headline: keys after QK-norm, uncentred, PR on
@@ -97,8 +97,17 @@ def checkpoint_scalars(cube: xr.Dataset, steps: Iterable[int] | None = None) -> 
     return sorted(points, key=lambda p: (p.tokens, p.tag))
 
 
-def _pr_points(ds: xr.Dataset, m: Measurement, null: float, n_layers: int) -> list[Scalar]:
-    """The mean PRs of one measurement (per layer and over all) and its fraction of ``null``, where defined."""
+def headline_pr(cube: xr.Dataset, steps: Iterable[int]) -> dict[int, float]:
+    """Training tokens -> the mean key PR of the progress line (:data:`HEADLINE`) at the ``steps`` of ``cube``,
+    where it is defined: the value of :data:`HEADLINE_TAG`, without the other scalars."""
+    sub = cube.sel(step=sorted(int(s) for s in steps))
+    points = _pr_points(sub, HEADLINE, None, int(cube.sizes["layer"]))
+    return {p.tokens: p.value for p in points if p.tag == HEADLINE_TAG}
+
+
+def _pr_points(ds: xr.Dataset, m: Measurement, null: float | None, n_layers: int) -> list[Scalar]:
+    """The mean PRs of one measurement (per layer and over all) and, with a ``null``, its fraction of it, where
+    defined."""
     table = summary_table(ds, metric=m.metric, var=f"{m.which}_sv", site=m.site, centering=m.centering)
     table = table[table["heads"] > 0]  # a site the model lacks (unit without QK-norm) has no defined value
     out = []
@@ -106,7 +115,8 @@ def _pr_points(ds: xr.Dataset, m: Measurement, null: float, n_layers: int) -> li
         tokens, mean = int(tokens), float(mean)
         if layer == "all":
             out.append(Scalar(tokens, tag(m), mean))
-            out.append(Scalar(tokens, tag(m, "fraction_of_null"), mean / null))
+            if null is not None:
+                out.append(Scalar(tokens, tag(m, "fraction_of_null"), mean / null))
         else:
             out.append(Scalar(tokens, tag(m, layer=int(layer), n_layers=n_layers), mean))
     return out
