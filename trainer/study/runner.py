@@ -258,6 +258,8 @@ def run_study(
     except BaseException as e:
         if watcher is not None:
             watcher.stop()
+            if isinstance(e, SubmissionRefused) and not had_study and not runner.submitted:
+                watcher.discard()  # a study that never started leaves nothing of its watcher either
         if isinstance(e, SubmissionRefused) and not out_existed:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: the study made nothing else there

@@ -15,6 +15,7 @@ cubes keep their last whole write.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -89,6 +90,14 @@ class StudyWatcher:
         else:
             self.echo(f"watch: ended with exit status {status}; see {self.out / WATCH_LOG}")
         return status
+
+    def discard(self) -> None:
+        """Remove what the (stopped) watcher left of a study that never started: its log, and ``logs/`` if
+        that is then empty (it watched no run, so it wrote no TensorBoard scalar)."""
+        log = self.out / WATCH_LOG
+        log.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            log.parent.rmdir()  # only when empty
 
     def stop(self) -> None:
         """Stop the watcher (SIGTERM: exit status 130, every cube whole) and wait for it."""
