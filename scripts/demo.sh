@@ -6,10 +6,15 @@
 # then the spectra of every checkpoint, pruning surgery on each final checkpoint, two local downstream evals
 # (a cloze and a 4-way choice task cut from the held-out test text: near chance at this size), and the report.
 # Re-running it continues where it stopped; after it finished, it takes seconds.
-# Environment: DEMO_DIR (default demo), DEMO_JOBS (runs at a time, default 2).
+# Environment: DEMO_DIR (default demo), DEMO_JOBS (runs at a time, default 2), DEMO_WATCH=1 (watch the study as
+# it trains: `collapse-train study --watch` measures each main run's checkpoints as they land, on the CPU, and
+# writes TensorBoard scalars; in another terminal: tensorboard --logdir demo/study/tensorboard).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/setup.sh eval   # lm-eval for the downstream evals
+WATCH=()
+EXTRAS=eval   # lm-eval for the downstream evals
+if [ "${DEMO_WATCH:-0}" = 1 ]; then WATCH=(--watch); EXTRAS=eval,tensorboard; fi
+source scripts/setup.sh "$EXTRAS"
 DEMO_DIR=${DEMO_DIR:-demo}
 JOBS=${DEMO_JOBS:-2}
 DATA="$DEMO_DIR/data"
@@ -27,10 +32,10 @@ for part in bbe kjv; do
     fi
 done
 
-# 2. the study: sweeps, then 6 configurations x 2 seeds at the chosen learning rates
-collapse-train study demo --out "$STUDY" --data-root "$DATA" --jobs "$JOBS"
+# 2. the study: sweeps, then 6 configurations x 2 seeds at the chosen learning rates (DEMO_WATCH=1: watched)
+collapse-train study demo --out "$STUDY" --data-root "$DATA" --jobs "$JOBS" ${WATCH[@]+"${WATCH[@]}"}
 
-# 3. spectra of every checkpoint of every main run, two runs at a time
+# 3. spectra of every checkpoint of every main run, two runs at a time (nothing left to do after a watch)
 collapse-spectra extract "$STUDY" --jobs "$JOBS" --no-progress
 
 # 4. surgery on each final checkpoint (gamma, svd, random x 3 draws; 8,192 test tokens)

@@ -2,7 +2,8 @@
 # Create .venv (if missing) and install the project into it, idempotently.
 # torch is installed first and pinned, so that pip never resolves a multi-GB CUDA build for it.
 # Usage: source scripts/setup.sh [extras]   (comma-separated: "dev" for the test tools, "hf" for public models,
-#        "eval" for lm-eval, "slurm" for the SLURM executor; "dev,hf,eval,slurm" is what scripts/test.sh installs)
+#        "eval" for lm-eval, "slurm" for the SLURM executor, "tensorboard" for TensorBoard scalars;
+#        "dev,hf,eval,slurm,tensorboard" is what scripts/test.sh installs)
 # A stamp in .venv records what was installed (pyproject.toml's hash and the extras): when it matches, pip is
 # not run again, so re-running the demo or the tests starts at once.
 set -euo pipefail

@@ -8,7 +8,10 @@
   next run of the same command removes it (:func:`remove_stale_temporaries`, under the lock).
 - :class:`ExclusiveLock`: an ``fcntl.flock`` on ``.<name>.lock`` beside the output, so that two
   extractions (or surgeries, or reports) never write the same file at once; the kernel releases it
-  when the process dies, and the lock file names its holder for the process that is refused.
+  when the process dies, and the lock file names its holder for the process that is refused
+  (:class:`LockedError`, which a caller that can wait, such as ``collapse-spectra watch``, tells apart).
+- :func:`live_holder`: who holds a lock of this format (a trainer's run directory, a study, a cube) while
+  they are alive, found without taking the lock.
 - :func:`check_writable`: an output path that cannot be written is an error before hours of computing,
   not after.
 - :func:`naming_a_full_disk`: a write that fails because the file system is full is a
@@ -37,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import SpectraError
+
+
+class LockedError(SpectraError):
+    """An output another live process is writing (its :class:`ExclusiveLock` is held); names the holder."""
 
 
 class DiskFullError(SpectraError):
@@ -258,7 +265,7 @@ class ExclusiveLock:
 
     Raises
     ------
-    SpectraError
+    LockedError
         On entry, when another process holds the lock: the message names the holder (pid, host, start
         time and command line, as it recorded them in the lock file).
 
@@ -285,7 +292,7 @@ class ExclusiveLock:
                     raise
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise SpectraError(
+                raise LockedError(
                     f"{self.what} is being written by {_describe(holder)}; wait for it to finish or stop it"
                 ) from None
             try:
@@ -326,6 +333,48 @@ class ExclusiveLock:
             raise SpectraError(
                 f"cannot write the {self.what}: {where} is not writable ({e.strerror.lower()})"
             ) from None
+
+
+def live_holder(lock_file: str | os.PathLike) -> dict[str, Any] | None:
+    """The holder recorded in ``lock_file`` (a lock of this format) while it is alive, else None.
+
+    The same answer as the trainer's ``trainer.fileio.live_holder`` (the two halves share the lock file's
+    format, not code). A holder on this host is alive when its pid is: nothing is locked to find out, so a
+    trainer that takes its run directory's lock at that moment is never refused because a watcher looked. A
+    holder on another host (a SLURM node, the directory on a shared file system) is asked through the lock
+    itself, with a shared ``flock`` that is released at once.
+
+    >>> live_holder(os.path.join(tempfile.gettempdir(), "no-such.lock")) is None
+    True
+    """
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:  # no lock file: no holder (it is removed on release)
+        return None
+    try:
+        holder = _read_holder(fd) or {}
+        if not isinstance(holder.get("pid"), int):
+            holder = {}
+        if holder and holder.get("host") == socket.gethostname():
+            return holder if _pid_alive(holder["pid"]) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

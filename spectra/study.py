@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from spectra.errors import SpectraError
+from spectra.fileio import live_holder
 
 STUDY_FORMAT = "collapse-study"
 STUDY_FORMAT_VERSION = 1
@@ -32,6 +33,8 @@ SWEEP_FORMAT = "collapse-sweep"
 SWEEP_FORMAT_VERSION = 1
 MANIFEST = "study.json"
 SWEEP_FILE = "sweep.json"
+STUDY_LOCK = "study.lock"
+"""Held by the one ``collapse-train study`` process working on a study directory (docs/studies.md)."""
 PHASES = ("main", "sweep")
 
 PathLike = str | os.PathLike[str]
@@ -58,6 +61,12 @@ def _read_json(path: Path, fmt: str, newest: int) -> dict[str, Any]:
             f"{path}: {fmt} format_version {version!r} is not readable here (it reads 1 to {newest})"
         )
     return data
+
+
+def study_process(path: PathLike) -> dict[str, Any] | None:
+    """The live ``collapse-train study`` process working on the study directory ``path`` (its lock's holder:
+    pid, host, ...), or None when none is; looking takes no lock (:func:`spectra.fileio.live_holder`)."""
+    return live_holder(Path(path) / STUDY_LOCK)
 
 
 @dataclass(frozen=True)

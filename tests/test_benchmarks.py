@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from helpers import bf16_newton_schulz_difference
+from helpers import bf16_newton_schulz_difference, tiny_overrides
 
 from trainer.config import load_config
 
@@ -28,7 +28,7 @@ def load_script(name: str) -> ModuleType:
 
 
 bench_muon, bench_train = load_script("bench_muon"), load_script("bench_train")
-bench_attention = load_script("bench_attention")
+bench_attention, bench_watch = load_script("bench_attention"), load_script("bench_watch")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -89,6 +89,19 @@ def test_bench_attention_times_what_runs_and_says_why_the_rest_cannot():
     bound = 2 * 4 * 64 * 2**-24 * 3
     for name in ("flash", "math", "auto", "default", "flash+expand_kv"):
         assert rows[name]["ms"] > 0 and rows[name]["max_rel_diff_from_math"] < bound
+
+
+def test_bench_watch_times_a_watched_run_and_the_cube_writes(tmp_path, tiny_data_dir, tiny_vocab):
+    overrides = tiny_overrides(tiny_vocab, tokens=640, milestones="log", n_log_milestones=3)  # 5 steps
+    live = bench_watch.measure_watch(tiny_data_dir, "tiny", overrides, "cpu", "cpu", 0.05, 1, tmp_path)
+    tokens = [r["tokens"] for r in live["checkpoints"]]
+    written = sorted(int(p.name[7:19]) for p in (tmp_path / "run" / "checkpoints").glob("tokens_*"))
+    assert tokens == written and live["cube_writes"] >= 1 and live["train_wall_s"] > 0
+    assert live["checkpoints"][0]["train_s_since_previous"] is None
+    assert all(r["extract_s"] >= 0 and r["train_s_since_previous"] >= 0 for r in live["checkpoints"][1:])
+    rows = bench_watch.cube_write_costs("tiny", [1, 3])
+    assert [r["steps"] for r in rows] == [1, 3] and rows[1]["file_mb"] > rows[0]["file_mb"]
+    assert all(r["read_s"] > 0 and r["write_s"] > 0 for r in rows)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ def test_both_programs_have_their_commands():
     assert [n for p, n in COMMANDS if p == "collapse-train"] == ["prepare-data", "run", "presets", "study"]
     assert [n for p, n in COMMANDS if p == "collapse-spectra"] == [
         "extract",
+        "watch",
         "metrics",
         "surgery",
         "plot",

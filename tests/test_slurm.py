@@ -94,6 +94,18 @@ def test_a_refused_submission_is_one_line_and_leaves_no_study_behind(
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+def test_a_refused_submission_with_watch_leaves_nothing_of_the_watcher_either(
+    fake_cluster, study_file, tmp_path
+):
+    out = tmp_path / "study"
+    result = cli(
+        study_file, "--out", out, "--executor", "slurm", "--only", "B", "--partition", "nosuchpart", "--watch"
+    )
+    assert result.exit_code == 1 and "sbatch refused the jobs of 2 run(s)" in result.output
+    assert "watch: spectra of every main run on cpu" in result.output  # it was started, then stopped
+    assert not out.exists()  # no logs/watch.log of a study that never started
+
+
 def test_a_refused_rerun_of_a_started_study_changes_nothing(fake_cluster, study_file, tmp_path):
     out = tmp_path / "study"
     study_file.write_text(study_file.read_text().replace("seeds = [0, 1]", "seeds = [0]"))

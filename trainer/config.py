@@ -232,6 +232,9 @@ class TrainConfig:
     """Write a metrics line every this many optimizer steps."""
     resume_every: int = 50
     """Write resume state every this many optimizer steps (and at every checkpoint)."""
+    tensorboard: bool = False
+    """Also log the metrics lines as TensorBoard scalars into ``RUN_DIR/tensorboard/`` (rank 0; needs the
+    ``tensorboard`` extra). ``metrics.jsonl`` is written either way and stays the record."""
 
 
 @dataclass(frozen=True, kw_only=True)

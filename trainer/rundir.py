@@ -8,6 +8,7 @@ Layout (docs/training.md is the reference)::
         metrics.jsonl   one JSON line per log step and checkpoint  MetricsLogger, read_metrics
         checkpoints/    tokens_<12 digits>.safetensors             trainer.checkpoint
         resume/         step_<8 digits>/                           trainer.resume
+        tensorboard/    event files (train.tensorboard = true)     trainer.tensorboard
         .lock           held by the one process writing here       lock_run_dir
 
 The names are defined here and nowhere else; the formats of the three files above are written and read
@@ -44,8 +45,11 @@ RUN_FILE = "run.json"
 CONFIG_FILE = "config.toml"
 CHECKPOINT_DIR = "checkpoints"
 RESUME_DIR = "resume"
+TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".lock"
-RUN_ENTRIES = frozenset({METRICS_FILE, RUN_FILE, CONFIG_FILE, CHECKPOINT_DIR, RESUME_DIR, LOCK_FILE})
+RUN_ENTRIES = frozenset(
+    {METRICS_FILE, RUN_FILE, CONFIG_FILE, CHECKPOINT_DIR, RESUME_DIR, TENSORBOARD_DIR, LOCK_FILE}
+)
 """Every name the trainer creates in a run directory (besides its hidden temporaries)."""
 STALE_PATTERNS = (".run.json.*.tmp", ".config.toml.*.tmp", ".metrics.jsonl.*.tmp", ".write-test-*")
 """Hidden temporaries of the run directory's own files that a killed writer can leave."""

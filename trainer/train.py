@@ -6,7 +6,8 @@ run (:func:`_build`: model, optimizers and their resume state, the run directory
 steps it (:func:`_loop`, which records how the run ended, around :func:`_steps`). The loop composes,
 it does not contain: it asks a :class:`~trainer.checkpoint.Checkpointer` whether a step is a milestone
 and to write it, a :class:`~trainer.components.Validator` for the fixed validation loss, a
-:class:`~trainer.rundir.MetricsLogger` to append a JSON line, a :class:`~trainer.rundir.RunRecord` to keep
+:class:`~trainer.rundir.MetricsLogger` to append a JSON line (through
+:class:`~trainer.tensorboard.LoggedMetrics`, which also feeds the run's TensorBoard log when it has one), a :class:`~trainer.rundir.RunRecord` to keep
 ``run.json`` current, and :mod:`trainer.resume` to write the state a killed run continues from; one
 optimizer step is a :class:`~trainer.step.Stepper`. Nothing here measures spectra (see DESIGN.md).
 Step numbering is in :mod:`trainer.schedule`.
@@ -48,6 +49,7 @@ from trainer.resume import load_resume_state, save_resume_state
 from trainer.rundir import (
     CHECKPOINT_DIR,
     METRICS_FILE,
+    TENSORBOARD_DIR,
     MetricsLogger,
     RunRecord,
     clean_stale_files,
@@ -57,6 +59,7 @@ from trainer.rundir import (
 from trainer.schedule import milestone_steps, tokens_per_step, total_steps_for
 from trainer.start import StartPlan, claim_run_dir, dataset_identity, plan_start
 from trainer.step import Stepper, autocast_factory
+from trainer.tensorboard import LoggedMetrics, TensorBoardLogger, require_tensorboard
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ def _train(
     progress: bool,
     echo: Callable[[str], None] | None,
 ) -> TrainResult:
+    if cfg.train.tensorboard:
+        require_tensorboard()  # before anything is read or written
     ds = _open_dataset(cfg, data_dir)  # read-only checks on every rank before anything is written
     step_tokens = tokens_per_step(cfg, info.world_size)
     total_steps = total_steps_for(cfg, step_tokens)
@@ -194,7 +199,7 @@ class _Run:
     window: LossWindow
     validator: Validator
     checkpointer: Checkpointer
-    metrics: MetricsLogger
+    metrics: LoggedMetrics
     record: RunRecord
     step: int = 0
     """Optimizer steps completed (the loop advances it)."""
@@ -319,7 +324,7 @@ def _run_files(
     step_tokens: int,
     total_steps: int,
     validator: Validator,
-) -> tuple[MetricsLogger, Checkpointer, RunRecord]:
+) -> tuple[LoggedMetrics, Checkpointer, RunRecord]:
     """The writers of the run directory (enabled on rank 0 only). Rank 0 first removes what a killed run
     left, drops the metrics lines a resumed run writes again, and writes ``config.toml``."""
     main = info.is_main
@@ -328,6 +333,11 @@ def _run_files(
         clean_stale_files(out_dir)
         create_run_files(out_dir)
     metrics = MetricsLogger(out_dir / METRICS_FILE, enabled=main)
+    tensorboard = None
+    if cfg.train.tensorboard:
+        # TensorBoard's view of the lines truncate_after drops below: hidden from where the run takes up again
+        purge = {"resume": start_step * step_tokens + 1, "restart": 0}.get(plan.kind)
+        tensorboard = TensorBoardLogger(out_dir / TENSORBOARD_DIR, enabled=main, purge_tokens=purge)
     versions = software_versions()
     checkpointer = Checkpointer(
         out_dir / CHECKPOINT_DIR,
@@ -356,7 +366,7 @@ def _run_files(
         "val_tokens": validator.n_tokens,
     }
     record = RunRecord(out_dir, static=facts, enabled=main, resume=continuing)
-    return metrics, checkpointer, record
+    return LoggedMetrics(metrics, tensorboard), checkpointer, record
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ COMMANDS = {
         "cli.spectra.extract:extract",
         "Add the Q/K singular-value spectra of every checkpoint of a run to its cube.",
     ),
+    "watch": (
+        "cli.spectra.watch:watch",
+        "Measure each checkpoint of a run, or of every run of a study, into its cube as it lands.",
+    ),
     "metrics": (
         "cli.spectra.metrics:metrics",
         "Summarise METRIC over heads for each run, step and layer of the CUBES.",

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from cli.common import reports_errors
+from cli.common import DeviceType, reports_errors
 from trainer.study.executors import SlurmOptions
 from trainer.study.runner import plan_text, run_study, status_text
+from trainer.study.watcher import StudyWatch
 
 
 @click.command("study")
@@ -79,6 +80,18 @@ from trainer.study.runner import plan_text, run_study, status_text
     metavar="LINE",
     help="slurm: a shell line run before each job (repeatable).",
 )
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Run `collapse-spectra watch` beside the runs: each main run's cube and TensorBoard scalars "
+    "(STUDY_DIR/tensorboard) grow as its checkpoints land, complete when the study ends.",
+)
+@click.option(
+    "--watch-device",
+    type=DeviceType(),
+    default=None,
+    help="Where --watch measures: the CPU, or a GPU the runs do not use. [default: cpu]",
+)
 @reports_errors
 def study(
     study_file: str,
@@ -95,6 +108,8 @@ def study(
     cpus_per_job: int | None,
     mem_gb: float | None,
     slurm_setup: tuple[str, ...],
+    watch: bool,
+    watch_device: str | None,
 ) -> None:
     """Run STUDY_FILE (a shipped study's name or a TOML file) into the study directory --out.
 
@@ -103,6 +118,8 @@ def study(
     """
     if dry_run and status:
         raise click.UsageError("--dry-run and --status are exclusive")
+    if watch_device is not None and not watch:
+        raise click.UsageError("--watch-device applies with --watch")
     if dry_run:
         click.echo(plan_text(study_file, out_dir, data_root=data_root, only=only))
         return
@@ -127,5 +144,6 @@ def study(
         jobs=jobs,
         executor=executor,
         slurm=slurm,
+        watch=StudyWatch(device=watch_device or "cpu") if watch else None,
         echo=click.echo,
     )

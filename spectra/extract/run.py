@@ -72,6 +72,9 @@ class ExtractResult:
     """Steps computed in this call."""
     skipped: tuple[int, ...]
     """Steps of the run's checkpoints that the cube already held."""
+    seconds: tuple[float, ...] = ()
+    """Wall time of each added step, in order: reading its checkpoint and computing its spectra (the cube's
+    write is not included: it is shared by the steps of one call)."""
 
 
 class UnreadableCheckpointsError(SpectraError):
@@ -381,10 +384,12 @@ def extract(
     Raises
     ------
     UnreadableCheckpointsError
-        After the cube is written with every readable checkpoint: the checkpoints that could not be read
-        (truncated, damaged, foreign), each named once with its reason.
+        After the cube is written with every readable checkpoint (nothing is written when none is): the
+        checkpoints that could not be read (truncated, damaged, foreign), each named once with its reason.
+    LockedError
+        Another process is writing the cube (:class:`spectra.fileio.ExclusiveLock`); nothing was computed.
     SpectraError
-        No checkpoints or none readable, checkpoints of different runs or models (naming the checkpoint and
+        No checkpoints, checkpoints of different runs or models (naming the checkpoint and
         the field), a checkpoint whose model_config and run_config disagree, a batch whose hash differs
         (without ``force``), an existing cube of something else or a damaged one, a bad device.
     """
@@ -392,6 +397,8 @@ def extract(
     paths = find_checkpoints(path)
     out = check_writable(Path(out) if out is not None else run_dir_of(path) / CUBE_FILENAME, "cube")
     run, unreadable = _run_headers(paths)
+    if run is None:  # not one readable header: nothing to write, each file named with its reason
+        raise UnreadableCheckpointsError(ExtractResult(path=out, added=(), skipped=()), unreadable)
     batch_file = _batch_file(batch, run.first_path, run.first)
     input_ids = load_eval_batch(batch_file, expected_sha256=run.first["eval_batch_sha256"], force=force)
     batch_sha = eval_batch_sha256(input_ids)
@@ -419,11 +426,12 @@ def extract(
                 f"collapse {package_version('collapse')}"
             )
 
-        added = _extract_steps(
+        added, seconds = _extract_steps(
             todo, existing, out, input_ids, dev, drop_first, history, unreadable,
             bar=tqdm(desc=f"extract {run.first['run_name']}", total=len(todo), unit="ckpt", disable=not progress),
         )  # fmt: skip
-    return _finished(ExtractResult(path=out, added=tuple(added), skipped=skipped), unreadable)
+    result = ExtractResult(path=out, added=tuple(added), skipped=skipped, seconds=tuple(seconds))
+    return _finished(result, unreadable)
 
 
 def _extract_steps(
@@ -436,19 +444,21 @@ def _extract_steps(
     history: Callable[[list[int]], str],
     unreadable: list[tuple[Path, str]],
     bar: tqdm,
-) -> list[int]:
+) -> tuple[list[int], list[float]]:
     """Compute the spectra of the ``todo`` checkpoints (``(step, path)``) into the cube at ``out``, rewriting it
-    at most every :data:`_FLUSH_SECONDS` and at the end; returns the steps added.
+    at most every :data:`_FLUSH_SECONDS` and at the end; returns the steps added and the seconds each took.
 
     One model is built and its weights replaced checkpoint by checkpoint. A checkpoint whose tensors cannot be read
     is appended to ``unreadable`` and the others go on.
     """
     new: list[xr.Dataset] = []
+    seconds: list[float] = []
     model = None
     last_flush = time.monotonic()
     with bar:
         for step, p in todo:
             bar.set_postfix(step=step)
+            start = time.perf_counter()
             try:
                 ckpt = load_checkpoint(p, device, model=model)
             except SpectraError as e:  # its header was fine, its tensors are not: the others go on
@@ -457,6 +467,7 @@ def _extract_steps(
                 continue
             model = ckpt.model
             new.append(spectra_for_checkpoint(ckpt, input_ids, drop_first=drop_first, device=device))
+            seconds.append(time.perf_counter() - start)
             bar.update()
             if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
                 write_cube(combine_steps(existing, new, history([int(d.step[0]) for d in new])), out)
@@ -464,7 +475,7 @@ def _extract_steps(
     added = [int(d.step[0]) for d in new]
     if new:
         write_cube(combine_steps(existing, new, history(added)), out)
-    return added
+    return added, seconds
 
 
 def _finished(result: ExtractResult, unreadable: list[tuple[Path, str]]) -> ExtractResult:
@@ -484,12 +495,12 @@ class _RunHeaders:
     steps: dict[int, Path]
 
 
-def _run_headers(paths: list[Path]) -> tuple[_RunHeaders, list[tuple[Path, str]]]:
+def _run_headers(paths: list[Path]) -> tuple[_RunHeaders | None, list[tuple[Path, str]]]:
     """Read every checkpoint's header and check the readable ones are one run and one model.
 
     A file whose header cannot be read (truncated, damaged, not ours) is returned with the reason and left
-    out; readable checkpoints that disagree (another run, batch or model, a step twice) are refused, since
-    they mean that two runs were mixed, not that one file was damaged.
+    out (None for the run when no header is readable); readable checkpoints that disagree (another run, batch
+    or model, a step twice) are refused, since they mean that two runs were mixed, not that one file was damaged.
     """
     headers, unreadable = [], []
     for p in paths:
@@ -498,7 +509,7 @@ def _run_headers(paths: list[Path]) -> tuple[_RunHeaders, list[tuple[Path, str]]
         except SpectraError as e:
             unreadable.append((p, str(e)))
     if not headers:
-        raise SpectraError("; ".join(reason for _, reason in unreadable))
+        return None, unreadable
     first_path, first = headers[0]
     first_cfg = model_config_from_metadata(first_path, first)
     steps: dict[int, Path] = {}

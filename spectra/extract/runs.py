@@ -73,13 +73,20 @@ def runs_to_extract(path: PathLike, include_sweep: bool = False) -> tuple[list[P
     return runs, skipped
 
 
-def _extract_one(run: str, threads: int | None, options: dict) -> ExtractResult:
-    """One run, in a worker process (or in this one)."""
+def extract_with_threads(run: str, threads: int | None, options: dict) -> ExtractResult:
+    """:func:`spectra.extract.run.extract` of one run with ``threads`` torch threads (None: as they are), in a
+    worker process of :func:`spectra.extract.workers.worker_pool` or in this one."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     return extract(run, **options)
+
+
+def threads_per_job(jobs: int) -> int:
+    """The torch threads of each of ``jobs`` workers: this process's cores split evenly, at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs)
 
 
 def extract_runs(
@@ -134,14 +141,13 @@ def extract_runs(
     if jobs == 1 or len(runs) <= 1:
         for run in runs:
             try:
-                record(run, _extract_one(str(run), None, options), None)
+                record(run, extract_with_threads(str(run), None, options), None)
             except SpectraError as e:
                 record(run, None, e)
         return out
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // min(jobs, len(runs)))
+    threads = threads_per_job(min(jobs, len(runs)))
     with worker_pool(min(jobs, len(runs))) as pool:
-        futures = {pool.submit(_extract_one, str(run), threads, options): run for run in runs}
+        futures = {pool.submit(extract_with_threads, str(run), threads, options): run for run in runs}
         for future in as_completed(futures):
             error = future.exception()
             if error is not None and not isinstance(error, SpectraError):

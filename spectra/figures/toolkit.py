@@ -37,7 +37,7 @@ from matplotlib.ticker import FuncFormatter
 from spectra.analysis import plan
 from spectra.cube import CONVENTION_NAMES, Measurement
 from spectra.errors import SpectraError
-from spectra.fileio import atomic_write
+from spectra.fileio import atomic_write, check_writable
 
 DPI = 150
 FIGURE_SOFTWARE = "collapse-spectra (matplotlib)"
@@ -105,6 +105,22 @@ def is_own_figure(path: str | os.PathLike) -> bool:
     path = Path(path)
     head = path.read_bytes()[:8192]
     return FIGURE_SOFTWARE.encode() in head
+
+
+def check_figure_output(path: str | os.PathLike, change: str = "choose another -o") -> list[Path]:
+    """Check, before drawing, that :func:`save_figure` may write ``path``; return the PNG and SVG paths.
+
+    A bad suffix, an unwritable place, or a file at either path that :func:`save_figure` did not write (a
+    user's: it is never replaced) is a :class:`~spectra.errors.SpectraError`; ``change`` says what to do.
+    """
+    targets = figure_paths(path)
+    for target in targets:  # suffix errors first, then a user's file at either path
+        check_writable(target, "figure")
+        if target.is_file() and not is_own_figure(target):
+            raise SpectraError(
+                f"{target} exists and was not written by collapse-spectra: refusing to replace it; {change}"
+            )
+    return targets
 
 
 def label_palette(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:

@@ -11,8 +11,7 @@ from spectra.cube import Measurement, open_cubes
 from spectra.errors import SpectraError
 from spectra.figures.kinds import FIGURE_KINDS, PLOTTERS
 from spectra.figures.surgery import surgery_curves
-from spectra.figures.toolkit import figure_paths, is_own_figure, save_figure
-from spectra.fileio import check_writable
+from spectra.figures.toolkit import check_figure_output, save_figure
 from spectra.surgery.file import read_surgery
 
 PathLike = str | os.PathLike[str]
@@ -62,12 +61,7 @@ def render_plot(kind: str, inputs: Sequence[PathLike], output: PathLike, **optio
         raise SpectraError(f"{names} does not apply to the {kind} figure")
     if not inputs:
         raise SpectraError("no inputs given")
-    for target in figure_paths(output):  # suffix errors first, then a user's file at either path
-        check_writable(target, "figure")
-        if target.is_file() and not is_own_figure(target):
-            raise SpectraError(
-                f"{target} exists and was not written by collapse-spectra: refusing to replace it; choose another -o"
-            )
+    check_figure_output(output)
     if kind == "surgery":
         fig = surgery_curves([read_surgery(p) for p in inputs])
     else:

@@ -72,6 +72,8 @@ from trainer.study.spec import (
     select_lr,
     sweep_runs,
 )
+from trainer.study.watcher import StudyWatch, StudyWatcher
+from trainer.tensorboard import require_tensorboard
 
 Echo = Callable[[str], None]
 
@@ -191,6 +193,7 @@ def run_study(
     jobs: int | None = None,
     executor: str | Executor = "local",
     slurm: SlurmOptions | None = None,
+    watch: StudyWatch | None = None,
     echo: Echo = print,
 ) -> StudySummary:
     """Run the study ``source`` (a shipped name or a TOML path) into the study directory ``out``.
@@ -210,6 +213,9 @@ def run_study(
         ``local``, ``slurm``, or an :class:`~trainer.study.executors.Executor`.
     slurm
         Job resources for ``executor="slurm"``.
+    watch
+        Start ``collapse-spectra watch`` on the study directory beside the runs (a process of its own,
+        :mod:`trainer.study.watcher`), and return only when it has measured every main run's checkpoints.
     echo
         Where progress lines go (one per run state change).
 
@@ -233,9 +239,14 @@ def run_study(
     out_existed = out.exists()
     had_study = check_study_dir(out, study)  # refuse before creating anything
     check_datasets(study, configurations, echo)
+    if any(configuration_config(study, c).train.tensorboard for c in configurations):
+        require_tensorboard("train.tensorboard = true (in the study's runs)")
+    if watch is not None:
+        require_tensorboard("--watch (its TensorBoard scalars)")
     ex = make_executor(executor, out, jobs, slurm)
     t0 = time.monotonic()
-    runner = _Runner(study, out, ex, echo)
+    watcher = StudyWatcher(out, watch, echo) if watch is not None else None
+    runner = _Runner(study, out, ex, echo, watcher)
     try:
         with _stop_signals(runner), study_lock(out):
             try:
@@ -244,16 +255,22 @@ def run_study(
                 if not had_study and not runner.submitted:
                     _remove_unstarted_study(out)
                 raise
-    except SubmissionRefused:
-        if not out_existed:
+    except BaseException as e:
+        if watcher is not None:
+            watcher.stop()
+            if isinstance(e, SubmissionRefused) and not had_study and not runner.submitted:
+                watcher.discard()  # a study that never started leaves nothing of its watcher either
+        if isinstance(e, SubmissionRefused) and not out_existed:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only when empty: the study made nothing else there
+        if isinstance(e, KeyboardInterrupt):
+            raise RunnerInterrupted(
+                f"interrupted by {str(e) or 'SIGINT'}; the runs in progress were told to stop (each writes a "
+                "resume state and records where it stopped): run the study again to resume them"
+            ) from None
         raise
-    except KeyboardInterrupt as e:
-        raise RunnerInterrupted(
-            f"interrupted by {str(e) or 'SIGINT'}; the runs in progress were told to stop (each writes a resume "
-            "state and records where it stopped): run the study again to resume them"
-        ) from None
+    if watcher is not None:
+        watcher.finish()  # the lock is released: the watcher makes its last pass and ends
     _print_summary(summary, out, time.monotonic() - t0, echo)
     if not summary.complete:
         what = [f"{len(summary.failed)} run(s) failed"] if summary.failed else []
@@ -309,8 +326,11 @@ def _describe(ex: Executor) -> str:
 class _Runner:
     """Runs the phases of one study invocation and remembers how each run ended."""
 
-    def __init__(self, study: Study, out: Path, executor: Executor, echo: Echo):
+    def __init__(
+        self, study: Study, out: Path, executor: Executor, echo: Echo, watcher: StudyWatcher | None = None
+    ):
         self.study, self.out, self.executor, self.echo = study, out, executor, echo
+        self.watcher = watcher
         self.outcomes: dict[str, RunOutcome] = {}
         self.stopping: str | None = None
         """The signal that is stopping the study (SIGINT or SIGTERM), once one came."""
@@ -329,6 +349,8 @@ class _Runner:
         echo(
             f"study {study.name} in {out}: {', '.join(c.label for c in configurations)}; {_describe(self.executor)}"
         )
+        if self.watcher is not None:
+            self.watcher.start()  # study.json is there and the lock held: the watcher follows this study
         sweep = [r for c in configurations for r in sweep_runs(study, c)]
         if sweep:
             self.phase("sweep", sweep)
