@@ -51,7 +51,11 @@ def test_names_alone_need_no_listing():
     out = select("step1000,main:143000", None)
     assert [(c.label, c.step, c.rule) for c in out.chosen] == [
         ("main", 143000, NAMED),
-        ("step1000", None, NAMED),  # without a listing, the caller gives the step (step_of); unknown ones last
+        (
+            "step1000",
+            None,
+            NAMED,
+        ),  # without a listing, the caller gives the step (step_of); unknown ones last
     ]
     assert [c.step for c in select("step1000", None, step_of=step_of).chosen] == [1000]
     with pytest.raises(SpectraError, match="need the source's list of revisions"):
@@ -104,7 +108,7 @@ def test_log_spaced_is_the_least_sum_of_squared_gaps():
         k = int(rng.integers(2, len(pool) + 1))
         x = np.log1p(np.asarray(pool, dtype=np.float64))
 
-        def cost(idx):
+        def cost(idx, x=x):
             return float(np.sum(np.diff(x[list(idx)]) ** 2))
 
         middles = itertools.combinations(range(1, len(pool) - 1), k - 2)
@@ -159,8 +163,9 @@ def test_gaps():
     assert select("all", PYTHIA).gaps == []  # 1000 apart after the log-spaced start: no gap
     [gap] = select("stage1-*,step*", OLMO).gaps
     assert (gap.after, gap.before, gap.interval, gap.missing) == (20000, 40000, 10000, 1)
-    assert [(g.after, g.before, g.missing) for g in gaps([0, 10, 20, 50])] == [(20, 50, 2)]
-    assert gaps([0, 5]) == []
+    assert [(g.after, g.before, g.missing) for g in gaps([0, 10, 20, 30, 60])] == [(30, 60, 2)]
+    assert gaps([0, 5]) == [] and gaps([0, 1, 2, 1000]) == []  # no interval repeats three times: no grid
+    assert gaps([1, 2, 4, 8, 16, 32]) == []  # a geometric grid
 
 
 @pytest.mark.parametrize(

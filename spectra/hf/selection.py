@@ -29,8 +29,9 @@ Sampling, over the pool's distinct steps ``s_0 < s_1 < ... < s_{n-1}``:
   K >= n, every step;
 - ``range:A-B`` picks every step with ``A <= step <= B``.
 
-A **gap** is a place where two consecutive steps of the pool lie further apart than the pool's most common
-interval (:func:`gaps`): the checkpoints that interval would have put between them are missing.
+A **gap** is a place where two consecutive steps of the pool lie further apart than the pool's usual interval,
+its most common one when that occurs at least three times (:func:`gaps`): the checkpoints that interval would
+have put between them are missing.
 
 This module is pure (names and steps in, choices out): no I/O, no hub, no torch.
 
@@ -71,6 +72,7 @@ NAMED = "named"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SAMPLER_RE = re.compile(r"^(every|log|range):(.*)$")
 _RANGE_RE = re.compile(r"^(\d+)-(\d+)$")
+_GRID_MIN = 3  # occurrences of the usual interval that make a checkpoint grid to find gaps in
 
 
 @dataclass(frozen=True)
@@ -266,20 +268,23 @@ def log_spaced(steps: Sequence[int], k: int) -> list[int]:
 
 
 def gaps(steps: Sequence[int]) -> list[Gap]:
-    """Consecutive ``steps`` (distinct, ascending) further apart than their most common interval.
+    """Consecutive ``steps`` (distinct, ascending) further apart than their usual interval.
 
-    The most common interval (the larger one where two are equally common) is the pool's checkpoint spacing;
-    intervals above it mark missing checkpoints. Fewer than three steps have no spacing to compare with.
+    The usual interval is the most common one between consecutive steps (the larger where two are equally
+    common), provided it occurs at least three times: a checkpoint grid to compare with. A few steps, or steps
+    without a repeated spacing (a geometric grid), have none, and no gap is reported.
 
     Examples
     --------
     >>> [g.describe() for g in gaps([0, 1000, 2000, 3000, 5000, 6000])]
     ['3000 -> 5000 (about 1 missing at the usual interval of 1000)']
+    >>> gaps([0, 1, 2, 1000])
+    []
     """
-    if len(steps) < 3:
-        return []
     intervals = np.diff(np.asarray(steps, dtype=np.int64)).tolist()
     counts = Counter(intervals)
+    if not counts or max(counts.values()) < _GRID_MIN:
+        return []
     usual = max(counts, key=lambda d: (counts[d], d))
     return [Gap(a, b, usual) for a, b, d in zip(steps, steps[1:], intervals) if d > usual]
 
