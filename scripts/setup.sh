@@ -2,8 +2,8 @@
 # Create .venv (if missing) and install the project into it, idempotently.
 # torch is installed first and pinned, so that pip never resolves a multi-GB CUDA build for it.
 # Usage: source scripts/setup.sh [extras]   (comma-separated: "dev" for the test tools, "hf" for public models,
-#        "eval" for lm-eval, "slurm" for the SLURM executor, "tensorboard" for TensorBoard scalars;
-#        "dev,hf,eval,slurm,tensorboard" is what scripts/test.sh installs)
+#        "eval" for lm-eval, "slurm" for the SLURM executor, "tensorboard" for TensorBoard scalars,
+#        "dask" for lazy many-cube reading; "dev,hf,eval,slurm,tensorboard,dask" is what scripts/test.sh installs)
 # A stamp in .venv records what was installed (pyproject.toml's hash and the extras): when it matches, pip is
 # not run again, so re-running the demo or the tests starts at once.
 set -euo pipefail
@@ -15,7 +15,7 @@ fi
 if [ -n "${1:-}" ]; then spec=".[${1}]"; else spec="."; fi
 stamp=".venv/.collapse-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) torch==2.13.0 $spec"
-# an install with more extras also serves a request for fewer: "dev,hf" is covered by "dev,hf,eval,slurm"
+# an install with more extras also serves a request for fewer: "dev,hf" is covered by "dev,hf,eval,slurm,dask"
 covered=false
 if [ -f "$stamp" ]; then
     read -r have_hash have_torch have_spec < "$stamp" || true

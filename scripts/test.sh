@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it: lint, import contracts, docs build, pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/setup.sh dev,hf,eval,slurm,tensorboard   # the optional integrations the tests exercise: transformers, lm-eval, submitit, tensorboard
+source scripts/setup.sh dev,hf,eval,slurm,tensorboard,dask   # the optional integrations the tests exercise: transformers, lm-eval, submitit, tensorboard, dask
 echo "== ruff"; ruff check trainer spectra cli tests benchmarks
 echo "== import contracts"; lint-imports
 echo "== docs"; NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"

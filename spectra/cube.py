@@ -30,6 +30,7 @@ import xarray as xr
 
 from spectra.errors import SpectraError
 from spectra.fileio import atomic_write
+from spectra.lazy import dask_installed, open_lazily
 from spectra.rundir import CHECKPOINTS_DIR, RUN_RECORD
 from spectra.study import is_study_dir, read_study
 from trainer.provenance import software_versions
@@ -370,13 +371,18 @@ class DamagedCubeError(SpectraError):
     """A cube file that lacks one of the cube's variables or has it over other dimensions; names the file."""
 
 
-def read_netcdf(file: Path) -> xr.Dataset:
+def read_netcdf(file: Path, *, lazy: bool = False) -> xr.Dataset:
     """Load a NetCDF file fully into memory (file closed on return); unreadable bytes are a SpectraError.
 
     netCDF4 raises ``OSError`` for a file that is not NetCDF at all, xarray ``ValueError`` for one it
     cannot decode, and ``RuntimeError: NetCDF: HDF error`` when the bytes of a variable are damaged
     (a disk error, a partial copy): each becomes one line naming the file.
+
+    With ``lazy``, only the metadata, the coordinates and the variables over one dimension are read now: the
+    others become dask arrays read from the file when computed (:func:`spectra.lazy.open_lazily`).
     """
+    if lazy:
+        return open_lazily(file)
     try:
         return xr.load_dataset(file, engine="netcdf4")
     except (OSError, ValueError, RuntimeError) as e:
@@ -397,19 +403,23 @@ def _cube_file(path: PathLike) -> Path:
     return p
 
 
-def open_cube(path: PathLike) -> xr.Dataset:
+def open_cube(path: PathLike, *, lazy: bool = False) -> xr.Dataset:
     """Open one spectra cube and load it into memory.
 
     Parameters
     ----------
     path : str or path-like
         A ``spectra.nc`` file, or a run directory holding one.
+    lazy : bool
+        Read only the metadata now and the spectra when a computation needs them, as dask arrays (needs the
+        ``dask`` extra); each block is read from the file when computed.
 
     Returns
     -------
     xarray.Dataset
         The cube as written (schema in docs/cube.md); ``tokens`` is a coordinate on ``step``. The file is
-        closed on return, so it can be rewritten by a running extraction.
+        closed on return, so it can be rewritten by a running extraction (a lazily opened cube is read when
+        computed: do not compute it across such a rewrite).
 
     Raises
     ------
@@ -425,7 +435,7 @@ def open_cube(path: PathLike) -> xr.Dataset:
     ('step', 'layer', 'kv_head', 'sv')
     """
     file = _cube_file(path)
-    ds = read_netcdf(file)
+    ds = read_netcdf(file, lazy=lazy)
     fmt = ds.attrs.get("format")
     if fmt != CUBE_FORMAT:
         raise SpectraError(
@@ -599,7 +609,10 @@ def _along_run(ds: xr.Dataset, label: str, file: Path) -> xr.Dataset:
 
 
 def open_cubes(
-    paths: PathLike | Iterable[PathLike], *, on_skip: Callable[[str], object] | None = _warn_skipped
+    paths: PathLike | Iterable[PathLike],
+    *,
+    on_skip: Callable[[str], object] | None = _warn_skipped,
+    lazy: bool | None = None,
 ) -> xr.Dataset:
     """Open several cubes as one Dataset along a new ``run`` dimension.
 
@@ -611,6 +624,11 @@ def open_cubes(
     on_skip : callable, optional
         Called with one line per run that has no cube yet (``skipped runs/b: no spectra.nc ...``); by
         default a warning, so that a notebook never loses a run silently.
+    lazy : bool, optional
+        Keep the spectra on disk until a computation needs them, as dask arrays read block by block, so that
+        hundreds of cubes open in bounded memory (:func:`open_cube` with ``lazy``). Default: when ``dask`` is
+        installed (the ``dask`` extra). Metrics, tables and the report compute on either the same way; a
+        lazily opened cube is read when computed, so do not compute across an extraction that rewrites it.
 
     Returns
     -------
@@ -645,7 +663,9 @@ def open_cubes(
     repeated = [str(f) for f, n in Counter(f.resolve() for f in files).items() if n > 1]
     if repeated:
         raise SpectraError(f"the same cube is given more than once: {', '.join(repeated)}")
-    cubes = [open_cube(f) for f in files]
+    if lazy is None:
+        lazy = dask_installed()
+    cubes = [open_cube(f, lazy=lazy) for f in files]
     for dim in ("sv", "dim"):
         sizes = {str(f): ds.sizes[dim] for f, ds in zip(files, cubes) if dim in ds.dims}
         if len(set(sizes.values())) > 1:

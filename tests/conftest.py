@@ -84,3 +84,43 @@ def hf_data_dir(tmp_path_factory, hf_revisions) -> Path:
     from hf_helpers import make_model_dataset
 
     return make_model_dataset(tmp_path_factory.mktemp("hf-data"), hf_revisions("llama") / "step0")
+
+
+PYTHIA_STYLE = ["step0", "step1", "step2", "step4", "step8", "step16", "step512", "step1000", "step2000",
+                "step3000", "step5000", "step6000", "step7000", "main"]  # fmt: skip
+"""Pythia's naming: step0, log-spaced steps, then every 1000 (4000 missing: a gap), and main (no step)."""
+OLMO2_STYLE = [
+    "main",
+    "stage1-step0-tokens0B",
+    "stage1-step300-tokens1B",
+    "stage1-step10000-tokens21B",
+    "stage1-step20000-tokens42B",
+    "stage1-step40000-tokens84B",
+    "stage1-step50000-tokens105B",
+    "step60000-tokens126B",
+    "stage2-ingredient1-step1000-tokens3B",
+    "stage2-ingredient1-step2000-tokens5B",
+    "stage2-ingredient2-step1000-tokens3B",
+]
+"""OLMo-2's naming: stage1-stepN-tokensMB (30000 missing), one without the stage1- prefix, annealing
+stage2-ingredientK-... whose steps restart, and main."""
+
+
+@pytest.fixture(scope="session")
+def hf_pythia_dir(tmp_path_factory, hf_tokenizer) -> Path:
+    """A revisions directory named as Pythia's branches (:data:`PYTHIA_STYLE`): tiny GPT-NeoX models, three
+    different ones under the fourteen names."""
+    from hf_helpers import save_named_revisions
+
+    root = tmp_path_factory.mktemp("hf-pythia") / "pythia-tiny"
+    return save_named_revisions("gpt_neox", root, PYTHIA_STYLE, hf_tokenizer, distinct=3)
+
+
+@pytest.fixture(scope="session")
+def hf_olmo_dir(tmp_path_factory, hf_tokenizer) -> Path:
+    """A revisions directory named as OLMo-2's branches (:data:`OLMO2_STYLE`): tiny OLMo-2 models, two different
+    ones under the eleven names."""
+    from hf_helpers import save_named_revisions
+
+    root = tmp_path_factory.mktemp("hf-olmo") / "olmo2-tiny"
+    return save_named_revisions("olmo2", root, OLMO2_STYLE, hf_tokenizer, distinct=2)

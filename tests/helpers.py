@@ -602,7 +602,7 @@ def stack(cubes: list[xr.Dataset]) -> xr.Dataset:
     """Stack cubes along ``run`` through the real reader: write each, then ``open_cubes``."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = [write_cube(Path(tmp) / f"{i}" / "spectra.nc", c) for i, c in enumerate(cubes)]
-        return open_cubes(paths)
+        return open_cubes(paths, lazy=False)  # loaded: the files go with the directory on return
 
 
 # ----------------------------------------------------------------------------------------------------

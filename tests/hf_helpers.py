@@ -9,9 +9,11 @@ modeling files define them, written out here without calling any of spectra's co
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,17 +96,86 @@ def build_model(family: str, seed: int) -> torch.nn.Module:
 
 def save_revisions(family: str, root: Path, steps: Sequence[int], tokenizer: Path) -> Path:
     """``root/step<N>/`` for each step: ``save_pretrained`` (safetensors) of a revision, plus the tokenizer."""
+    return save_named_revisions(family, root, [f"step{step}" for step in steps], tokenizer)
+
+
+def save_named_revisions(
+    family: str, root: Path, names: Sequence[str], tokenizer: Path, distinct: int | None = None
+) -> Path:
+    """``root/<name>/`` for each name, a revision of the family with its tokenizer.
+
+    ``distinct``: how many different random models to build; the names cycle through them (copies), which keeps
+    a directory of many revisions cheap to build. Default: one model per name.
+    """
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # "Writing model shards" bars in every test's captured output otherwise
+    built: list[Path] = []
     try:
-        for i, step in enumerate(steps):
-            directory = root / f"step{step}"
+        for i, name in enumerate(names):
+            directory = root / name
+            if distinct is not None and i >= distinct:
+                shutil.copytree(built[i % distinct], directory)
+                continue
             build_model(family, seed=1000 * i + 7).save_pretrained(directory)
             shutil.copy(tokenizer, directory / "tokenizer.json")
+            built.append(directory)
     finally:
         logging.enable_progress_bar()
     return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# the hub, offline: a Hugging Face cache laid out as huggingface_hub leaves it after a download
+
+
+def hub_repo_dir(cache: Path, repo: str) -> Path:
+    """``models--ORG--NAME`` in a cache (the documented cache layout)."""
+    return cache / f"models--{repo.replace('/', '--')}"
+
+
+def commit_of(repo: str, branch: str) -> str:
+    """A made-up, stable 40-hex commit id for ``branch`` of ``repo``."""
+    return hashlib.sha1(f"{repo}@{branch}".encode()).hexdigest()
+
+
+def populate_hub_cache(cache: Path, repo: str, revisions: dict[str, Path]) -> dict[str, str]:
+    """Put each model directory of ``revisions`` (``{branch: directory}``) into the cache as a download would:
+    ``blobs/<sha256>`` holding the bytes, ``snapshots/<commit>/<file>`` relative symlinks to them, and
+    ``refs/<branch>`` naming the commit. ``snapshot_download(..., local_files_only=True)`` and
+    ``hf_hub_download`` then find the files offline, and ``scan_cache_dir`` sees one revision per branch.
+    Returns ``{branch: commit}``."""
+    base = hub_repo_dir(cache, repo)
+    commits = {}
+    for branch, directory in revisions.items():
+        commit = commit_of(repo, branch)
+        for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+            data = file.read_bytes()
+            blob = base / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            if not blob.exists():
+                blob.write_bytes(data)
+            link = base / "snapshots" / commit / file.relative_to(directory)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (base / "refs").mkdir(parents=True, exist_ok=True)
+        (base / "refs" / branch).write_text(commit)
+        commits[branch] = commit
+    return commits
+
+
+def fake_list_repo_refs(branches: dict[str, Iterable[str]]) -> Callable[..., object]:
+    """A stand-in for ``huggingface_hub.list_repo_refs`` answering ``{repo: branch names}`` with the library's own
+    ``GitRefs`` (the only hub call the tests replace: the hub is unreachable from them)."""
+    from huggingface_hub.hf_api import GitRefInfo, GitRefs
+
+    def list_repo_refs(repo_id: str, **kwargs: object) -> GitRefs:
+        refs = [
+            GitRefInfo(name, f"refs/heads/{name}", commit_of(repo_id, name)) for name in branches[repo_id]
+        ]
+        return GitRefs(branches=refs, converts=[], tags=[])
+
+    return list_repo_refs
 
 
 def make_model_dataset(tmp_path: Path, model_dir: Path) -> Path:

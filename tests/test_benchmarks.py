@@ -128,3 +128,14 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert parts["extract"]["status"] == "ok" and parts["extract"]["command"]["cube_written"]
     assert parts["extract"]["in_process"]["ratio"] > 0
     assert parts["torchrun"]["status"] == "ok" and parts["torchrun"]["backend"] == "gloo"
+
+
+def test_bench_open_cubes_measures_both_readers_and_they_print_the_same_table(tmp_path):
+    pytest.importorskip("dask")
+    bench = load_script("bench_open_cubes")
+    cubes = bench.build_cubes(tmp_path / "runs", 3, steps=2, layers=1, heads=2, kv_heads=1, head_dim=4)
+    rows = bench.benchmark(cubes, "pr_sv", tmp_path)
+    assert [r["mode"] for r in rows] == ["imports", "eager", "dask"]
+    assert all(r["exit_code"] == 0 and r["peak_rss_mib"] > 0 and r["seconds"] > 0 for r in rows)
+    # 3 runs x 2 steps x (1 layer + "all") rows, and the same bytes from the lazy and the eager reader
+    assert [(r["same_table"], r["table_rows"]) for r in rows[1:]] == [(True, 12), (True, 12)]

@@ -1,23 +1,21 @@
-"""Sources, revisions, steps and tokens of public models; the hub path through huggingface_hub's own
-offline cache, so that it is the same call as on a machine with hub access."""
+"""Sources, revisions, steps and tokens of public models; every selection form over local revisions directories
+named as Pythia's and OLMo-2's branches (the hub's listing and cache: test_hf_hub.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 
-import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
 
-from spectra.cube import open_cube  # noqa: E402
+from conftest import PYTHIA_STYLE  # noqa: E402
+
 from spectra.errors import SpectraError  # noqa: E402
-from spectra.hf.extract import extract_public  # noqa: E402
 from spectra.hf.revisions import (  # noqa: E402
     PYTHIA_TOKENS_PER_STEP,
     is_public_source,
+    list_revisions,
     parse_source,
     plan_revisions,
     step_of,
@@ -66,20 +64,22 @@ def test_sources(hf_revisions, tmp_path):
 
 def test_plan_revisions(hf_revisions):
     root = hf_revisions("llama")
-    assert [(r.label, r.step) for r in plan_revisions(parse_source(root))] == [
+    assert [(r.label, r.step) for r in plan_revisions(parse_source(root)).revisions] == [
         ("step0", 0),
         ("step1000", 1000),
     ]
-    picked = plan_revisions(parse_source(root), ["step1000"], tokens_per_step=10)
-    assert [(r.label, r.step, r.tokens) for r in picked] == [("step1000", 1000, 10_000)]
-    one = plan_revisions(parse_source(root / "step1000"))
+    picked = plan_revisions(parse_source(root), ["step1000"], tokens_per_step=10).revisions
+    assert [(r.label, r.step, r.tokens, r.selected_by) for r in picked] == [
+        ("step1000", 1000, 10_000, "named")
+    ]
+    one = plan_revisions(parse_source(root / "step1000")).revisions
     assert [(r.label, r.step) for r in one] == [(".", 1000)]  # the directory's own name gives the step
-    hub = plan_revisions(parse_source("hf:Qwen/Qwen3-0.6B"), ["main:32000"])
+    hub = plan_revisions(parse_source("hf:Qwen/Qwen3-0.6B"), ["main:32000"]).check().revisions
     assert [(r.label, r.step) for r in hub] == [("main", 32000)] and math.isnan(hub[0].tokens)
     with pytest.raises(SpectraError, match="its name has no step"):
-        plan_revisions(parse_source("hf:Qwen/Qwen3-0.6B"))
+        plan_revisions(parse_source("hf:Qwen/Qwen3-0.6B")).check()
     with pytest.raises(SpectraError, match="both stand for step 1000"):
-        plan_revisions(parse_source("hf:a/b"), ["step1000", "other:1000"])
+        plan_revisions(parse_source("hf:a/b"), ["step1000", "other:1000"]).check()
     with pytest.raises(SpectraError, match="no such revision directory"):
         plan_revisions(parse_source(root), ["step5"])
     with pytest.raises(SpectraError, match="its revision is '.'"):
@@ -89,73 +89,110 @@ def test_plan_revisions(hf_revisions):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the hub, offline: huggingface_hub reads revisions from its cache exactly as after a download
+# every selection form over a local revisions directory named as Pythia's and OLMo-2's branches
 
 
-def _fake_hub_cache(cache, repo, revisions):
-    """A huggingface_hub cache holding ``revisions`` ({name: source directory}) of ``repo``, one commit each."""
-    base = cache / f"models--{repo.replace('/', '--')}"
-    (base / "refs").mkdir(parents=True)
-    commits = {}
-    for i, (name, directory) in enumerate(revisions.items()):
-        commit = f"{i + 1:040x}"
-        shutil.copytree(directory, base / "snapshots" / commit)
-        (base / "refs" / name).write_text(commit)
-        commits[name] = commit
-    return commits
+def _plan(directory, selection):
+    return plan_revisions(parse_source(directory), selection)
 
 
-@pytest.fixture
-def offline_hub(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.mark.usefixtures("offline_hub")
-def test_hub_revisions_are_the_same_call_as_local_directories(hf_revisions, hf_data_dir, tmp_path):
-    root = hf_revisions("gpt_neox")
-    cache = tmp_path / "hub"
-    commits = _fake_hub_cache(
-        cache, "org/pythia-tiny", {"step0": root / "step0", "step1000": root / "step1000"}
-    )
-    hub = extract_public(
-        "hf:org/pythia-tiny",
-        batch=hf_data_dir,
-        out=tmp_path / "hub.nc",
-        revisions=["step0", "step1000"],
-        cache_dir=cache,
-        progress=False,
-    )
-    local = extract_public(root, batch=hf_data_dir, out=tmp_path / "local.nc", progress=False)
-    assert hub.added == local.added == (0, 1000)
-    a, b = open_cube(tmp_path / "hub.nc"), open_cube(tmp_path / "local.nc")
-    for var in ("q_sv", "k_sv", "wq_sv", "wk_sv", "k_energy"):
-        np.testing.assert_array_equal(a[var].values, b[var].values)
-    recorded = {r["revision"]: r["commit"] for r in json.loads(a.attrs["revisions"])}
-    assert recorded == commits
-    assert a.attrs["model_id"] == "org/pythia-tiny" and a.attrs["model_source"] == "hf:org/pythia-tiny"
-    assert a.tokens.values.tolist() == [0, 1000 * PYTHIA_TOKENS_PER_STEP]  # Pythia's rule, by the hub name
+def test_a_revisions_directory_lists_its_model_subdirectories(hf_pythia_dir):
+    listed = list_revisions(parse_source(hf_pythia_dir))
+    assert listed == sorted(PYTHIA_STYLE)
+    plan = _plan(hf_pythia_dir, None)  # default: all
+    assert [r.step for r in plan.revisions] == [0, 1, 2, 4, 8, 16, 512, 1000, 2000, 3000, 5000, 6000, 7000]
+    assert {r.selected_by for r in plan.revisions} == {"all"} and plan.problems == ()
+    assert plan.notes() == [
+        f"{hf_pythia_dir}: not selected, no step in the name (add one as REV:STEP): main",
+        f"{hf_pythia_dir}: gaps in the steps the rules drew from: 3000 -> 5000 (about 1 missing at the usual "
+        "interval of 1000)",
+    ]
+    assert plan.revisions[-1].tokens == 7000 * PYTHIA_TOKENS_PER_STEP  # "pythia-tiny": Pythia's rule
 
 
-@pytest.mark.usefixtures("offline_hub")
-def test_hub_revision_without_safetensors_is_refused(hf_revisions, hf_data_dir, tmp_path):
-    import torch
-    from safetensors.torch import load_file
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        ("all", [0, 1, 2, 4, 8, 16, 512, 1000, 2000, 3000, 5000, 6000, 7000]),
+        ("step1*", [1, 16, 1000]),
+        ("every:3", [0, 4, 512, 3000, 7000]),
+        ("log:3", [0, 16, 7000]),
+        ("range:2-1000", [2, 4, 8, 16, 512, 1000]),
+        ("step0,main:9000", [0, 9000]),
+        ("log:2,every:5,step8", [0, 8, 16, 5000, 7000]),
+    ],
+)
+def test_every_selection_form_on_pythia_names(hf_pythia_dir, selection, expected):
+    plan = _plan(hf_pythia_dir, selection).check()
+    assert [r.step for r in plan.revisions] == expected
 
-    pickled = tmp_path / "pickled"
-    shutil.copytree(hf_revisions("llama") / "step0", pickled)
-    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
-    (pickled / "model.safetensors").unlink()
-    cache = tmp_path / "hub"
-    _fake_hub_cache(cache, "org/old", {"step0": pickled})
+
+def test_olmo2_names(hf_olmo_dir):
+    everything = _plan(hf_olmo_dir, "all")
+    assert everything.problems and "both stand for step 1000" in everything.problems[0]
     with pytest.raises(
-        SpectraError, match="has no safetensors weights .* pickle weights .* are never loaded"
+        SpectraError, match="'stage2-ingredient1-step1000-tokens3B', 'stage2-ingredient2-step1000"
     ):
-        extract_public(
-            "hf:org/old", batch=hf_data_dir, out=tmp_path / "c.nc", revisions=["step0"], cache_dir=cache
-        )
-    with pytest.raises(SpectraError, match="no config.json on the hub or, offline, in the local cache"):
-        extract_public(
-            "hf:org/old", batch=hf_data_dir, out=tmp_path / "c.nc", revisions=["step9"], cache_dir=cache
-        )
+        everything.check()
+    stage1 = _plan(
+        hf_olmo_dir, "stage1-*,step*"
+    ).check()  # the pretraining stage, with and without the prefix
+    assert [(r.step, r.tokens) for r in stage1.revisions] == [
+        (0, 0),
+        (300, 10**9),  # the publisher's count, rounded up to whole billions
+        (10000, 21 * 10**9),
+        (20000, 42 * 10**9),
+        (40000, 84 * 10**9),
+        (50000, 105 * 10**9),
+        (60000, 126 * 10**9),
+    ]
+    assert "20000 -> 40000 (about 1 missing at the usual interval of 10000)" in stage1.notes()[-1]
+    sampled = _plan(hf_olmo_dir, "stage1-*,step*,log:4").check()
+    assert [(r.step, r.selected_by) for r in sampled.revisions] == [
+        (0, "log:4"),
+        (300, "log:4"),
+        (10000, "log:4"),
+        (60000, "log:4"),
+    ]
+    ingredient = _plan(hf_olmo_dir, "stage2-ingredient1-*,range:1500-9999").check()
+    assert [r.label for r in ingredient.revisions] == ["stage2-ingredient1-step2000-tokens5B"]
+
+
+def test_describe(hf_olmo_dir):
+    lines = _plan(hf_olmo_dir, "stage2-ingredient2-*,main:99").describe(done={99})
+    assert lines[0] == f"{hf_olmo_dir}: 11 revisions listed, 2 selected by 'stage2-ingredient2-*,main:99'"
+    assert lines[1].split() == ["revision", "step", "tokens", "selected", "by", "tokens", "rule", "cube"]
+    assert lines[2].split() == ["main", "99", "unknown", "named", "[1]", "in", "the", "cube"]
+    assert lines[3].split()[:5] == [
+        "stage2-ingredient2-step1000-tokens3B",
+        "1000",
+        "3,000,000,000",
+        "stage2-ingredient2-*",
+        "[2]",
+    ]
+    assert lines[4].startswith("[1] tokens: unknown") and lines[5].startswith("[2] tokens: the revision name")
+
+
+def test_list_revisions_command(hf_pythia_dir, hf_olmo_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.spectra import main
+
+    run = CliRunner().invoke(
+        main, ["extract", str(hf_pythia_dir), "--revisions", "log:3", "--list-revisions"]
+    )
+    assert run.exit_code == 0, run.output  # no --batch, no --out, nothing loaded
+    assert run.output.splitlines()[0] == f"{hf_pythia_dir}: 14 revisions listed, 3 selected by 'log:3'"
+    assert [line.split()[:2] for line in run.output.splitlines()[2:5]] == [
+        ["step0", "0"],
+        ["step16", "16"],
+        ["step7000", "7000"],
+    ]
+    assert "not selected, no step in the name (add one as REV:STEP): main" in run.output
+    bad = CliRunner().invoke(main, ["extract", str(hf_olmo_dir), "--revisions", "all", "--list-revisions"])
+    assert bad.exit_code == 1
+    assert (
+        "problem: revisions 'stage2-ingredient1-step1000-tokens3B', 'stage2-ingredient2-step1000"
+        in bad.output
+    )
+    assert "cannot be extracted as it stands" in bad.output.splitlines()[-1]

@@ -13,7 +13,7 @@ from spectra.extract.run import extract as extract_cube
 from spectra.extract.runs import extract_runs, is_collection
 from spectra.hf.revisions import is_public_source
 
-_PUBLIC_ONLY = ("--revisions", "--tokens-per-step", "--dtype")
+_PUBLIC_ONLY = ("--revisions", "--tokens-per-step", "--dtype", "--list-revisions", "--evict/--no-evict")
 
 
 @click.command("extract")
@@ -46,9 +46,22 @@ _PUBLIC_ONLY = ("--revisions", "--tokens-per-step", "--dtype")
 @click.option(
     "--revisions",
     default=None,
-    metavar="REV[:STEP],...",
-    help="Public models: the revisions to read, comma-separated [default: main on the hub, every revision "
-    "sub-directory, or . for a model directory].",
+    metavar="SELECTION",
+    help="Public models: the revisions to read, comma-separated: names REV[:STEP], all, globs ('stage1-*'), "
+    "every:N, log:K, range:A-B (docs: Public models) [default: main on the hub, every revision sub-directory, "
+    "or . for a model directory].",
+)
+@click.option(
+    "--list-revisions",
+    is_flag=True,
+    help="Public models: print what --revisions selects (revision, step, tokens, the rule that chose it) and "
+    "what it leaves out, without downloading weights; --batch is then not needed.",
+)
+@click.option(
+    "--evict/--no-evict",
+    default=None,
+    help="Hub models: delete each revision this sweep downloaded from the Hugging Face cache once its spectra "
+    "are in the cube, so that disk holds about two revisions [default: --evict on the hub].",
 )
 @click.option(
     "--tokens-per-step",
@@ -86,6 +99,8 @@ def extract(
     revisions: str | None,
     tokens_per_step: int | None,
     dtype: str | None,
+    list_revisions: bool,
+    evict: bool | None,
     no_progress: bool,
 ) -> None:
     """Add the Q/K singular-value spectra of every checkpoint of a run to its cube.
@@ -96,9 +111,20 @@ def extract(
 
     PATH may also be a public model (docs: Public models): hf:ORG/NAME, a transformers model directory,
     or a directory of revision sub-directories; --batch (a dataset directory in the model's vocabulary)
-    and --out are then required.
+    and --out are then required, except with --list-revisions.
     """
-    public_options = [o for o, v in zip(_PUBLIC_ONLY, (revisions, tokens_per_step, dtype)) if v is not None]
+    given = (revisions, tokens_per_step, dtype, list_revisions or None, evict)
+    public_options = [o for o, v in zip(_PUBLIC_ONLY, given) if v is not None]
+    if is_public_source(path) and list_revisions:
+        from spectra.hf.plan import plan_public
+
+        planned = plan_public(str(path), revisions=revisions, tokens_per_step=tokens_per_step, out=out)
+        click.echo("\n".join(planned.lines()))
+        if planned.plan.problems:
+            raise click.ClickException(
+                "the selection cannot be extracted as it stands (see the problems above)"
+            )
+        return
     if is_public_source(path):
         if batch is None or out is None:
             raise click.UsageError("a public model needs --batch DATA_DIR and --out CUBE.nc")
@@ -108,13 +134,15 @@ def extract(
             str(path),
             batch=batch,
             out=out,
-            revisions=[r for r in revisions.split(",") if r.strip()] if revisions else None,
+            revisions=revisions,
             device=device,
             dtype=dtype or "float32",
             drop_first=drop_first,
             tokens_per_step=tokens_per_step,
             force=force,
             progress=not no_progress,
+            evict=evict,
+            on_note=lambda line: click.echo(line, err=True),
         )
     elif public_options:
         raise click.UsageError(

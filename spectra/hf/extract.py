@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from spectra.hf.adapters import (
     rotary_layout,
     site_notes,
 )
+from spectra.hf.cache import RevisionFetcher, SweepLedger, hub_cache_dir
 from spectra.hf.capture import (
     CAPTURE_ATTENTION,
     attention_modules,
@@ -58,7 +60,6 @@ from spectra.hf.revisions import (
     FetchedRevision,
     ModelSource,
     Revision,
-    fetch_revision,
     parse_source,
     plan_revisions,
 )
@@ -407,7 +408,7 @@ def extract_public(
     *,
     batch: str | os.PathLike,
     out: str | os.PathLike,
-    revisions: list[str] | None = None,
+    revisions: str | Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     drop_first: int = 0,
@@ -415,6 +416,8 @@ def extract_public(
     force: bool = False,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    evict: bool | None = None,
+    on_note: Callable[[str], object] | None = None,
 ) -> ExtractResult:
     """Add the spectra of a public model's revisions that the cube does not hold yet.
 
@@ -430,7 +433,8 @@ def extract_public(
     out
         The cube to create or extend.
     revisions
-        ``REV`` or ``REV:STEP`` items (default: ``main``, every sub-directory, or ``.``).
+        A selection (:mod:`spectra.hf.selection`): ``REV`` or ``REV:STEP`` names, ``all``, globs, ``every:N``,
+        ``log:K``, ``range:A-B``, comma-separated or as a list (default: ``main``, every sub-directory, or ``.``).
     device, dtype
         Where and in which precision the forward pass runs (``float32``, ``bfloat16``, ``float16``).
     drop_first
@@ -444,6 +448,12 @@ def extract_public(
         Progress bars on stderr.
     cache_dir
         The Hugging Face cache (default: ``huggingface_hub``'s, ``HF_HUB_CACHE``).
+    evict
+        Hub sources: delete each revision this sweep brought into the cache as soon as its spectra are in the
+        cube (:mod:`spectra.hf.cache`). Default: True for the hub; a local source is never deleted.
+    on_note
+        Called with each line about what the selection leaves out (names without a step, rules that select
+        nothing, gaps) and what was evicted; None: no notes.
 
     Returns
     -------
@@ -453,18 +463,24 @@ def extract_public(
     Notes
     -----
     Incremental and atomic like :func:`spectra.extract.run.extract`: revisions whose step the cube holds are
-    neither downloaded nor loaded; the cube is written to a temporary file and renamed, at most once a
-    minute during a long extraction. One model is in memory at a time.
+    neither downloaded nor loaded; the cube is written to a temporary file and renamed, after every revision
+    that is to be evicted and otherwise at most once a minute. One model is in memory at a time; on the hub,
+    the next revision downloads while one is measured.
 
     Raises
     ------
     SpectraError
-        An unknown source, revision, or architecture; weights that are not safetensors; a tokenizer
-        mismatch (without ``force``); revisions of different architectures; an existing cube of something
-        else; a batch that does not fit the model.
+        An unknown source, revision, or architecture; a selection with a revision without a step or two
+        revisions at one step; weights that are not safetensors; a tokenizer mismatch (without ``force``);
+        revisions of different architectures; an existing cube of something else; a batch that does not fit the
+        model; ``evict`` for a local source.
     """
     src = parse_source(source)
-    planned = plan_revisions(src, revisions, tokens_per_step=tokens_per_step)
+    plan = plan_revisions(src, revisions, tokens_per_step=tokens_per_step).check()
+    evicting = _evict_choice(src, evict)
+    note = on_note or (lambda line: None)
+    for line in plan.notes():
+        note(line)
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise SpectraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -473,9 +489,26 @@ def extract_public(
     with ExclusiveLock(out, f"cube {out}"):
         remove_stale_temporaries(out)  # under the lock: debris of a killed extraction of this cube
         existing, entries = _existing_cube(out, job)
-        todo, skipped = _revisions_to_do(out, planned, entries)
-        added = _extract_revisions(job, todo, out, existing, entries, progress) if todo else []
+        todo, skipped = _revisions_to_do(out, list(plan.revisions), entries)
+        ledger = SweepLedger.open(out, src.model_id, hub_cache_dir(cache_dir)) if evicting else None
+        with RevisionFetcher(src, todo, cache_dir=cache_dir, ledger=ledger, progress=progress) as fetcher:
+            added = _extract_revisions(job, todo, out, existing, entries, progress, fetcher) if todo else []
+        if fetcher.evicted:
+            note(
+                f"evicted from the Hugging Face cache once measured: {len(fetcher.evicted)} revisions "
+                f"({fetcher.freed / 1e9:.2f} GB)"
+            )
         return ExtractResult(path=out, added=tuple(r.step for r in added), skipped=skipped)
+
+
+def _evict_choice(source: ModelSource, evict: bool | None) -> bool:
+    """``evict`` resolved: by default on for the hub, off for local sources (which are never deleted)."""
+    if evict and source.kind != "hub":
+        raise SpectraError(
+            f"--evict deletes revisions from the Hugging Face cache; {source.spec} is a local directory, which "
+            "extraction never deletes"
+        )
+    return source.kind == "hub" if evict is None else evict
 
 
 @dataclass(frozen=True)
@@ -551,16 +584,19 @@ def _extract_revisions(
     existing: xr.Dataset | None,
     entries: list[dict[str, Any]],
     progress: bool,
+    fetcher: RevisionFetcher,
 ) -> list[Revision]:
-    """Measure ``todo`` one model at a time, rewriting the cube at most once a minute and at the end."""
+    """Measure ``todo`` one model at a time as ``fetcher`` hands them over; rewrite the cube after each revision
+    that is then evicted, else at most once a minute, and at the end."""
     new: list[xr.Dataset] = []
     added: list[Revision] = []
-    key = None
+    key, flushed = None, 0
     last_flush = time.monotonic()
     bar = tqdm(todo, desc=f"extract {job.source.model_id}", unit="rev", disable=not progress)
     for rev in bar:
         bar.set_postfix(revision=rev.label)
-        loaded, attrs, entry = _load_revision(job, rev)
+        fetched = fetcher.next()
+        loaded, attrs, entry = _load_revision(job, fetched)
         if key is None:
             key = attrs["architecture_key"]
             if existing is not None:
@@ -576,18 +612,20 @@ def _extract_revisions(
         gc.collect()
         if job.device.type == "cuda":
             torch.cuda.empty_cache()
-        if time.monotonic() - last_flush > _FLUSH_SECONDS and len(new) < len(todo):
+        if fetcher.will_evict(fetched) or time.monotonic() - last_flush > _FLUSH_SECONDS:
             write_cube(_finish(combine_steps(existing, new, _history(job, added)), entries), out)
-            last_flush = time.monotonic()
+            flushed, last_flush = len(new), time.monotonic()
+        fetcher.measured(fetched)  # its spectra are on disk now: evicted if the sweep downloaded it
     bar.close()
-    write_cube(_finish(combine_steps(existing, new, _history(job, added)), entries), out)
+    if flushed < len(new):
+        write_cube(_finish(combine_steps(existing, new, _history(job, added)), entries), out)
     return added
 
 
-def _load_revision(job: _Job, rev: Revision) -> tuple[PublicModel, dict[str, Any], dict[str, Any]]:
-    """One revision fetched, its tokenizer checked against the dataset's, and its model loaded: the model, the
+def _load_revision(job: _Job, fetched: FetchedRevision) -> tuple[PublicModel, dict[str, Any], dict[str, Any]]:
+    """One fetched revision's tokenizer checked against the dataset's and its model loaded: the model, the
     cube's attributes for it, and its entry in the cube's ``revisions`` record."""
-    fetched = fetch_revision(job.source, rev, cache_dir=job.cache_dir)
+    rev = fetched.revision
     model_tokenizer = fetched.directory / TOKENIZER_FILE
     match = check_tokenizer(
         job.dataset_tokenizer, model_tokenizer if model_tokenizer.is_file() else None, force=job.force

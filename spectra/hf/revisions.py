@@ -1,13 +1,18 @@
-"""Public models as sources of checkpoints: hub names or local directories, revisions, steps and tokens.
+"""Public models as sources of checkpoints: hub names or local directories, their revisions, steps and tokens.
 
 A source is one of
 
-- ``hf:ORG/NAME``: a model on the Hugging Face hub; its revisions are branch, tag or commit names
-  (Pythia: ``step0`` ... ``step143000``; OLMo-2: ``stage1-step1000-tokens5B``; default ``main``);
+- ``hf:ORG/NAME``: a model on the Hugging Face hub; its revisions are its branches, listed with
+  ``huggingface_hub.list_repo_refs`` (Pythia: ``step0`` ... ``step143000``; OLMo-2: ``stage1-step1000-tokens5B``),
+  or any tag or commit given by name; default ``main``;
 - a local model directory (``config.json`` and safetensors weights, as ``save_pretrained`` writes them);
   its one revision is ``.``, the directory itself;
 - a local directory whose sub-directories are model directories, one per revision, named like hub
   revisions (``step0/``, ``step1000/``); by default every one of them.
+
+Which revisions are read is a selection over that list (:mod:`spectra.hf.selection`: names, ``all``, globs,
+``every:N``, ``log:K``, ``range:A-B``); :func:`plan_revisions` resolves it into a :class:`RevisionPlan` without
+downloading anything.
 
 Each revision becomes a ``step`` of the cube, with ``tokens`` by the first rule that applies
 (:func:`tokens_for`): ``--tokens-per-step`` times the step; the token count in an OLMo-2-style name
@@ -16,22 +21,21 @@ of 2048 tokens, for a model whose name starts with ``pythia-``); else NaN. The s
 ``step<N>`` in the name, or from ``REV:STEP`` when the name has none (``main:143000``: the step the
 checkpoint was taken at).
 
-Hub files are fetched with ``huggingface_hub.hf_hub_download`` (its cache, its offline mode, its token
-for gated models) into a local snapshot directory, after which a hub revision is read exactly like a
-local directory. Only ``config.json``, the tokenizer files and safetensors weights are fetched: a
-revision without safetensors weights is refused, pickle weights are never downloaded or loaded.
+Fetching a revision's files (and the Hugging Face cache) is :mod:`spectra.hf.cache`'s. This module reads no
+weights and imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from spectra.errors import SpectraError
+from spectra.hf.selection import NAMED, Outcome, parse_selection, select
 
 HUB_PREFIX = "hf:"
 """Prefix of a hub model name on the command line."""
@@ -81,6 +85,8 @@ class Revision:
     """Training tokens at this revision, NaN where no rule gives them."""
     tokens_rule: str
     """How ``tokens`` was obtained, in words."""
+    selected_by: str = NAMED
+    """The ``--revisions`` item that selected it (``named``, ``all``, a glob, ``log:30``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -183,168 +189,234 @@ def tokens_for(model_id: str, label: str, step: int, tokens_per_step: int | None
     return math.nan, "unknown: no rule applies (pass --tokens-per-step)"
 
 
-def _split_spec(item: str) -> tuple[str, int | None]:
-    """``REV`` or ``REV:STEP`` (a git ref name cannot contain a colon)."""
-    if ":" not in item:
-        return item, None
-    label, step = item.rsplit(":", 1)
-    if not step.isdigit():
-        raise SpectraError(f"revision {item!r}: the part after ':' must be the step, a non-negative integer")
-    return label, int(step)
+def _model_dir_step(source: ModelSource) -> int | None:
+    return step_of(source.model_id)
+
+
+def list_revisions(source: ModelSource) -> list[str]:
+    """Every revision the source offers, by name: the hub's branches (``huggingface_hub.list_repo_refs``), the
+    model sub-directories of a revisions directory, or ``.`` for one model directory; nothing is downloaded.
+
+    Raises
+    ------
+    SpectraError
+        The hub cannot be asked (offline mode, no network, an unknown or gated model), in one line.
+    """
+    if source.kind == "model-dir":
+        return ["."]
+    if source.kind == "revisions-dir":
+        assert source.root is not None
+        return [p.name for p in _revision_dirs(source.root)]
+    return _hub_branches(source.model_id)
+
+
+def _hub_branches(repo: str) -> list[str]:
+    """The branch names of a hub model (one call to the hub, no file downloaded)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        refs = huggingface_hub.list_repo_refs(repo)
+    except OfflineModeIsEnabled:
+        raise SpectraError(
+            f"hf:{repo}: its revisions cannot be listed in offline mode (HF_HUB_OFFLINE is set); all, globs, "
+            "every:N, log:K, range:A-B and --list-revisions ask the hub: name the revisions (REV or REV:STEP) instead"
+        ) from None
+    except GatedRepoError:
+        raise SpectraError(
+            f"hf:{repo} is gated: accept its licence on the hub and log in (HF_TOKEN or `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SpectraError(f"hf:{repo}: no such model on the hub (or it is private)") from None
+    except Exception as e:  # the network, the hub: one line instead of a traceback, naming what failed
+        raise SpectraError(
+            f"hf:{repo}: cannot list its revisions on the hub ({type(e).__name__}: {e}); check the network, or "
+            "name the revisions (REV or REV:STEP) instead"
+        ) from None
+    return sorted(b.name for b in refs.branches)
+
+
+@dataclass(frozen=True)
+class RevisionPlan:
+    """What a ``--revisions`` value resolves to for one source (:func:`plan_revisions`); nothing downloaded."""
+
+    source: ModelSource
+    request: str
+    """The selection as given (comma-separated)."""
+    revisions: tuple[Revision, ...]
+    """The selected revisions that have a step, sorted by step."""
+    listed: tuple[str, ...] | None
+    """Every revision the source lists, when it was listed (a rule or ``--list-revisions`` asked for it)."""
+    outcome: Outcome
+    """The selection's own account: its pool, the listed names without a step, rules that picked nothing."""
+    problems: tuple[str, ...]
+    """Why the selection cannot be extracted as it stands (a selected name without a step, two revisions at
+    one step); empty when it can."""
+
+    def check(self) -> RevisionPlan:
+        """The plan itself when it can be extracted, else a :class:`SpectraError` with its first problem."""
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+            raise SpectraError(self.problems[0] + more)
+        return self
+
+    def notes(self) -> list[str]:
+        """One line per thing the selection leaves out or finds odd, so that nothing is dropped silently."""
+        out = []
+        if self.outcome.without_step:
+            out.append(
+                f"{self.source.spec}: not selected, no step in the name (add one as REV:STEP): "
+                + ", ".join(self.outcome.without_step)
+            )
+        out += [f"{self.source.spec}: {rule} selects no revision" for rule in self.outcome.empty_rules]
+        gaps = self.outcome.gaps
+        if gaps:
+            out.append(
+                f"{self.source.spec}: gaps in the steps the rules drew from: "
+                + "; ".join(g.describe() for g in gaps)
+            )
+        return out
+
+    def describe(self, done: Collection[int] = ()) -> list[str]:
+        """The plan as lines of text: a header, one row per revision (``done``: steps a cube already holds),
+        the tokens rules, the notes and the problems."""
+        listed = f"{len(self.listed)} revisions listed, " if self.listed is not None else ""
+        lines = [f"{self.source.spec}: {listed}{len(self.revisions)} selected by {self.request!r}"]
+        rules = list(dict.fromkeys(r.tokens_rule for r in self.revisions))
+        rows = [
+            (
+                r.label,
+                str(r.step),
+                _tokens_text(r.tokens),
+                r.selected_by,
+                f"[{rules.index(r.tokens_rule) + 1}]",
+            )
+            + (("in the cube" if r.step in done else "to extract",) if done else ())
+            for r in self.revisions
+        ]
+        header = ("revision", "step", "tokens", "selected by", "tokens rule") + (("cube",) if done else ())
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append(
+                "  ".join(
+                    cell.ljust(w) if i != 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+                ).rstrip()
+            )
+        lines += [f"[{i + 1}] tokens: {rule}" for i, rule in enumerate(rules)]
+        return lines + self.notes() + [f"problem: {p}" for p in self.problems]
+
+
+def _tokens_text(tokens: float) -> str:
+    return "unknown" if math.isnan(tokens) else f"{int(tokens):,}"
+
+
+def _named_checks(source: ModelSource, outcome: Outcome) -> None:
+    """Refuse names that cannot be a revision of this source (before anything is listed or fetched)."""
+    for choice in outcome.chosen:
+        if choice.rule != NAMED:
+            continue
+        if source.kind == "model-dir" and choice.label != ".":
+            raise SpectraError(
+                f"{source.spec} is one model directory: its revision is '.' (or '.:STEP'), not {choice.label!r}"
+            )
+        if source.kind == "revisions-dir":
+            assert source.root is not None
+            if not _is_model_dir(source.root / choice.label):
+                raise SpectraError(
+                    f"{source.root / choice.label}: no such revision directory (no {CONFIG_FILE})"
+                )
+
+
+def _problems(source: ModelSource, outcome: Outcome) -> list[str]:
+    problems = [
+        f"revision {c.label!r} of {source.model_id}: its name has no step (step<N>); give it as {c.label}:STEP "
+        "with the step the checkpoint was taken at"
+        for c in outcome.chosen
+        if c.step is None
+    ]
+    for step, labels in sorted(outcome.duplicates.items()):
+        problems.append(
+            f"revisions {', '.join(repr(x) for x in labels)} both stand for step {step}; a cube holds one "
+            "checkpoint per step (select one naming, e.g. with a glob such as 'stage1-*', and extract OLMo-2 "
+            "stages or other restarts into separate cubes)"
+        )
+    return problems
 
 
 def plan_revisions(
-    source: ModelSource, revisions: list[str] | None = None, *, tokens_per_step: int | None = None
-) -> list[Revision]:
-    """The revisions to read, with their steps and tokens, sorted by step; nothing is downloaded.
+    source: ModelSource,
+    revisions: str | Sequence[str] | None = None,
+    *,
+    tokens_per_step: int | None = None,
+    listing: bool = False,
+) -> RevisionPlan:
+    """The revisions a ``--revisions`` value selects, with their steps and tokens; nothing is downloaded.
 
     Parameters
     ----------
     source
         From :func:`parse_source`.
     revisions
-        ``REV`` or ``REV:STEP`` items; default: ``main`` on the hub, every sub-directory of a revisions
-        directory, ``.`` for a model directory.
+        A selection (:mod:`spectra.hf.selection`): names ``REV`` or ``REV:STEP``, ``all``, globs, ``every:N``,
+        ``log:K``, ``range:A-B``, comma-separated or as a list. Default: ``main`` on the hub, ``all`` for a
+        revisions directory, ``.`` for a model directory.
     tokens_per_step
         Tokens per optimizer step, overriding the family rules.
+    listing
+        List the source's revisions even when the selection holds only names (for ``--list-revisions``).
+
+    Returns
+    -------
+    RevisionPlan
+        The selected revisions sorted by step, what was listed, the notes and the problems; call
+        :meth:`RevisionPlan.check` before extracting.
 
     Raises
     ------
     SpectraError
-        A revision without a step (no ``step<N>`` in its name and no ``:STEP``), two revisions at the same
-        step, a sub-directory that does not exist, a non-positive ``tokens_per_step``.
+        A malformed selection, a sub-directory that does not exist, a revision other than ``.`` of a model
+        directory, a non-positive ``tokens_per_step``, a hub that cannot be asked for its list of revisions.
     """
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise SpectraError(f"--tokens-per-step must be positive, got {tokens_per_step}")
-    if revisions is None or not revisions:
-        if source.kind == "revisions-dir":
-            assert source.root is not None
-            revisions = [p.name for p in _revision_dirs(source.root)]
-        else:
-            revisions = ["main" if source.kind == "hub" else "."]
-    planned: dict[int, Revision] = {}
-    for item in revisions:
-        label, step = _split_spec(item.strip())
-        if not label:
-            raise SpectraError(f"revision {item!r}: empty name")
-        if source.kind == "model-dir" and label != ".":
-            raise SpectraError(
-                f"{source.spec} is one model directory: its revision is '.' (or '.:STEP'), not {label!r}"
-            )
-        if source.kind == "revisions-dir":
-            assert source.root is not None
-            if not _is_model_dir(source.root / label):
-                raise SpectraError(f"{source.root / label}: no such revision directory (no {CONFIG_FILE})")
-        name = source.model_id if label == "." else label
-        step = step if step is not None else step_of(name)
-        if step is None:
-            raise SpectraError(
-                f"revision {label!r} of {source.model_id}: its name has no step (step<N>); give it as "
-                f"{label}:STEP with the step the checkpoint was taken at"
-            )
-        if step in planned:
-            raise SpectraError(
-                f"revisions {planned[step].label!r} and {label!r} both stand for step {step}; a cube holds one "
-                "checkpoint per step (extract OLMo-2 stages or other restarts into separate cubes)"
-            )
-        tokens, rule = tokens_for(source.model_id, name, step, tokens_per_step)
-        planned[step] = Revision(label=label, step=step, tokens=tokens, tokens_rule=rule)
-    return [planned[s] for s in sorted(planned)]
+    if revisions is None or (not isinstance(revisions, str) and not revisions):
+        revisions = {"hub": "main", "revisions-dir": "all", "model-dir": "."}[source.kind]
+    selection = parse_selection(revisions)
 
+    def step_from_name(label: str) -> int | None:
+        return _model_dir_step(source) if label == "." else step_of(label)
 
-def _hub_file(repo: str, filename: str, revision: str, cache_dir: str | os.PathLike | None) -> Path | None:
-    """A hub file in the local cache, downloaded if needed; None if the revision has no such file."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    listed = list_revisions(source) if (selection.needs_listing or listing) else None
+    pairs = None if listed is None else [(name, step_from_name(name)) for name in listed]
+    outcome = select(selection, pairs, step_of=step_from_name)
+    _named_checks(source, outcome)
+    planned = []
+    for choice in outcome.chosen:
+        if choice.step is None:
+            continue
+        name = source.model_id if choice.label == "." else choice.label
+        tokens, rule = tokens_for(source.model_id, name, choice.step, tokens_per_step)
+        planned.append(Revision(choice.label, choice.step, tokens, rule, choice.rule))
+    return RevisionPlan(
+        source=source,
+        request=",".join(selection.order),
+        revisions=tuple(planned),
+        listed=None if listed is None else tuple(listed),
+        outcome=outcome,
+        problems=tuple(_problems(source, outcome)),
     )
-
-    try:
-        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
-    except GatedRepoError:
-        raise SpectraError(
-            f"hf:{repo} is gated: accept its licence on the hub and log in (HF_TOKEN or `hf auth login`)"
-        ) from None
-    except RevisionNotFoundError:
-        raise SpectraError(f"hf:{repo} has no revision {revision!r}") from None
-    except RepositoryNotFoundError:
-        raise SpectraError(f"hf:{repo}: no such model on the hub (or it is private)") from None
-    except EntryNotFoundError:  # absent from the revision, or offline and not in the cache
-        return None
-
-
-def _fetch_hub(source: ModelSource, rev: Revision, cache_dir: str | os.PathLike | None) -> FetchedRevision:
-    repo, label = source.model_id, rev.label
-    config = _hub_file(repo, CONFIG_FILE, label, cache_dir)
-    if config is None:
-        raise SpectraError(
-            f"hf:{repo} revision {label!r}: no {CONFIG_FILE} on the hub or, offline, in the local cache"
-        )
-    for name in _OPTIONAL_FILES:
-        _hub_file(repo, name, label, cache_dir)
-    index = _hub_file(repo, SAFETENSORS_INDEX, label, cache_dir)
-    if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        for shard in shards:
-            if _hub_file(repo, shard, label, cache_dir) is None:
-                raise SpectraError(
-                    f"hf:{repo} revision {label!r}: shard {shard} of {SAFETENSORS_INDEX} is missing"
-                )
-    elif _hub_file(repo, SAFETENSORS_FILE, label, cache_dir) is None:
-        raise SpectraError(
-            f"hf:{repo} revision {label!r} has no safetensors weights ({SAFETENSORS_FILE} or "
-            f"{SAFETENSORS_INDEX}) on the hub or, offline, in the local cache; pickle weights "
-            "(pytorch_model.bin) are never loaded"
-        )
-    directory = config.parent  # the cache's snapshots/<commit>/ directory
-    return FetchedRevision(rev, directory, directory.name if _COMMIT_RE.match(directory.name) else "")
-
-
-def check_safetensors(directory: Path, what: str) -> None:
-    """Refuse a model directory without safetensors weights, naming the pickle files it has instead."""
-    if (directory / SAFETENSORS_FILE).is_file() or (directory / SAFETENSORS_INDEX).is_file():
-        return
-    pickles = [name for name in PICKLE_WEIGHTS if (directory / name).is_file()]
-    found = f" (it has {', '.join(pickles)}: pickle weights, which are never loaded)" if pickles else ""
-    raise SpectraError(
-        f"{what}: no safetensors weights ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX}) in {directory}{found}"
-    )
-
-
-def fetch_revision(
-    source: ModelSource, rev: Revision, *, cache_dir: str | os.PathLike | None = None
-) -> FetchedRevision:
-    """Make one revision available as a local model directory (downloading it from the hub if needed).
-
-    Raises
-    ------
-    SpectraError
-        A revision without safetensors weights (pickle weights are refused), an unknown or gated
-        repository or revision, or files missing offline.
-    """
-    if source.kind == "hub":
-        fetched = _fetch_hub(source, rev, cache_dir)
-    else:
-        assert source.root is not None
-        directory = source.root if rev.label == "." else source.root / rev.label
-        fetched = FetchedRevision(rev, directory, "")
-    what = f"{source.spec} revision {rev.label!r}" if rev.label != "." else source.spec
-    check_safetensors(fetched.directory, what)
-    return fetched
 
 
 __all__ = [
+    "CONFIG_FILE",
     "HUB_PREFIX",
     "PYTHIA_TOKENS_PER_STEP",
     "FetchedRevision",
     "ModelSource",
     "Revision",
-    "check_safetensors",
-    "fetch_revision",
+    "RevisionPlan",
     "is_public_source",
+    "list_revisions",
     "parse_source",
     "plan_revisions",
     "step_of",
