@@ -15,7 +15,7 @@ fi
 if [ -n "${1:-}" ]; then spec=".[${1}]"; else spec="."; fi
 stamp=".venv/.collapse-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) torch==2.13.0 $spec"
-# an install with more extras also serves a request for fewer: "dev,hf" is covered by "dev,hf,eval,slurm,dask"
+# an install with more extras also serves a request for fewer: "dev,hf" is covered by "dev,hf,eval,slurm,tensorboard,dask"
 covered=false
 if [ -f "$stamp" ]; then
     read -r have_hash have_torch have_spec < "$stamp" || true
