@@ -46,6 +46,7 @@ __all__ = [
     "CUBE_SOFTWARE",
     "CUBE_VARIABLES",
     "DEFAULT_SITE",
+    "DEFAULT_VARIANT",
     "DamagedCubeError",
     "Measurement",
     "RUN_COORDS",
@@ -87,8 +88,10 @@ CUBE_VARIABLES: dict[str, tuple[str, ...]] = {
     "val_loss": ("step",),
 }
 """Every cube's data variables and their dimensions (docs/cube.md); a cube without one is damaged."""
-RUN_COORDS = ("qk_norm", "optimizer", "seed", "data")
+RUN_COORDS = ("qk_norm", "optimizer", "muon_qkvo", "weights_dtype", "seed", "data")
 """Global attributes that [`open_cubes`][spectra.cube.open_cubes] turns into ``run`` coordinates."""
+DEFAULT_VARIANT = {"muon_qkvo": "separate", "weights_dtype": "float32"}
+"""The values of the run attributes a cube written before they existed lacks: every run then trained so."""
 
 COMPRESSION = {"zlib": True, "complevel": 4, "shuffle": True}
 """NetCDF4 encoding of every data variable."""
@@ -146,8 +149,14 @@ _COORD_ATTRS: dict[str, dict[str, str]] = {
 
 _RUN_COORD_ATTRS = {
     "run": {"long_name": "run (the cube's run_name, made unique among the cubes opened)"},
-    "qk_norm": {"long_name": "QK-norm variant (none, learned, frozen)"},
+    "qk_norm": {"long_name": "QK-norm variant (none, learned, frozen, frozen_k)"},
     "optimizer": {"long_name": "optimizer of the 2-D hidden matrices (muon, adamw)"},
+    "muon_qkvo": {
+        "long_name": "optim.muon_qkvo: separate, fused or separate_stacked_lr (acts under muon only)"
+    },
+    "weights_dtype": {
+        "long_name": "train.weights_dtype: float32, float64 or bfloat16 (pure bfloat16 training)"
+    },
     "seed": {"long_name": "training seed", "units": "1"},
     "data": {"long_name": "training dataset"},
     "eval_batch_sha256": {"long_name": "sha256 of the fixed batch the spectra were computed on"},
@@ -566,6 +575,8 @@ def _unique_labels(names: list[str], seeds: list[int], files: list[Path]) -> lis
 
 
 def _run_attr(ds: xr.Dataset, file: Path, name: str) -> str | int:
+    if name not in ds.attrs and name in DEFAULT_VARIANT:
+        return DEFAULT_VARIANT[name]
     if name not in ds.attrs:
         raise SpectraError(
             f"{file}: global attribute {name!r} is missing; a cube records {', '.join(RUN_COORDS)}"

@@ -26,4 +26,6 @@ def test_torch_free_modules_exist():
     contract = next(c for c in _contracts() if "torch" in c["forbidden_modules"])
     for module in contract["source_modules"]:
         path = ROOT / Path(*module.split("."))
-        assert path.with_suffix(".py").exists() or (path / "__init__.py").exists(), module  # a module or package
+        assert path.with_suffix(".py").exists() or (path / "__init__.py").exists(), (
+            module
+        )  # a module or package

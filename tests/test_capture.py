@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 from helpers import perturbed_llm, tiny_model_config
@@ -152,3 +155,29 @@ def test_bad_batches_and_arguments():
             capture_qk(model, kwargs["input_ids"], drop_first=kwargs["drop_first"])
     with pytest.raises(SpectraError, match="layers must be"):
         capture_qk(model, batch(), layers=[2])
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rope_site_follows_the_models_layout(layout):
+    # written out here from the definition, in float64: pair i turns by angle t * theta^(-2i/D); in the
+    # half layout pair i is the coordinates (i, i + D/2), in the interleaved one (2i, 2i + 1)
+    model = perturbed_llm(replace(tiny_model_config("learned"), rope_layout=layout), 0).eval()
+    d = 3
+    lq = capture_qk(model, batch(), drop_first=d)[0]
+    D, theta = 8, model.cfg.rope_theta
+    pairs = (
+        [(i, i + D // 2) for i in range(D // 2)]
+        if layout == "half"
+        else [(2 * i, 2 * i + 1) for i in range(D // 2)]
+    )
+    normed = lq.k["normed"].double().view(2, B, T - d, D).numpy()  # (Hkv, B, T', D)
+    pos = np.arange(d, T)[None, :, None]  # positions d .. T-1
+    expected = normed.copy()
+    for i, (a, b) in enumerate(pairs):
+        angle = pos[..., 0] * theta ** (-2.0 * i / D)  # (1, T')
+        c, s = np.cos(angle), np.sin(angle)
+        expected[..., a] = normed[..., a] * c - normed[..., b] * s
+        expected[..., b] = normed[..., a] * s + normed[..., b] * c
+    # entries |x| <= sqrt(D) max|gamma| (about 4); float32 tables (rounded from float64 angles), two products
+    # and a sum: within 4 u |x| = 1e-6 of the float64 rotation, so atol 1e-5; the other layout is O(1) off
+    np.testing.assert_allclose(lq.k["rope"].view(2, B, T - d, D).numpy(), expected, atol=1e-5)

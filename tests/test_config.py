@@ -53,6 +53,99 @@ def test_paper_preset_matches_the_source_documents():
     assert (o.weight_decay, o.norm_weight_decay, o.grad_clip, o.schedule) == (0.2, 0.2, 1.0, "constant")
 
 
+@pytest.mark.parametrize("name", ["seed-88m", "seed-tiny"])
+def test_seed_presets_are_the_source_documents_choices(name):
+    """Every difference of docs/replication.md, as the code behind the source documents has it."""
+    cfg = load_config(name)
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.rope_layout, m.norm_eps, m.resolved_norm_eps) == ("interleaved", "dtype", None)
+    assert (m.init_std, m.init_scheme, m.embed_scale, m.qk_norm) == (
+        0.02,
+        "unscaled",
+        "sqrt_d_model",
+        "learned",
+    )
+    assert (o.name, o.lr, o.muon_lr, o.muon_momentum, o.muon_nesterov, o.muon_ns_steps) == (
+        "muon",
+        0.006,
+        0.024,
+        0.95,
+        True,
+        5,
+    )
+    assert (o.muon_coefficients, o.muon_ns_dtype, o.muon_qkvo, o.muon_weight_decay) == (
+        "polar_express_seed",
+        "bfloat16",
+        "fused",
+        0.0,
+    )
+    assert (o.weight_decay, o.norm_weight_decay, o.betas, o.eps) == (0.2, 0.2, (0.9, 0.999), 1e-8)
+    assert (o.grad_clip, o.schedule, o.warmup_frac) == (1.0, "constant", 0.0)
+    assert t.weights_dtype == "float32"  # the issue: the study, not the preset, sets pure bfloat16
+    sizes = load_config("paper-88m" if name == "seed-88m" else "tiny").model
+    assert {
+        f: getattr(m, f) for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+    } == {
+        f: getattr(sizes, f) for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.norm_eps=machine"], r"model.norm_eps: 'machine' does not match"),
+        (["model.norm_eps=-1.0"], r"model.norm_eps must be non-negative or 'dtype', got -1.0"),
+        (
+            ["model.rope_layout=adjacent"],
+            r"model.rope_layout: 'adjacent' is not one of 'half', 'interleaved'",
+        ),
+        (["optim.muon_qkvo=joint"], r"optim.muon_qkvo: 'joint' is not one of"),
+        (
+            ["optim.muon_qkvo=fused", "optim.muon_impl=torch"],
+            r"optim.muon_qkvo='fused' needs optim.muon_impl='batched' \(torch.optim.Muon orthogonalises one",
+        ),
+        (
+            ["optim.muon_qkvo=separate_stacked_lr", "optim.muon_impl=torch"],
+            r"optim.muon_qkvo='separate_stacked_lr' needs optim.muon_impl='batched'",
+        ),
+        (
+            ["optim.muon_qkvo=fused", "model.head_dim=16"],
+            r"it needs n_heads \* head_dim = 64 to equal model.d_model = 128",
+        ),
+        (
+            ["optim.muon_coefficients=polar_express_seed", "optim.muon_impl=torch"],
+            r"optim.muon_coefficients='polar_express_seed' needs optim.muon_impl='batched'",
+        ),
+        (["optim.muon_coefficients=polar_express_seed", "optim.muon_ns_steps=4"], r"is a set of 5 steps"),
+    ],
+)
+def test_replication_fields_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_replication_fields_accept_their_values():
+    cfg = load_config(
+        "tiny",
+        [
+            "model.norm_eps=dtype",
+            "model.qk_norm=frozen_k",
+            "optim.muon_qkvo=separate_stacked_lr",
+            "train.weights_dtype=bfloat16",
+            "optim.muon_coefficients=polar_express_seed",
+        ],
+    )
+    assert cfg.model.norm_eps == "dtype" and cfg.model.resolved_norm_eps is None
+    assert load_config("tiny", ["model.norm_eps=1e-5"]).model.resolved_norm_eps == 1e-5
+    assert (cfg.model.qk_norm, cfg.optim.muon_qkvo, cfg.train.weights_dtype) == (
+        "frozen_k",
+        "separate_stacked_lr",
+        "bfloat16",
+    )
+    # AdamW has no stacks to fuse: a width that fused Muon refuses is fine there
+    assert load_config("tiny", ["optim.name=adamw", "optim.muon_qkvo=fused", "model.head_dim=16"])
+
+
 def test_override_sets_a_typed_value():
     cfg = load_config("tiny", ["optim.lr=3e-3"])
     assert cfg.optim.lr == 3e-3 and isinstance(cfg.optim.lr, float)
@@ -198,7 +291,7 @@ def test_toml_file_errors_name_the_file(tmp_path):
         load_config("no-such-preset")
 
 
-@pytest.mark.parametrize("name", ["tiny", "paper-88m"])
+@pytest.mark.parametrize("name", ["tiny", "paper-88m", "seed-tiny", "seed-88m"])
 def test_to_toml_round_trip(name, tmp_path):
     cfg = load_config(name, ["train.milestones=list", "train.milestone_tokens=[0, 1000, 5000]"])
     assert run_config_from_dict(tomllib.loads(cfg.to_toml())) == cfg

@@ -24,11 +24,16 @@ pytestmark = [
 
 
 def overrides(
-    vocab: int, batch_size: int, optim: str = "muon", impl: str = "batched", ns_dtype: str = "bfloat16"
+    vocab: int,
+    batch_size: int,
+    optim: str = "muon",
+    impl: str = "batched",
+    ns_dtype: str = "bfloat16",
+    qkvo: str = "separate",
 ) -> list[str]:
     return tiny_overrides(
         vocab,
-        optim={"name": optim, "muon_impl": impl, "muon_ns_dtype": ns_dtype},
+        optim={"name": optim, "muon_impl": impl, "muon_ns_dtype": ns_dtype, "muon_qkvo": qkvo},
         tokens=1280,  # 5 steps of 2 x 4 x 32 (world size 2) or 1 x 8 x 32 tokens
         batch_size=batch_size,
         grad_accum=1,
@@ -87,25 +92,26 @@ RTOL = ATOL = 1e-10
 
 
 @pytest.mark.parametrize(
-    ("optim", "impl", "ns_dtype"),
+    ("optim", "impl", "ns_dtype", "qkvo"),
     [
-        ("adamw", "batched", "bfloat16"),
-        ("muon", "batched", "float64"),
-        ("muon", "batched", "bfloat16"),
-        ("muon", "torch", "bfloat16"),
+        ("adamw", "batched", "bfloat16", "separate"),
+        ("muon", "batched", "float64", "separate"),
+        ("muon", "batched", "float64", "fused"),  # the source documents' stacked [W_q; W_k; W_v; W_o]
+        ("muon", "batched", "bfloat16", "separate"),
+        ("muon", "torch", "bfloat16", "separate"),
     ],
 )
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, tiny_data_dir, tiny_vocab, optim, impl, ns_dtype
+    tmp_path, tiny_data_dir, tiny_vocab, optim, impl, ns_dtype, qkvo
 ):
     data_dir, vocab = tiny_data_dir, tiny_vocab
     ddp_out = tmp_path / "ddp"
-    sets = overrides(vocab, batch_size=4, optim=optim, impl=impl, ns_dtype=ns_dtype)
+    sets = overrides(vocab, batch_size=4, optim=optim, impl=impl, ns_dtype=ns_dtype, qkvo=qkvo)
     torchrun(2, data_dir, ddp_out, sets, timeout=180)
 
     single_out = tmp_path / "single"
     train(
-        load_config("tiny", [*overrides(vocab, 8, optim, impl, ns_dtype), "name='ddp'"]),
+        load_config("tiny", [*overrides(vocab, 8, optim, impl, ns_dtype, qkvo), "name='ddp'"]),
         data_dir,
         single_out,
         progress=False,

@@ -461,7 +461,9 @@ def test_command_scores_a_directory_of_runs(tmp_path: Path, eval_run: Path, task
 # --------------------------------------------------------------------------------------------------
 
 
-def test_dataset_tasks_are_held_out_seeded_and_scored(tmp_path: Path, tiny_data_dir: Path, eval_run: Path) -> None:
+def test_dataset_tasks_are_held_out_seeded_and_scored(
+    tmp_path: Path, tiny_data_dir: Path, eval_run: Path
+) -> None:
     from spectra.evals.tasks import N_CHOICES, read_split_documents, write_dataset_tasks
 
     written = write_dataset_tasks(tiny_data_dir, tmp_path / "a", n_docs=20, seed=1, min_words=5)
@@ -470,12 +472,16 @@ def test_dataset_tasks_are_held_out_seeded_and_scored(tmp_path: Path, tiny_data_
     for name in ("tiny_choice.test.jsonl", "tiny_cloze.validation.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()  # deterministic
     test_text = " ".join(" ".join(d.split()) for d in read_split_documents(tiny_data_dir, "test"))
-    choice = [json.loads(line) for line in (tmp_path / "a" / "tiny_choice.test.jsonl").read_text().splitlines()]
+    choice = [
+        json.loads(line) for line in (tmp_path / "a" / "tiny_choice.test.jsonl").read_text().splitlines()
+    ]
     cloze = [json.loads(line) for line in (tmp_path / "a" / "tiny_cloze.test.jsonl").read_text().splitlines()]
     assert len(choice) == len(cloze) == 20
     for doc in choice:
         assert len(doc["choices"]) == N_CHOICES and len(set(doc["choices"])) == N_CHOICES
-        assert f"{doc['query']} {doc['choices'][doc['label']]}" in test_text  # the true ending, from the test split
+        assert (
+            f"{doc['query']} {doc['choices'][doc['label']]}" in test_text
+        )  # the true ending, from the test split
     for doc in cloze:
         assert doc["text"] in test_text and doc["text"].split()[-1].isalpha()
     few_shot_pool = (tmp_path / "a" / "tiny_choice.validation.jsonl").read_text()
@@ -483,7 +489,9 @@ def test_dataset_tasks_are_held_out_seeded_and_scored(tmp_path: Path, tiny_data_
     assert all(json.loads(line)["query"] in val_text for line in few_shot_pool.splitlines())
     # the files are lm-eval tasks: evaluated through the same call as any other
     final = sorted((eval_run / "checkpoints").iterdir())[-1]
-    records = evaluate_checkpoint(final, ["tiny_cloze", "tiny_choice"], include_path=[tmp_path / "a"], limit=6)
+    records = evaluate_checkpoint(
+        final, ["tiny_cloze", "tiny_choice"], include_path=[tmp_path / "a"], limit=6
+    )
     by_task = {r["task"]: r for r in records}
     assert by_task["tiny_choice"]["chance"] == pytest.approx(1 / N_CHOICES)
     assert 0.0 <= by_task["tiny_cloze"]["metrics"]["acc"]["value"] <= 1.0

@@ -165,3 +165,10 @@ def test_spearman_rows_kernel_handles_constant_and_nan_rows():
     assert np.isnan(rho[1:]).all() and np.isnan(p[1:]).all()
     with pytest.raises(SpectraError, match="same shape"):
         gm.spearman_rows(x, y[:, :2])
+
+
+def test_frozen_k_freezes_the_key_gain_only():
+    ds = stack([synthetic_cube("fk", qk_norm="frozen_k", gamma=np.ones((len(STEPS), 2, 8)), steps=STEPS)])
+    assert (gm.gamma_energy_correlation(ds, which="k")["status"].values == gm.STATUS_FROZEN).all()
+    # the query gain of a frozen_k run is learned: a constant one is merely constant (an untrained checkpoint)
+    assert (gm.gamma_energy_correlation(ds, which="q")["status"].values == gm.STATUS_CONSTANT).all()

@@ -12,7 +12,7 @@ from helpers import tiny_model_config
 from torch import nn
 
 from trainer.config import ModelConfig, OptimConfig, load_config
-from trainer.model import LLM, Rotary, count_flops_per_token
+from trainer.model import LLM, Rotary, count_flops_per_token, rope_pairs
 from trainer.optim import Optimizers
 
 SMALL = tiny_model_config("learned", context_length=16)
@@ -132,12 +132,15 @@ def test_qk_norm_none_has_no_gain():
         assert isinstance(block.attn.q_norm, nn.Identity) and isinstance(block.attn.k_norm, nn.Identity)
 
 
-@pytest.mark.parametrize("variant, trainable", [("learned", True), ("frozen", False)])
-def test_qk_norm_gain_shape(variant, trainable):
+@pytest.mark.parametrize(
+    "variant, q_trainable, k_trainable",
+    [("learned", True, True), ("frozen", False, False), ("frozen_k", True, False)],
+)
+def test_qk_norm_gain_shape(variant, q_trainable, k_trainable):
     cfg = small(qk_norm=variant)
     model = build(cfg)
     for block in model.blocks:
-        for norm in (block.attn.q_norm, block.attn.k_norm):
+        for norm, trainable in ((block.attn.q_norm, q_trainable), (block.attn.k_norm, k_trainable)):
             assert isinstance(norm, nn.RMSNorm)
             assert norm.weight.shape == (cfg.resolved_head_dim,)  # one gamma shared by the heads of a layer
             assert norm.weight.requires_grad is trainable
@@ -159,7 +162,7 @@ def test_qk_norm_output_has_unit_rms_times_gamma():
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_frozen_gain_stays_one_while_learned_moves(optimizer):
     moved = {}
-    for variant in ("learned", "frozen"):
+    for variant in ("learned", "frozen", "frozen_k"):
         cfg = small(qk_norm=variant)
         model = build(cfg)
         opt = Optimizers(
@@ -176,6 +179,29 @@ def test_frozen_gain_stays_one_while_learned_moves(optimizer):
         assert not torch.equal(model.blocks[0].attn.q_proj.weight, build(cfg).blocks[0].attn.q_proj.weight)
     assert all(moved["learned"])
     assert not any(moved["frozen"])  # exactly 1.0: no gradient, no weight decay, no optimizer state
+    n = len(moved["frozen_k"]) // 2
+    assert all(moved["frozen_k"][:n]) and not any(
+        moved["frozen_k"][n:]
+    )  # the queries' gains move, the keys' not
+
+
+@pytest.mark.parametrize(
+    ("dtype", "eps"), [(torch.float32, 2.0**-23), (torch.float64, 2.0**-52), (torch.bfloat16, 2.0**-23)]
+)
+def test_norm_eps_dtype_is_torchs_default(dtype, eps):
+    """``norm_eps = "dtype"`` is torch.nn.RMSNorm(eps=None): eps = the machine epsilon of the type the norm computes
+    in, float32's for float32 and bfloat16 inputs (torch's opmath type), float64's for float64. A near-zero vector
+    (mean square 1e-12, below every eps here) then comes out as x / sqrt(1e-12 + eps), not as x / sqrt(1e-6)."""
+    model = build(small(norm_eps="dtype"))
+    norm = model.blocks[0].attn_norm.to(dtype)
+    assert norm.eps is None and model.blocks[0].attn.q_norm.eps is None and model.norm.eps is None
+    x = torch.full((1, SMALL.d_model), 1e-6, dtype=dtype)
+    with torch.no_grad():
+        y = norm(x).double()
+    expected = x.double() / math.sqrt(1e-12 + eps)
+    # a few roundings of the compute type, then one of the output's: bfloat16 keeps 8 bits (2**-8)
+    torch.testing.assert_close(y, expected, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    assert build(small()).blocks[0].attn_norm.eps == SMALL.norm_eps  # a number stays that number
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,6 +273,62 @@ def test_rope_is_rotate_half_layout():
     assert torch.equal(q[0, 0, 0], e0[0, 0, 0])  # position 0 is not rotated
 
 
+def test_rope_interleaved_layout_turns_adjacent_pairs():
+    """torchtune's layout: coordinate 2i turns with 2i + 1 at the frequency of pair i."""
+    D = 8
+    rotary = Rotary(D, 4, theta=10000.0, layout="interleaved")
+    t = torch.arange(4, dtype=torch.float32)
+    for i in range(D // 2):
+        e = torch.zeros(1, 1, 4, D)
+        e[..., 2 * i] = 1.0
+        q, _ = rotary(e, e)
+        angle = t * 10000.0 ** (-2 * i / D)
+        assert torch.allclose(q[0, 0, :, 2 * i], torch.cos(angle), atol=1e-6)
+        assert torch.allclose(q[0, 0, :, 2 * i + 1], torch.sin(angle), atol=1e-6)
+        others = [j for j in range(D) if j not in (2 * i, 2 * i + 1)]
+        assert torch.equal(q[0, 0, :, others], torch.zeros(4, len(others)))
+    assert rope_pairs(D, "interleaved") == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert rope_pairs(D, "half") == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    with pytest.raises(ValueError, match="unknown RoPE layout 'adjacent'"):
+        Rotary(D, 4, theta=10000.0, layout="adjacent")
+
+
+def test_the_two_rope_layouts_are_one_rotation_up_to_a_permutation():
+    """Interleaved(x) = P^T half(P x) for the permutation P that sends coordinate 2i to i and 2i + 1 to i + D/2
+    (the same pairs, the same frequencies); float64 inputs, so only rounding of the float32 tables differs."""
+    D, T = 8, 6
+    perm = [
+        c for pair in rope_pairs(D, "half") for c in pair
+    ]  # interleaved slot j holds half-layout coordinate
+    x = torch.randn(2, 3, T, D, dtype=torch.float64)
+    half, inter = Rotary(D, T, 10000.0, "half").double(), Rotary(D, T, 10000.0, "interleaved").double()
+    y_inter, _ = inter(x[..., perm], x[..., perm])
+    y_half, _ = half(x, x)
+    torch.testing.assert_close(y_inter, y_half[..., perm], rtol=0, atol=1e-15)
+
+
+def test_a_model_with_one_layout_is_the_other_with_permuted_head_coordinates():
+    """Permuting the rows of every head of W_q and W_k (and the QK-norm gains) maps a ``half`` model onto an
+    ``interleaved`` one with the same logits: the layout only relabels coordinates when training from scratch."""
+    cfg = small(qk_norm="learned")
+    model = build(cfg)
+    D, perm = cfg.resolved_head_dim, [c for pair in rope_pairs(cfg.resolved_head_dim, "half") for c in pair]
+    other = LLM(dataclasses.replace(cfg, rope_layout="interleaved"))
+    state = model.state_dict()
+    for i, block in enumerate(model.blocks):
+        for name, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
+            rows = [h * D + c for h in range(heads) for c in perm]
+            state[f"blocks.{i}.attn.{name}.weight"] = block.attn.get_parameter(f"{name}.weight")[rows]
+        with torch.no_grad():  # a learned gain must move with its coordinates
+            for norm in ("q_norm", "k_norm"):
+                state[f"blocks.{i}.attn.{norm}.weight"] = torch.linspace(0.5, 1.5, D)[perm]
+                block.attn.get_submodule(norm).weight.copy_(torch.linspace(0.5, 1.5, D))
+    other.load_state_dict(state)
+    idx = tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(other(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # MLP and embeddings
 
@@ -283,6 +365,26 @@ def test_tied_embeddings():
     assert isinstance(untied.lm_head, nn.Linear)
     assert untied.lm_head.weight is not untied.embed.weight
     assert untied.num_params() - model.num_params() == SMALL.vocab_size * SMALL.d_model
+
+
+def test_embed_scale_multiplies_the_input_embedding_only():
+    cfg = small(embed_scale="sqrt_d_model", tie_embeddings=True)
+    model, plain = build(cfg), build(small(tie_embeddings=True))
+    assert torch.equal(model.embed.weight, plain.embed.weight)
+    idx = tokens(cfg)
+    with torch.no_grad():
+        h = model.embed(idx) * math.sqrt(cfg.d_model)
+        for block in model.blocks:
+            h = block(h)
+        torch.testing.assert_close(model(idx), model.norm(h) @ model.embed.weight.T)  # the head: unscaled
+        assert (model(idx) - plain(idx)).abs().max() > 1e-3
+
+
+def test_unscaled_init_draws_every_matrix_at_init_std():
+    model = build(small(n_layers=8, init_std=0.02, init_scheme="unscaled"))
+    # n >= 1024 draws per matrix: its std errs by at most 2.2% of 0.02 at one sd; 25% is over 11 sd
+    for name in ("attn.o_proj.weight", "mlp.down.weight", "attn.q_proj.weight"):
+        assert abs(model.blocks[0].get_parameter(name).std().item() - 0.02) < 0.25 * 0.02
 
 
 def test_residual_write_init_is_scaled():

@@ -375,3 +375,123 @@ def test_batched_muon_ns_dtype_is_a_group_setting_checked_on_construction():
     assert opt.param_groups[0]["ns_dtype"] == "float64"
     with pytest.raises(ValueError, match="unknown ns_dtype 'float16'"):
         BatchedMuon([w], lr=0.02, ns_dtype="float16")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stacked attention projections (optim.muon_qkvo)
+
+# Two layers' [W_q; W_k; W_v; W_o] (d_model 32, 2 query heads and 1 key/value head of 16) and an MLP pair between
+# them; the stacks are positions in this list. The MLP's down matrix has the shape of W_q and W_o, so the control's
+# per-parameter learning rate must tell a stacked (32, 32) from a loose one.
+QKVO_SHAPES = [
+    (32, 32),
+    (16, 32),
+    (16, 32),
+    (32, 32),
+    (64, 32),
+    (32, 32),
+    (32, 32),
+    (16, 32),
+    (16, 32),
+    (32, 32),
+]
+QKVO_STACKS = [[0, 1, 2, 3], [6, 7, 8, 9]]
+
+
+def qkvo_twins(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64) * 0.05) for s in QKVO_SHAPES]
+    return a, [torch.nn.Parameter(p.detach().clone()) for p in a]
+
+
+def reference_muon_step(params, grads, bufs, lr, mode, schedule) -> None:
+    """The update of optim.muon_qkvo written out: per-parameter Nesterov momentum, then each stack's updates
+    concatenated row-wise and orthogonalised as one (fused), or each block alone (separate, separate_stacked_lr),
+    stepped by sqrt(max(1, rows / cols)) of the stack (fused, separate_stacked_lr) or of the block."""
+    updates = []
+    for g, buf in zip(grads, bufs):
+        buf.mul_(0.95).add_(g, alpha=0.05)
+        updates.append(0.95 * buf + 0.05 * g)
+    stacked_of = {i: s for s in QKVO_STACKS for i in s}
+    new_rows = {}
+    if mode == "fused":
+        for s in QKVO_STACKS:
+            joint = orthogonalize(torch.cat([updates[i] for i in s]), schedule, torch.float64)
+            for i, block in zip(s, joint.split([params[i].shape[0] for i in s])):
+                new_rows[i] = block
+    with torch.no_grad():
+        for i, (p, u) in enumerate(zip(params, updates)):
+            o = new_rows.get(i)
+            if o is None:
+                o = orthogonalize(u, schedule, torch.float64)
+            rows = (
+                sum(params[j].shape[0] for j in stacked_of[i])
+                if i in stacked_of and mode != "separate"
+                else p.shape[0]
+            )
+            p.add_(o, alpha=-lr * math.sqrt(max(1.0, rows / p.shape[1])))
+
+
+@pytest.mark.parametrize("mode", ["separate", "fused", "separate_stacked_lr"])
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express_seed"])
+def test_stacked_modes_follow_their_written_out_update(mode, coefficients):
+    """Three steps against :func:`reference_muon_step`, both in float64: equal to rounding (the note above SHAPES;
+    the stacked matrix is 96 x 32, its Gram matrix 32 x 32 as for the blocks)."""
+    ref, new = qkvo_twins()
+    schedule = newton_schulz_schedule(coefficients, 5)
+    opt = BatchedMuon(
+        new, lr=0.02, weight_decay=0.0, adjust_lr_fn="original", coefficients=coefficients,
+        ns_dtype="float64", qkvo=mode, stacks=QKVO_STACKS,
+    )  # fmt: skip
+    bufs = [torch.zeros_like(p) for p in ref]
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ref]
+        for q, grad in zip(new, grads):
+            q.grad = grad.clone()
+        opt.step()
+        reference_muon_step(ref, grads, bufs, 0.02, mode, schedule)
+    for p, q in zip(ref, new):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+    for q, buf in zip(new, bufs):  # the momentum stays per parameter, whatever the mode
+        torch.testing.assert_close(opt.state[q]["momentum_buffer"], buf, rtol=0, atol=1e-14)
+
+
+def test_the_three_modes_move_the_keys_differently():
+    """Fusing changes W_k's step by more than the tolerance above, and the control changes it again: the test
+    above can tell the modes apart. The joint orthogonal factor has orthonormal columns, so each block's update has
+    singular values at most about 1 and W_k's (16 of 96 rows) are far below 1, where alone they are near 1."""
+    moved = {}
+    for mode in ("separate", "fused", "separate_stacked_lr"):
+        _, params = qkvo_twins()
+        before = params[1].detach().clone()
+        opt = BatchedMuon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original", ns_dtype="float64",
+                          qkvo=mode, stacks=QKVO_STACKS)  # fmt: skip
+        g = torch.Generator().manual_seed(7)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+        moved[mode] = (params[1].detach() - before) / 0.02  # W_k's update per unit learning rate
+    sv = {m: torch.linalg.svdvals(u) for m, u in moved.items()}
+    assert sv["separate"].min() > 0.6 and sv["fused"].max() < 0.8 * math.sqrt(3)  # quintic: S' in (0.7, 1.2)
+    torch.testing.assert_close(
+        moved["separate_stacked_lr"], math.sqrt(3) * moved["separate"], rtol=1e-12, atol=0
+    )
+    assert (moved["fused"] - moved["separate_stacked_lr"]).abs().max() > 1e-2
+
+
+def test_stacks_are_checked():
+    params = [torch.nn.Parameter(torch.randn(s)) for s in QKVO_SHAPES]
+    with pytest.raises(ValueError, match="unknown qkvo 'joint'"):
+        BatchedMuon(params, qkvo="joint")
+    with pytest.raises(ValueError, match=r"stack \[0, 0\]: indices must be distinct"):
+        BatchedMuon(params, qkvo="fused", stacks=[[0, 0]])
+    with pytest.raises(ValueError, match="equal column counts"):
+        BatchedMuon(
+            [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3, 4))], stacks=[[0, 1]]
+        )
+    opt = BatchedMuon(params, qkvo="fused", stacks=QKVO_STACKS)
+    for i, p in enumerate(params):
+        p.grad = None if i == 1 else torch.randn(p.shape)
+    with pytest.raises(RuntimeError, match="some have a gradient and some do not"):
+        opt.step()

@@ -80,9 +80,24 @@ def _final_weights(run: Path) -> dict[str, bytes]:
     return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items()}
 
 
-@pytest.fixture(scope="module", params=["batched", "torch"])
+SEED_RECIPE = (  # seed-tiny's choices on the small test model, trained as the source documents' train_llm.py does
+    "optim.muon_qkvo=fused",
+    "optim.muon_coefficients=polar_express_seed",
+    "train.weights_dtype=bfloat16",
+    "model.rope_layout=interleaved",
+    "model.norm_eps=dtype",
+    "model.embed_scale=sqrt_d_model",
+    "model.init_scheme=unscaled",
+    "model.qk_norm=frozen_k",
+)
+
+
+@pytest.fixture(scope="module", params=["batched", "torch", "fused-bf16"])
 def impl_overrides(request, overrides) -> list[str]:
-    """The resume run under each Muon implementation (``optim.muon_impl``)."""
+    """The resume run under each Muon implementation (``optim.muon_impl``), and the batched one stacking the
+    attention projections with pure bfloat16 weights (bfloat16 checkpoints, optimizer states and resume state)."""
+    if request.param == "fused-bf16":
+        return [*overrides, "optim.muon_impl=batched", *SEED_RECIPE]
     return [*overrides, f"optim.muon_impl={request.param}"]
 
 
@@ -388,8 +403,10 @@ def test_kill_then_resume_is_bit_identical(
     for (_, ref_path), (_, path) in zip(ref_ckpts, ckpts):
         ref, got = load_file(str(ref_path)), load_file(str(path))
         assert ref.keys() == got.keys()
+        dtype = torch.bfloat16 if "train.weights_dtype=bfloat16" in overrides else torch.float32
         for k in ref:
             assert torch.equal(ref[k], got[k]), f"{path.name}: {k}"
+            assert got[k].dtype == dtype, f"{path.name}: {k}"  # checkpoints keep the weights' own dtype
         with safe_open(str(ref_path), "pt") as a, safe_open(str(path), "pt") as b:
             assert a.metadata() == b.metadata()  # losses, step, tokens: the same numbers
         assert sha256(path) == sha256(ref_path), path.name  # so a checksum verifies the replication

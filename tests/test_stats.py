@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+import xarray as xr
 from helpers import flat_spectrum, stack, synthetic_cube
 
 from spectra.analysis import checkpoints, plan, stats
@@ -200,3 +201,54 @@ def test_run_table_columns():
     assert isinstance(t, pd.DataFrame)
     assert t.set_index("run")["label"].to_dict() == {"c1": "C1", "c2": "C2"}
     assert t["final_tokens"].tolist() == [20_000, 20_000]
+
+
+def variant_cube(name: str, muon_qkvo: str, weights_dtype: str = "float32", **kw) -> xr.Dataset:
+    ds = synthetic_cube(name, **kw)
+    ds.attrs.update(muon_qkvo=muon_qkvo, weights_dtype=weights_dtype)
+    return ds
+
+
+def test_the_muon_variant_is_part_of_a_runs_identity():
+    assert plan.configuration_label("learned", "muon", "standard", "fused") == "A1f"
+    assert plan.configuration_label("none", "muon", "standard", "separate_stacked_lr") == "A2c"
+    assert plan.configuration_label("learned", "muon", "standard", "fused", "bfloat16") == "A1f-bf16"
+    assert (
+        plan.configuration_label("learned", "adamw", "standard", "fused") == "B1"
+    )  # AdamW has no QKVO variant
+    assert plan.configuration_label("learned", "adamw", "standard", weights_dtype="bfloat16") == "B1-bf16"
+    extra = plan.configuration_label("none", "muon", "simple", "fused", "float64")
+    assert extra == "extra: no QK-norm, Muon (fused QKVO)+AdamW, float64 weights, simple data"
+
+
+def test_run_table_reads_the_variant_and_old_cubes_trained_the_default():
+    old = synthetic_cube("old-s0")  # written before the attributes existed: no muon_qkvo, no weights_dtype
+    ds = stack([old, variant_cube("f-s0", "fused"), variant_cube("b-s0", "fused", "bfloat16", seed=1)])
+    runs = plan.run_table(ds).set_index("run")
+    assert runs.loc["old-s0", ["muon_qkvo", "weights_dtype", "plan_cell"]].tolist() == [
+        "separate",
+        "float32",
+        "A1",
+    ]
+    assert runs.loc["f-s0", "plan_cell"] == "A1f" and runs.loc["b-s0", "plan_cell"] == "A1f-bf16"
+    single = plan.run_table(checkpoints.as_runs(variant_cube("c-s0", "separate_stacked_lr")))
+    assert single["plan_cell"].tolist() == ["A1c"]
+
+
+def test_fused_vs_separate_is_compared_where_both_are_present():
+    sep = [synthetic_cube(f"sep-s{s}", seed=s, rank=4.0 + 0.1 * s) for s in range(3)]
+    fused = [variant_cube(f"fused-s{s}", "fused", seed=s, rank=6.0 + 0.1 * s) for s in range(3)]
+    summaries = stats.run_summaries(stack(sep + fused), n_resamples=100)
+    table = stats.compare_configurations(summaries, n_resamples=200).set_index("pair")
+    row = table.loc["A1f vs A1"]
+    assert row["n_a"] == 3 and row["n_b"] == 3
+    by_run = summaries.set_index("run")["mean"]
+    expected = np.mean([by_run[f"fused-s{s}"] for s in range(3)]) - np.mean(
+        [by_run[f"sep-s{s}"] for s in range(3)]
+    )
+    assert row["diff"] == pytest.approx(expected, rel=1e-12) and row["diff"] > 1.9  # fused minus separate
+    assert "A2f vs A2" not in table.index  # a replication pair only where both of its cells are present
+    only_plan = stats.compare_configurations(
+        stats.run_summaries(stack(sep), n_resamples=100), n_resamples=200
+    )
+    assert set(only_plan["pair"]) == {p.name for p in plan.PLAN_PAIRS}

@@ -82,7 +82,7 @@ def study_file(tmp_path, tiny_data_dir, tiny_vocab) -> Path:
 
 
 def test_shipped_studies_load_and_the_plan_matrix_is_the_plans():
-    assert {"plan-25m", "plan-300m", "demo"} <= set(study_names())
+    assert {"plan-25m", "plan-300m", "demo", "seed-muon"} <= set(study_names())
     plan = load_study("plan-25m")
     assert plan.base == "paper-88m" and plan.tokens == 25_000_000 and plan.seeds == (0,)
     cells = {c.label: (c.qk_norm, c.optimizer, c.data) for c in plan.configurations}
@@ -675,8 +675,11 @@ def test_a_study_killed_mid_way_resumes_and_leaves_finished_runs_byte_for_byte(s
 
 def start_study_process(study_file: Path, out: Path) -> subprocess.Popen:
     """``collapse-train study`` of B's two runs, two at a time, in a process of its own; the runs are long
-    (400k tokens, minutes) so that they are still training whenever the test stops the study."""
-    study_file.write_text(study_file.read_text().replace("tokens = 1280", "tokens = 400000"))
+    (4M tokens: 31,250 steps of the 24k-parameter model, minutes) so that they are still training whenever
+    the test stops the study, which waits for a ``--status`` process first; their first checkpoint (the
+    plan's 0.5/25 of the budget, 625 steps) comes within seconds, which is when the test sees them train.
+    400k tokens could end before the signal on a loaded 2-core machine."""
+    study_file.write_text(study_file.read_text().replace("tokens = 1280", "tokens = 4000000"))
     command = [sys.executable, "-m", "cli.train", "study", str(study_file), "--out", str(out), "--only", "B"]
     return subprocess.Popen(
         [*command, "--jobs", "2"],
@@ -865,3 +868,15 @@ def test_check_study_dir_accepts_an_empty_directory(tmp_path, study_file):
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted and not result.failed
+
+
+def test_a_configuration_may_have_its_own_main_run_tokens(tmp_path):
+    study = load_study("seed-muon", data_root=tmp_path)
+    by_label = {c.label: c for c in study.configurations}
+    assert study.tokens == 307_200 and by_label["MS-L"].tokens == 307_200
+    assert by_label["B16-MF"].tokens == 153_600  # its own, for its main runs only
+    runs = main_runs(study, by_label["B16-MF"])
+    assert [r.tokens for r in runs] == [153_600] * 4
+    overrides = dict(o.split("=", 1) for o in runs[0].overrides)
+    assert overrides["train.tokens"] == "153600" and overrides["train.weights_dtype"] == "bfloat16"
+    assert overrides["optim.muon_qkvo"] == "fused"

@@ -203,11 +203,22 @@ def test_gamma_masks_remove_smallest_gamma_and_are_applied(trained):
     assert not model.blocks[1].attn.k_norm._forward_hooks  # removed on exit
 
 
+def test_rotary_pairs_follow_the_models_layout():
+    # every even-length prefix of a removal order is a union of the layout's rotary pairs
+    for layout, partner in (("half", lambda j: (j + 4) % 8), ("interleaved", lambda j: j ^ 1)):
+        orders = random_removal_order(3, 0, 2, 8, True, layout)
+        for order in orders:
+            for k in range(0, 8, 2):
+                assert partner(order[k]) == order[k + 1]
+
+
 def test_gamma_status_without_qk_norm_and_frozen(tmp_path, data_dir):
     none = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "none")).model
     assert "no QK-norm" in gamma_status(none, [0, 1])
     frozen = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "frozen")).model
     assert "frozen" in gamma_status(frozen, [0, 1])
+    frozen_k = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "frozen_k")).model
+    assert "key norm's gain is frozen" in gamma_status(frozen_k, [0, 1])
     untrained = load_checkpoint(fresh_checkpoint(tmp_path, data_dir, "learned")).model
     assert "equal in layer(s) 0, 1" in gamma_status(untrained, [0, 1])
 
@@ -436,9 +447,13 @@ def test_cli_bad_inputs_exit_nonzero(tmp_path, data_dir):
     args = [str(path), "--data", str(other), "--fractions", "0", "--strategies", "svd", "--no-progress"]
     result = runner.invoke(cli.spectra.surgery.surgery, args)
     assert result.exit_code == 1 and "differs from the checkpoint's" in result.output
-    result = runner.invoke(cli.spectra.surgery.surgery, [*args, "--force", "--out", str(tmp_path / "forced.nc")])
+    result = runner.invoke(
+        cli.spectra.surgery.surgery, [*args, "--force", "--out", str(tmp_path / "forced.nc")]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli.spectra.surgery.surgery, [str(tmp_path / "missing.safetensors"), "--no-progress"])
+    result = runner.invoke(
+        cli.spectra.surgery.surgery, [str(tmp_path / "missing.safetensors"), "--no-progress"]
+    )
     assert result.exit_code == 1 and "no such checkpoint file" in result.output
     result = runner.invoke(cli.spectra.surgery.surgery, [str(path), "--fractions", "0,x", "--no-progress"])
     assert result.exit_code == 2

@@ -25,16 +25,22 @@ from typing import Any, Literal
 
 from trainer.errors import TrainerError
 
-QKNorm = Literal["none", "learned", "frozen"]
+QKNorm = Literal["none", "learned", "frozen", "frozen_k"]
 MLPKind = Literal["relu2", "swiglu"]
 OptimName = Literal["muon", "adamw"]
 Schedule = Literal["constant", "cosine", "wsd"]
 Milestones = Literal["plan", "log", "plan+log", "list"]
 MuonImpl = Literal["torch", "batched"]
-MuonCoefficients = Literal["quintic", "polar_express"]
+MuonCoefficients = Literal["quintic", "polar_express", "polar_express_seed"]
+MuonQKVO = Literal["separate", "fused", "separate_stacked_lr"]
 SDPABackend = Literal["auto", "default", "cudnn", "flash", "efficient", "math"]
-WeightsDType = Literal["float32", "float64"]
+WeightsDType = Literal["float32", "float64", "bfloat16"]
 MuonNSDType = Literal["bfloat16", "float32", "float64"]
+RopeLayout = Literal["half", "interleaved"]
+EmbedScale = Literal["none", "sqrt_d_model"]
+InitScheme = Literal["scaled_residual", "unscaled"]
+DTYPE_EPS = "dtype"
+"""``model.norm_eps`` spelling of ``torch.nn.RMSNorm``'s default ``eps=None`` (TOML has no null)."""
 
 
 class ConfigError(TrainerError, ValueError):
@@ -66,17 +72,34 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the token embedding with the LM head."""
     qk_norm: QKNorm = "learned"
-    """RMSNorm over head_dim on q and k: ``none``, ``learned`` gain, or ``frozen`` gain fixed at 1."""
+    """RMSNorm over head_dim on q and k: ``none``, ``learned`` gain, ``frozen`` gain fixed at 1 on both, or
+    ``frozen_k``: the key gain fixed at 1, the query gain learned."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    norm_eps: float = 1e-6
-    """Epsilon of every RMSNorm."""
+    rope_layout: RopeLayout = "half"
+    """Which coordinates RoPE rotates together: ``half`` pairs j with j + D/2 (Llama, "rotate half");
+    ``interleaved`` pairs 2i with 2i + 1 (torchtune's, the source documents' model). Same frequencies."""
+    norm_eps: float | Literal["dtype"] = 1e-6
+    """Epsilon of every RMSNorm, or ``"dtype"``: ``torch.nn.RMSNorm``'s default (``eps=None``, the source
+    documents' model), the machine epsilon of the type the norm computes in: float32's (1.2e-7) for float32 and
+    bfloat16 inputs, float64's for float64."""
     init_std: float = 0.02
-    """Standard deviation of the normal initialisation of every matrix."""
+    """Standard deviation of the normal initialisation of every matrix and of the embedding."""
+    init_scheme: InitScheme = "scaled_residual"
+    """``scaled_residual``: the residual writes (``o_proj``, ``mlp.down``) at ``init_std / sqrt(2 n_layers)``
+    (GPT-2); ``unscaled``: every matrix at ``init_std`` (the source documents' model)."""
+    embed_scale: EmbedScale = "none"
+    """``sqrt_d_model`` multiplies the token embeddings by sqrt(d_model) on the way in (the source documents'
+    model; a tied LM head stays unscaled); ``none`` leaves them as they are."""
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_norm_eps(self) -> float | None:
+        """The ``eps`` handed to ``torch.nn.RMSNorm``: None (the input dtype's epsilon) for ``"dtype"``."""
+        return None if self.norm_eps == DTYPE_EPS else float(self.norm_eps)
 
     def validate(self) -> None:
         # sizes first: the divisibility checks below would divide by a zero head count
@@ -97,9 +120,10 @@ class ModelConfig:
             raise ConfigError(f"head dim {self.resolved_head_dim} must be even for RoPE")
         if self.rope_theta <= 0:
             raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta}")
-        for name in ("norm_eps", "init_std"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name} must be non-negative, got {getattr(self, name)}")
+        if self.norm_eps != DTYPE_EPS and self.norm_eps < 0:
+            raise ConfigError(f"model.norm_eps must be non-negative or {DTYPE_EPS!r}, got {self.norm_eps}")
+        if self.init_std < 0:
+            raise ConfigError(f"model.init_std must be non-negative, got {self.init_std}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,9 +148,18 @@ class OptimConfig:
     """``torch``: ``torch.optim.Muon``, one matrix at a time; ``batched``: ``trainer.muon.BatchedMuon``, the same
     update with one stacked (on CUDA compiled) Newton-Schulz per matrix shape."""
     muon_coefficients: MuonCoefficients = "quintic"
-    """Newton-Schulz coefficients: ``quintic`` (Keller Jordan's, torch.optim.Muon's, at every step) or
-    ``polar_express`` (Amsel et al. 2025, one set per step as in modded-nanogpt; ``batched`` only, 5 steps).
-    It changes the optimizer being studied, so it is recorded with the run like every field."""
+    """Newton-Schulz coefficients: ``quintic`` (Keller Jordan's, torch.optim.Muon's, at every step),
+    ``polar_express`` (Amsel et al. 2025, one set per step, input scaled by ``1.02 ||U||_F + 1e-6`` as in
+    modded-nanogpt) or ``polar_express_seed`` (the same five sets, scaled by ``1.01 ||U||_F + 1e-7`` as in the
+    source documents' code); the Polar Express sets need ``batched`` and 5 steps. It changes the optimizer
+    being studied, so it is recorded with the run like every field."""
+    muon_qkvo: MuonQKVO = "separate"
+    """How Muon treats a layer's four attention projections: ``separate`` (each orthogonalised on its own,
+    with its own shape's learning-rate factor); ``fused`` (stacked ``[W_q; W_k; W_v; W_o]`` and orthogonalised
+    as one matrix, the learning rate scaled by the stack's ``sqrt(max(1, rows / cols))``, as the source
+    documents' code does); ``separate_stacked_lr`` (the control: each orthogonalised on its own, with the
+    stack's factor). Momentum stays per projection. Not ``separate`` needs ``batched`` and
+    ``n_heads * head_dim == d_model``."""
     muon_ns_dtype: MuonNSDType = "bfloat16"
     """Dtype of the Newton-Schulz orthogonalisation: ``bfloat16`` (Muon as published and as ``torch.optim.Muon``
     hard-codes it), or ``float32`` / ``float64`` (``batched`` only), e.g. to check data parallelism to float64
@@ -164,17 +197,23 @@ class OptimConfig:
                 f"optim.muon_ns_dtype={self.muon_ns_dtype!r} needs optim.muon_impl='batched' "
                 "(torch.optim.Muon always orthogonalises in bfloat16)"
             )
-        if self.muon_coefficients == "polar_express":
+        if self.muon_coefficients != "quintic":
+            name = self.muon_coefficients
             if self.muon_impl != "batched":
                 raise ConfigError(
-                    "optim.muon_coefficients='polar_express' needs optim.muon_impl='batched' "
+                    f"optim.muon_coefficients={name!r} needs optim.muon_impl='batched' "
                     "(torch.optim.Muon takes one coefficient triple for every step)"
                 )
             if self.muon_ns_steps != 5:
                 raise ConfigError(
-                    f"optim.muon_coefficients='polar_express' is a set of 5 steps; optim.muon_ns_steps is "
+                    f"optim.muon_coefficients={name!r} is a set of 5 steps; optim.muon_ns_steps is "
                     f"{self.muon_ns_steps}"
                 )
+        if self.muon_qkvo != "separate" and self.muon_impl != "batched":
+            raise ConfigError(
+                f"optim.muon_qkvo={self.muon_qkvo!r} needs optim.muon_impl='batched' "
+                "(torch.optim.Muon orthogonalises one parameter at a time and sizes its step by that one's shape)"
+            )
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must both be in [0, 1), got {list(self.betas)}")
         if self.eps <= 0:
@@ -206,9 +245,11 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU (no autocast with float64 weights)."""
     weights_dtype: WeightsDType = "float32"
-    """Dtype of the parameters, their gradients, the optimizer states and the checkpoints: ``float32``, or
+    """Dtype of the parameters, their gradients, the optimizer states and the checkpoints: ``float32``;
     ``float64`` for exactness checks (two data-parallel ranks then agree with one process to float64 rounding;
-    it needs ``dtype`` ``auto`` or ``float32``: forward passes run in float64, without autocast)."""
+    it needs ``dtype`` ``auto`` or ``float32``: forward passes run in float64, without autocast); or
+    ``bfloat16``, pure bfloat16 training with no float32 master copy (the source documents' trainer casts its
+    model so): an update below about 2^-8 of a weight is rounded away."""
     compile: bool = False
     """Wrap the model, its loss included, in ``torch.compile``."""
     loss_chunk_tokens: int = 4096
@@ -260,6 +301,7 @@ class RunConfig:
         for name in ("tokens", "batch_size", "seq_len", "grad_accum", "log_every", "resume_every"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        self._check_fused_qkvo()
         if t.weights_dtype == "float64" and t.dtype == "bfloat16":
             raise ConfigError(
                 "train.weights_dtype='float64' runs its forward passes in float64; train.dtype='bfloat16' "
@@ -276,6 +318,17 @@ class RunConfig:
         if not 0 <= self.optim.warmup_frac < 1 or not 0 <= self.optim.decay_frac <= 1:
             raise ConfigError("optim.warmup_frac must be in [0, 1) and optim.decay_frac in [0, 1]")
         return self
+
+    def _check_fused_qkvo(self) -> None:
+        """Stacking ``[W_q; W_k; W_v; W_o]`` needs every block to have d_model columns: W_o's are n_heads * head_dim."""
+        m = self.model
+        width = m.n_heads * m.resolved_head_dim
+        if self.optim.name == "muon" and self.optim.muon_qkvo != "separate" and width != m.d_model:
+            raise ConfigError(
+                f"optim.muon_qkvo={self.optim.muon_qkvo!r} stacks W_o (d_model x n_heads*head_dim) under "
+                f"W_q, W_k, W_v (rows x d_model): it needs n_heads * head_dim = {width} to equal "
+                f"model.d_model = {m.d_model}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -7,6 +7,7 @@ Read-out points used by the offline spectra code (by module name, through forwar
 - ``blocks.{i}.attn.q_norm`` / ``k_norm``: QK-norm, input (B, T, H, D), output with gamma applied
   (``nn.Identity`` when ``qk_norm = "none"``)
 - ``blocks.{i}.attn.rotary``: called as ``rotary(q, k)`` on (B, H, T, D) tensors, returns the rotated pair
+  (its coordinate pairs: :func:`rope_pairs`, by ``model.rope_layout``)
 
 The attention order is: project -> QK-norm -> RoPE -> scaled_dot_product_attention.
 
@@ -31,10 +32,15 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding in the "rotate half" layout: coordinate j pairs with j + D/2."""
+    """Rotary position embedding. Pair i (frequency ``theta^(-2i/D)``) is the coordinates (i, i + D/2) in the
+    ``half`` layout ("rotate half", Llama) and (2i, 2i + 1) in the ``interleaved`` layout (torchtune's); the
+    two are the same rotation up to a fixed permutation of the head's coordinates."""
 
-    def __init__(self, head_dim: int, context_length: int, theta: float):
+    def __init__(self, head_dim: int, context_length: int, theta: float, layout: str = "half"):
         super().__init__()
+        if layout not in ("half", "interleaved"):
+            raise ValueError(f"unknown RoPE layout {layout!r}; expected 'half' or 'interleaved'")
+        self.layout = layout
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         t = torch.arange(context_length, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)  # (T, D/2)
@@ -44,21 +50,44 @@ class Rotary(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The ``half`` layout: coordinate j turns with j + D/2."""
         x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+    @staticmethod
+    def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The ``interleaved`` layout: coordinate 2i turns with 2i + 1."""
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, D/2) each
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = q.shape[-2]
         cos, sin = self.cos[:T].to(q.dtype), self.sin[:T].to(q.dtype)  # (T, D/2)
-        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        rotate = self.rotate if self.layout == "half" else self.rotate_interleaved
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
-def make_qk_norm(cfg: ModelConfig) -> nn.Module:
-    """RMSNorm over head_dim with one gamma shared by the heads of a layer; frozen = gamma fixed at 1."""
+def rope_pairs(head_dim: int, layout: str) -> list[tuple[int, int]]:
+    """The coordinate pairs RoPE turns together, pair i (frequency ``theta^(-2i/D)``) first.
+
+    >>> rope_pairs(4, "half"), rope_pairs(4, "interleaved")
+    ([(0, 2), (1, 3)], [(0, 1), (2, 3)])
+    """
+    half = head_dim // 2
+    if layout == "half":
+        return [(i, i + half) for i in range(half)]
+    if layout == "interleaved":
+        return [(2 * i, 2 * i + 1) for i in range(half)]
+    raise ValueError(f"unknown RoPE layout {layout!r}; expected 'half' or 'interleaved'")
+
+
+def make_qk_norm(cfg: ModelConfig, which: str) -> nn.Module:
+    """RMSNorm over head_dim with one gamma shared by the heads of a layer, for ``which`` = ``"q"`` or ``"k"``;
+    ``frozen`` fixes both gammas at 1, ``frozen_k`` only the keys'."""
     if cfg.qk_norm == "none":
         return nn.Identity()
-    norm = nn.RMSNorm(cfg.resolved_head_dim, eps=cfg.norm_eps)
-    if cfg.qk_norm == "frozen":
+    norm = nn.RMSNorm(cfg.resolved_head_dim, eps=cfg.resolved_norm_eps)
+    if cfg.qk_norm == "frozen" or (cfg.qk_norm == "frozen_k" and which == "k"):
         norm.weight.requires_grad_(False)
     return norm
 
@@ -73,9 +102,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * D, cfg.d_model, bias=False)
-        self.q_norm = make_qk_norm(cfg)
-        self.k_norm = make_qk_norm(cfg)
-        self.rotary = Rotary(D, cfg.context_length, cfg.rope_theta)
+        self.q_norm = make_qk_norm(cfg, "q")
+        self.k_norm = make_qk_norm(cfg, "k")
+        self.rotary = Rotary(D, cfg.context_length, cfg.rope_theta, cfg.rope_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -110,9 +139,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.resolved_norm_eps)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.resolved_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +163,7 @@ class LLM(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.resolved_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -143,7 +172,8 @@ class LLM(nn.Module):
         for name, p in self.named_parameters():
             if p.ndim >= 2:
                 std = self.cfg.init_std
-                if name.endswith(("o_proj.weight", "mlp.down.weight")):
+                residual_write = name.endswith(("o_proj.weight", "mlp.down.weight"))
+                if residual_write and self.cfg.init_scheme == "scaled_residual":
                     std /= math.sqrt(2 * self.cfg.n_layers)  # GPT-2 style scaling of residual writes
                 nn.init.normal_(p, mean=0.0, std=std)
             else:
@@ -152,6 +182,8 @@ class LLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for ``idx`` (B, T); with ``targets`` the mean next-token cross-entropy instead."""
         x = self.embed(idx)  # (B, T, C)
+        if self.cfg.embed_scale == "sqrt_d_model":
+            x = x * math.sqrt(self.cfg.d_model)  # the tied LM head below reads the unscaled table
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)

@@ -26,6 +26,17 @@ with ``s = sqrt(max(1, A / B))`` (``adjust_lr_fn = "original"``, Keller Jordan's
 ``(G, A, B)`` tensor and orthogonalised by one batched call of :func:`orthogonalize`; the momentum, the
 weight decay and the weight update are ``torch._foreach_*`` calls over all matrices of the group.
 
+Stacked matrices (``optim.muon_qkvo``)
+-------------------------------------
+The source documents' model keeps a layer's four attention projections in one parameter ``[W_q; W_k; W_v; W_o]``
+(rows ``q + 2 kv + o``, columns ``d_model``), so their Muon orthogonalises the stack as one matrix and scales its
+step by the stack's ``sqrt(max(1, rows / cols))`` (``sqrt(3)`` at their 88M and at ``tiny``). ``fused`` does the
+same with our separate parameters: the momentum stays per parameter (momentum is elementwise, so stacking the
+Nesterov updates after it gives the stack's update exactly), the updates are concatenated row-wise, orthogonalised
+together (stacks of one shape in one batched call) and split back. W_k's step is then a block of a (nearly)
+orthogonal matrix, not itself orthogonal. ``separate_stacked_lr`` keeps each block's own orthogonalisation but
+takes the stack's learning-rate factor.
+
 The state is ``torch.optim.Muon``'s: one ``momentum_buffer`` per matrix, so the optimizer state dict has
 the same shape and goes through :mod:`trainer.resume` without pickle. Under DDP every rank holds the same
 averaged gradients and computes the same update, as with ``torch.optim.Muon``.
@@ -62,7 +73,8 @@ singular values in ``[1e-3, 1]`` (``optimal_composition(l=1e-3, num_iters=5, saf
 cushion=0.02)`` in the authors' ``NoahAmsel/PolarExpress`` repository); tests/test_muon.py recomputes
 them from that construction."""
 
-COEFFICIENT_SETS = ("quintic", "polar_express")
+COEFFICIENT_SETS = ("quintic", "polar_express", "polar_express_seed")
+QKVO_MODES = ("separate", "fused", "separate_stacked_lr")
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
 
@@ -90,17 +102,21 @@ def newton_schulz_schedule(name: str, steps: int) -> NewtonSchulz:
     - ``polar_express``: the five triples of :data:`POLAR_EXPRESS`, ``X_0 = U / (1.02 ||U||_F + 1e-6)``:
       modded-nanogpt's normalisation, whose factor 1.02 guards against bfloat16 rounding pushing a
       singular value above 1. The set is built for exactly five steps, so ``steps`` must be 5.
+    - ``polar_express_seed``: the same triples, ``X_0 = U / (1.01 ||U||_F + 1e-7)``: the normalisation of the
+      source documents' ``optimizers/muon.py`` (vukrosic/attention-keys-analysis).
 
     >>> newton_schulz_schedule("quintic", 2).coefficients
     ((3.4445, -4.775, 2.0315), (3.4445, -4.775, 2.0315))
     """
     if name == "quintic":
         return NewtonSchulz((QUINTIC,) * steps, norm_scale=1.0, norm_offset=0.0, norm_floor=1e-7)
-    if name == "polar_express":
+    if name in ("polar_express", "polar_express_seed"):
         if steps != len(POLAR_EXPRESS):
             raise ValueError(
-                f"the polar_express coefficients are computed for {len(POLAR_EXPRESS)} steps, not {steps}"
+                f"the {name} coefficients are computed for {len(POLAR_EXPRESS)} steps, not {steps}"
             )
+        if name == "polar_express_seed":
+            return NewtonSchulz(POLAR_EXPRESS, norm_scale=1.01, norm_offset=1e-7, norm_floor=0.0)
         return NewtonSchulz(POLAR_EXPRESS, norm_scale=1.02, norm_offset=1e-6, norm_floor=0.0)
     raise ValueError(f"unknown Newton-Schulz coefficient set {name!r}; expected one of {COEFFICIENT_SETS}")
 
@@ -186,6 +202,13 @@ class BatchedMuon(torch.optim.Optimizer):
         ``quintic`` (``torch.optim.Muon``'s) or ``polar_express`` (:func:`newton_schulz_schedule`).
     ns_dtype
         Dtype name of the orthogonalisation (:data:`NS_DTYPES`): ``bfloat16`` as ``torch.optim.Muon``.
+    qkvo, stacks
+        ``stacks`` lists groups of positions in a parameter group's ``params`` whose matrices (equal column
+        counts) form one matrix stacked row-wise, e.g. a layer's ``[W_q; W_k; W_v; W_o]``. ``qkvo``: ``separate``
+        ignores them; ``fused`` orthogonalises each stack as one matrix and steps its blocks by the stack's
+        learning-rate factor; ``separate_stacked_lr`` orthogonalises each block on its own but with the stack's
+        factor (the control that separates the step size from the joint orthogonalisation). Both are group
+        keys, so a group may carry its own.
     compile
         Orthogonalise through ``torch.compile(orthogonalize, dynamic=False, fullgraph=True)``: one
         compilation per matrix shape, fused elementwise work. Not a hyperparameter, so it is not stored
@@ -212,6 +235,8 @@ class BatchedMuon(torch.optim.Optimizer):
         coefficients: str = "quintic",
         adjust_lr_fn: str | None = None,
         ns_dtype: str = "bfloat16",
+        qkvo: str = "separate",
+        stacks: Sequence[Sequence[int]] = (),
         *,
         compile: bool = False,
     ):
@@ -226,6 +251,8 @@ class BatchedMuon(torch.optim.Optimizer):
         newton_schulz_schedule(coefficients, ns_steps)  # reject an unknown set or a wrong step count now
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"unknown ns_dtype {ns_dtype!r}; expected one of {sorted(NS_DTYPES)}")
+        if qkvo not in QKVO_MODES:
+            raise ValueError(f"unknown qkvo {qkvo!r}; expected one of {QKVO_MODES}")
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -235,12 +262,15 @@ class BatchedMuon(torch.optim.Optimizer):
             coefficients=coefficients,
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype,
+            qkvo=qkvo,
+            stacks=[list(stack) for stack in stacks],
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D parameters, got one of shape {tuple(p.shape)}")
+            _check_stacks(group)
         self.compiled = compile
         self._orthogonalize: Callable[[Tensor, NewtonSchulz, torch.dtype], Tensor] = (
             torch.compile(orthogonalize, dynamic=False, fullgraph=True) if compile else orthogonalize
@@ -274,13 +304,100 @@ class BatchedMuon(torch.optim.Optimizer):
                 continue
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             schedule = newton_schulz_schedule(group["coefficients"], group["ns_steps"])
+            ns_dtype = NS_DTYPES[group["ns_dtype"]]
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
             if wd != 0:  # multiplying by exactly 1 would change nothing but cost a pass over the weights
                 torch._foreach_mul_(params, 1 - lr * wd)
-            for idx in shape_groups(params):
+            stacks = self._stacks(group, params)
+            step_lrs = [adjusted_lr(lr, p.shape, group["adjust_lr_fn"]) for p in params]
+            if group["qkvo"] == "separate_stacked_lr":
+                for stack in stacks:  # each block steps as far as the stack it would be fused into
+                    for i in stack:
+                        step_lrs[i] = adjusted_lr(
+                            lr, stacked_shape([params[j] for j in stack]), group["adjust_lr_fn"]
+                        )
+            fused = group["qkvo"] == "fused"
+            if fused:
+                self._step_fused(stacks, params, updates, lr, schedule, ns_dtype, group["adjust_lr_fn"])
+            in_stack = {i for stack in stacks for i in stack} if fused else set()
+            loose = [i for i in range(len(params)) if i not in in_stack]
+            for idx in shape_groups([params[i] for i in loose]):
+                idx = [loose[j] for j in idx]
                 stacked = torch.stack([updates[i] for i in idx])  # (G, A, B)
-                ortho = self._orthogonalize(stacked, schedule, NS_DTYPES[group["ns_dtype"]])  # (G, A, B)
-                step_lr = adjusted_lr(lr, params[idx[0]].shape, group["adjust_lr_fn"])
-                torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=-step_lr)
+                ortho = list(self._orthogonalize(stacked, schedule, ns_dtype).unbind(0))  # G x (A, B)
+                for step_lr in dict.fromkeys(step_lrs[i] for i in idx):  # one call when all agree
+                    same = [j for j, i in enumerate(idx) if step_lrs[i] == step_lr]
+                    torch._foreach_add_(
+                        [params[idx[j]] for j in same], [ortho[j] for j in same], alpha=-step_lr
+                    )
         return loss
+
+    def _stacks(self, group: dict[str, Any], params: list[Tensor]) -> list[list[int]]:
+        """The group's stacks as positions in ``params`` (its parameters that have a gradient); none under
+        ``separate``. A stack whose blocks have no gradient at all is skipped; one with only some is an error."""
+        if group["qkvo"] == "separate":
+            return []
+        position = {id(p): i for i, p in enumerate(params)}
+        out = []
+        for stack in group["stacks"]:
+            found = [position.get(id(group["params"][j])) for j in stack]
+            if all(f is None for f in found):
+                continue
+            if any(f is None for f in found):
+                raise RuntimeError(f"stacked parameters {list(stack)}: some have a gradient and some do not")
+            out.append(found)
+        return out
+
+    def _step_fused(
+        self,
+        stacks: list[list[int]],
+        params: list[Tensor],
+        updates: list[Tensor],
+        lr: float,
+        schedule: NewtonSchulz,
+        ns_dtype: torch.dtype,
+        adjust_lr_fn: str | None,
+    ) -> None:
+        """Orthogonalise each stack's updates as one matrix (rows concatenated; stacks of one shape batched) and
+        step its blocks by the stack's learning rate."""
+        by_shape: dict[tuple[int, int], list[list[int]]] = defaultdict(list)
+        for stack in stacks:
+            by_shape[stacked_shape([params[i] for i in stack])].append(stack)
+        for shape, group_stacks in by_shape.items():
+            joint = torch.stack(
+                [torch.cat([updates[i] for i in stack]) for stack in group_stacks]
+            )  # (G, R, C)
+            ortho = self._orthogonalize(joint, schedule, ns_dtype)  # (G, R, C)
+            blocks, targets = [], []
+            for stack, matrix in zip(group_stacks, ortho.unbind(0)):
+                blocks += matrix.split([params[i].shape[0] for i in stack])  # each (rows_i, C)
+                targets += [params[i] for i in stack]
+            torch._foreach_add_(targets, blocks, alpha=-adjusted_lr(lr, shape, adjust_lr_fn))
+
+
+def _check_stacks(group: dict[str, Any]) -> None:
+    """Refuse stacks that name a parameter twice, one outside the group, or blocks of unequal widths."""
+    if group["qkvo"] not in QKVO_MODES:
+        raise ValueError(f"unknown qkvo {group['qkvo']!r}; expected one of {QKVO_MODES}")
+    seen: set[int] = set()
+    for stack in group["stacks"]:
+        outside = any(not 0 <= j < len(group["params"]) for j in stack)
+        if not stack or outside or len(set(stack)) < len(stack) or seen.intersection(stack):
+            raise ValueError(f"stack {list(stack)}: indices must be distinct positions in the group's params")
+        seen.update(stack)
+        stacked_shape([group["params"][j] for j in stack])
+
+
+def stacked_shape(blocks: Sequence[Tensor]) -> tuple[int, int]:
+    """Shape ``(sum of rows, cols)`` of the matrices ``blocks`` stacked row-wise (all must have equal columns).
+
+    >>> stacked_shape([torch.zeros(4, 8), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(8, 8)])
+    (16, 8)
+    """
+    cols = {b.shape[1] for b in blocks}
+    if len(cols) != 1:
+        raise ValueError(
+            f"stacked blocks need equal column counts, got shapes {[tuple(b.shape) for b in blocks]}"
+        )
+    return sum(b.shape[0] for b in blocks), cols.pop()

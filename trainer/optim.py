@@ -23,6 +23,9 @@ same thing here. ``"match_rms_adamw"`` (Moonshot, ``0.2 * lr * sqrt(max(A, B))``
 AdamW learning rates and would silently change the meaning of ``optim.muon_lr`` by a factor of
 ``0.2 * sqrt(max(A, B))`` (about 4.5 to 9 at the 88M preset's widths).
 
+``optim.muon_qkvo`` (``fused``, ``separate_stacked_lr``) hands the batched Muon each layer's
+``[W_q; W_k; W_v; W_o]`` as a stack (:func:`qkvo_stacks`); see :mod:`trainer.muon` for what it does with them.
+
 PyTorch's Muon keeps its momentum as an exponential moving average (``buf.lerp_(g, 1 - mu)``) where
 the reference keeps a plain sum (``buf = mu * buf + g``); the Nesterov update of the former is the
 latter's times ``1 - mu``, and the Newton-Schulz step divides by the Frobenius norm first, so the
@@ -198,6 +201,32 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=2.0)
 
 
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""A layer's attention projections in the order the source documents' model stacks them."""
+
+
+def qkvo_stacks(names: list[str]) -> list[list[int]]:
+    """Positions in ``names`` of each layer's ``[W_q; W_k; W_v; W_o]``, the stacks of ``optim.muon_qkvo``.
+
+    Raises :class:`TrainerError` when a layer lacks one of the four (e.g. a frozen projection), because its
+    stack would silently be another matrix.
+
+    >>> qkvo_stacks([f"blocks.0.attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] +
+    ...             ["blocks.0.mlp.up.weight"])
+    [[0, 1, 2, 3]]
+    """
+    where = {name: i for i, name in enumerate(names)}
+    layers = dict.fromkeys(name.split(".attn.")[0] for name in names if ".attn." in name)  # module order
+    stacks = []
+    for layer in layers:
+        wanted = [f"{layer}.attn.{proj}.weight" for proj in QKVO]
+        missing = [w for w in wanted if w not in where]
+        if missing:
+            raise TrainerError(f"optim.muon_qkvo: {', '.join(missing)} not among the Muon parameters")
+        stacks.append([where[w] for w in wanted])
+    return stacks
+
+
 def _muon(
     params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, device_type: str
 ) -> torch.optim.Optimizer:
@@ -222,6 +251,8 @@ def _muon(
             **common,
             coefficients=cfg.muon_coefficients,
             ns_dtype=cfg.muon_ns_dtype,
+            qkvo=cfg.muon_qkvo,
+            stacks=qkvo_stacks([name for name, _ in params]) if cfg.muon_qkvo != "separate" else (),
             compile=compile_ns,
         )
     raise ConfigError(f"optim.muon_impl: unknown implementation {cfg.muon_impl!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from spectra.cube import DEFAULT_VARIANT
 from spectra.errors import SpectraError
 
 __all__ = ["as_runs", "final_checkpoint", "measured_steps", "token_count", "tokens_of"]
@@ -33,6 +34,8 @@ def as_runs(ds: xr.Dataset) -> xr.Dataset:
     out = ds.expand_dims(run=[name])
     for key in ("qk_norm", "optimizer", "data"):
         out = out.assign_coords({key: ("run", [str(ds.attrs[key])])})
+    for key, default in DEFAULT_VARIANT.items():  # absent from cubes written before the fields existed
+        out = out.assign_coords({key: ("run", [str(ds.attrs.get(key, default))])})
     return out.assign_coords(seed=("run", [int(ds.attrs["seed"])]))
 
 

@@ -133,7 +133,7 @@ def gamma_energy_correlation(
     measured = (
         measured_steps(ds).broadcast_like(energy.isel(dim=0)).transpose(*energy.dims[:-1]).values.reshape(-1)
     )
-    status = _status(g, e, qk, measured)
+    status = _status(g, e, qk, measured, which)
     rho[status != STATUS_OK] = np.nan
     p[status != STATUS_OK] = np.nan
 
@@ -173,7 +173,9 @@ def gamma_energy_correlation(
     return out
 
 
-def _status(g: np.ndarray, e: np.ndarray, qk_norm: np.ndarray, measured: np.ndarray) -> np.ndarray:
+def _status(
+    g: np.ndarray, e: np.ndarray, qk_norm: np.ndarray, measured: np.ndarray, which: str
+) -> np.ndarray:
     status = np.full(g.shape[0], STATUS_OK, dtype=object)
     gamma_const = ~_defined_rows(g) & ~np.isnan(g).any(axis=-1)
     energy_nan = np.isnan(e).any(axis=-1)
@@ -182,7 +184,8 @@ def _status(g: np.ndarray, e: np.ndarray, qk_norm: np.ndarray, measured: np.ndar
     status[energy_const] = STATUS_ENERGY_CONSTANT
     status[energy_nan] = STATUS_ENERGY_MISSING
     status[gamma_const] = STATUS_CONSTANT
-    status[gamma_const & (qk_norm == "frozen")] = STATUS_FROZEN
+    frozen = (qk_norm == "frozen") | ((qk_norm == "frozen_k") & (which == "k"))  # frozen_k: the key gain only
+    status[gamma_const & frozen] = STATUS_FROZEN
     status[np.isnan(g).any(axis=-1)] = STATUS_GAMMA_MISSING
     status[~measured] = STATUS_NOT_MEASURED
     status[qk_norm == "none"] = STATUS_NO_QK_NORM

@@ -19,6 +19,7 @@ import pandas as pd
 import xarray as xr
 
 from spectra.analysis.checkpoints import as_runs, measured_steps, token_count, tokens_of
+from spectra.cube import DEFAULT_VARIANT
 from spectra.errors import SpectraError
 
 __all__ = [
@@ -27,7 +28,12 @@ __all__ = [
     "PLAN_PAIRS",
     "PlanConfiguration",
     "PlannedPair",
+    "VARIANT_CELLS",
+    "VARIANT_PAIRS",
     "configuration_label",
+    "optimizer_identity",
+    "optimizer_name",
+    "plan_pairs",
     "data_class",
     "describe_label",
     "label_order",
@@ -39,6 +45,31 @@ __all__ = [
 ]
 
 
+def optimizer_identity(
+    optimizer: str, muon_qkvo: str = "separate", weights_dtype: str = "float32"
+) -> tuple[str, ...]:
+    """The optimizer with what changes its updates: Muon's QKVO treatment (none under AdamW) and the weights' dtype.
+
+    >>> optimizer_identity("adamw", "fused"), optimizer_identity("muon", "fused", "bfloat16")
+    (('adamw', 'separate', 'float32'), ('muon', 'fused', 'bfloat16'))
+    """
+    return (optimizer, muon_qkvo if optimizer == "muon" else "separate", weights_dtype)
+
+
+def optimizer_name(optimizer: str, muon_qkvo: str = "separate", weights_dtype: str = "float32") -> str:
+    """The optimizer as tables and legends name it, its Muon variant and weights' dtype where not the default.
+
+    >>> optimizer_name("muon"), optimizer_name("muon", "fused", "bfloat16"), optimizer_name("adamw", "fused")
+    ('Muon+AdamW', 'Muon (fused QKVO)+AdamW, bfloat16 weights', 'AdamW')
+    """
+    optimizer, muon_qkvo, weights_dtype = optimizer_identity(optimizer, muon_qkvo, weights_dtype)
+    variant = {"fused": " (fused QKVO)", "separate_stacked_lr": " (separate, stacked-shape LR)"}.get(
+        muon_qkvo, ""
+    )
+    name = {"muon": f"Muon{variant}+AdamW", "adamw": "AdamW"}.get(optimizer, optimizer)
+    return name if weights_dtype == "float32" else f"{name}, {weights_dtype} weights"
+
+
 @dataclass(frozen=True)
 class PlanConfiguration:
     """One cell of the plan's run matrix (seed 002, section 3.2)."""
@@ -48,10 +79,21 @@ class PlanConfiguration:
     optimizer: str
     data_class: str
     purpose: str
+    muon_qkvo: str = "separate"
+    weights_dtype: str = "float32"
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What makes a run this configuration: QK-norm, data class and the optimizer with its variant."""
+        return (
+            self.qk_norm,
+            self.data_class,
+            *optimizer_identity(self.optimizer, self.muon_qkvo, self.weights_dtype),
+        )
 
     def describe(self) -> str:
         qk = "no QK-norm" if self.qk_norm == "none" else f"{self.qk_norm} QK-norm"
-        return f"{qk}, {_optimizer_name(self.optimizer)}, {self.data_class} data"
+        return f"{qk}, {optimizer_name(self.optimizer, self.muon_qkvo, self.weights_dtype)}, {self.data_class} data"
 
 
 @dataclass(frozen=True)
@@ -84,8 +126,41 @@ PLAN_PAIRS = (
 )
 
 
-def _optimizer_name(optimizer: str) -> str:
-    return {"muon": "Muon+AdamW", "adamw": "AdamW"}.get(optimizer, optimizer)
+VARIANT_CELLS = (
+    PlanConfiguration("A1f", "learned", "muon", "standard", "the source code's fused QKVO Muon", "fused"),
+    PlanConfiguration(
+        "A1c", "learned", "muon", "standard", "step-size control of A1f", "separate_stacked_lr"
+    ),
+    PlanConfiguration("A2f", "none", "muon", "standard", "the source code's fused QKVO Muon", "fused"),
+    PlanConfiguration("A2c", "none", "muon", "standard", "step-size control of A2f", "separate_stacked_lr"),
+    PlanConfiguration("A1f-bf16", "learned", "muon", "standard", "the source recipe", "fused", "bfloat16"),
+    PlanConfiguration(
+        "B1-bf16", "learned", "adamw", "standard", "AdamW, the source's weights", "separate", "bfloat16"
+    ),
+)
+"""Cells outside the plan's matrix that replicate the source code's training (docs/replication.md): they are
+extras in the coverage table, and their pairs are compared where both cells are among the runs."""
+VARIANT_PAIRS = (
+    PlannedPair("A1f", "A1", "Fused vs separate Muon, with QK-norm: is the Muon effect the fusion's?"),
+    PlannedPair("A2f", "A2", "Fused vs separate Muon, without QK-norm"),
+    PlannedPair(
+        "A1f", "A1c", "Joint orthogonalisation at the same step size, with QK-norm (fused vs control)"
+    ),
+    PlannedPair(
+        "A2f", "A2c", "Joint orthogonalisation at the same step size, without QK-norm (fused vs control)"
+    ),
+    PlannedPair("A1c", "A1", "The stacked shape's larger step alone, with QK-norm (control vs separate)"),
+    PlannedPair("A1f", "B1", "Fused Muon vs AdamW, float32 weights"),
+    PlannedPair("A1f-bf16", "B1-bf16", "Fused Muon vs AdamW, pure bfloat16 weights (the source recipe)"),
+)
+VARIANT_BY_LABEL = {c.label: c for c in VARIANT_CELLS}
+CELLS_BY_IDENTITY = {c.identity: c for c in (*PLAN, *VARIANT_CELLS)}
+
+
+def plan_pairs(runs: pd.DataFrame) -> tuple[PlannedPair, ...]:
+    """The plan's pairs, and the replication pairs whose both cells are among ``runs`` (a ``plan_cell`` column)."""
+    cells = set(runs["plan_cell"]) if "plan_cell" in runs else set()
+    return PLAN_PAIRS + tuple(p for p in VARIANT_PAIRS if p.a in cells and p.b in cells)
 
 
 def data_class(name: str, *, simple_data: Iterable[str] = (), complex_data: Iterable[str] = ()) -> str:
@@ -135,25 +210,27 @@ def _dataset_key(name: str) -> str:
     return str(name).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def configuration_label(qk_norm: str, optimizer: str, data_cls: str) -> str:
-    """The plan's label (``"A1"`` … ``"C2"``) of a configuration, or a descriptive "extra" label.
+def configuration_label(
+    qk_norm: str, optimizer: str, data_cls: str, muon_qkvo: str = "separate", weights_dtype: str = "float32"
+) -> str:
+    """The plan's label (``"A1"`` … ``"C2"``) of a configuration, a replication cell's (``"A1f"``, see
+    :data:`VARIANT_CELLS`), or a descriptive "extra" label.
 
     Examples
     --------
-    >>> configuration_label("learned", "muon", "standard")
-    'A1'
+    >>> configuration_label("learned", "muon", "standard"), configuration_label("learned", "muon", "standard", "fused")
+    ('A1', 'A1f')
     >>> configuration_label("frozen", "muon", "standard")
     'extra: frozen QK-norm, Muon+AdamW, standard data'
     """
-    for c in PLAN:
-        if (c.qk_norm, c.optimizer, c.data_class) == (qk_norm, optimizer, data_cls):
-            return c.label
-    return "extra: " + PlanConfiguration("", qk_norm, optimizer, data_cls, "").describe()
+    c = PlanConfiguration("", qk_norm, optimizer, data_cls, "", muon_qkvo, weights_dtype)
+    known = CELLS_BY_IDENTITY.get(c.identity)
+    return known.label if known else "extra: " + c.describe()
 
 
 def describe_label(label: str) -> str:
     """A legend entry: ``"A1: learned QK-norm, Muon+AdamW, standard data"``; extras are already descriptive."""
-    c = PLAN_BY_LABEL.get(label)
+    c = PLAN_BY_LABEL.get(label) or VARIANT_BY_LABEL.get(label)
     return f"{label}: {c.describe()}" if c else label
 
 
@@ -185,10 +262,11 @@ def run_table(
     rows = []
     for i, run in enumerate(ds["run"].values):
         meta = {k: ds[k].values[i].item() for k in ("qk_norm", "optimizer", "seed", "data")}
+        variant = {k: _coord_at(ds, k, i) or default for k, default in DEFAULT_VARIANT.items()}
         cls = _coord_at(ds, "data_class", i) or data_class(
             str(meta["data"]), simple_data=simple_data, complex_data=complex_data
         )
-        cell = configuration_label(str(meta["qk_norm"]), str(meta["optimizer"]), cls)
+        cell = configuration_label(str(meta["qk_norm"]), str(meta["optimizer"]), cls, **variant)
         label = _coord_at(ds, "label", i) or cell
         present = measured.isel(run=i)
         steps = ds["step"].values[present.values]
@@ -199,6 +277,7 @@ def run_table(
             {
                 "run": str(run),
                 **{k: (int(v) if k == "seed" else str(v)) for k, v in meta.items()},
+                **variant,
                 "data_class": cls,
                 "label": label,
                 "plan_cell": cell,
@@ -255,7 +334,7 @@ def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
     a study's own labels count), then one per extra configuration found among the runs. Columns:
     ``label`` (the runs' labels, or the plan's where none), ``plan_cell``, ``qk_norm``, ``optimizer``,
     ``data_class``, ``purpose``, ``status`` (``present``, ``missing`` or ``extra``), ``n_seeds``, ``seeds``,
-    ``runs``.
+    ``runs``, ``muon_qkvo``, ``weights_dtype`` (the Muon variant and weights' dtype of the cell).
     """
     rows = []
     for c in PLAN:
@@ -272,6 +351,8 @@ def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
                 "n_seeds": sel["seed"].nunique(),
                 "seeds": ", ".join(str(s) for s in sorted(sel["seed"].unique())),
                 "runs": ", ".join(sel["run"]),
+                "muon_qkvo": c.muon_qkvo,
+                "weights_dtype": c.weights_dtype,
             }
         )
     extras = runs[~runs["in_plan"]]
@@ -290,6 +371,8 @@ def plan_coverage(runs: pd.DataFrame) -> pd.DataFrame:
                 "n_seeds": sel["seed"].nunique(),
                 "seeds": ", ".join(str(s) for s in sorted(sel["seed"].unique())),
                 "runs": ", ".join(sel["run"]),
+                "muon_qkvo": first.get("muon_qkvo", DEFAULT_VARIANT["muon_qkvo"]),
+                "weights_dtype": first.get("weights_dtype", DEFAULT_VARIANT["weights_dtype"]),
             }
         )
     return pd.DataFrame(rows)

@@ -33,7 +33,7 @@ import xarray as xr
 
 from spectra.analysis.checkpoints import as_runs, final_checkpoint, measured_steps, token_count, tokens_of
 from spectra.analysis.metrics import participation_ratio
-from spectra.analysis.plan import PLAN_PAIRS, PlannedPair, label_order, resolve_pairs, run_table
+from spectra.analysis.plan import PlannedPair, label_order, plan_pairs, resolve_pairs, run_table
 from spectra.cube import CENTERINGS, CONVENTIONS, DEFAULT_SITE, SITES, Measurement, head_dim_name
 from spectra.errors import SpectraError
 
@@ -168,6 +168,8 @@ def run_summaries(
                 "seed": int(meta["seed"]),
                 "qk_norm": meta["qk_norm"],
                 "optimizer": meta["optimizer"],
+                "muon_qkvo": meta["muon_qkvo"],
+                "weights_dtype": meta["weights_dtype"],
                 "data": meta["data"],
                 "step": int(values["step"].values[i]),
                 "tokens": token_count(values["tokens"].values[i]),
@@ -411,19 +413,22 @@ def _bootstrap_diff_ci(a: np.ndarray, b: np.ndarray, *, n_resamples: int, seed: 
 
 def compare_configurations(
     summaries: pd.DataFrame,
-    pairs: Sequence[PlannedPair] = PLAN_PAIRS,
+    pairs: Sequence[PlannedPair] | None = None,
     *,
     n_resamples: int = N_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> pd.DataFrame:
     """Run :func:`compare_groups` on the per-seed headline values of each planned pair.
 
-    ``summaries`` is :func:`run_summaries`' output. A pair with a configuration absent from the runs
-    gets a row whose ``reading`` says which one is missing. Columns: ``pair``, ``question``, then the
+    ``summaries`` is :func:`run_summaries`' output; ``pairs`` defaults to
+    :func:`~spectra.analysis.plan.plan_pairs` of them (the plan's, and the replication pairs present). A pair
+    with a configuration absent from the runs gets a row whose ``reading`` says which one is missing. Columns: ``pair``, ``question``, then the
     fields of :class:`Comparison`.
     """
     rows = []
     present = set(summaries["label"])
+    if pairs is None:
+        pairs = plan_pairs(summaries)
     if "plan_cell" in summaries:
         pairs = resolve_pairs(summaries, pairs)
     for pair in pairs:
@@ -456,7 +461,7 @@ def compare_configurations(
 
 def sensitivity_table(
     ds: xr.Dataset,
-    pairs: Sequence[PlannedPair] = PLAN_PAIRS,
+    pairs: Sequence[PlannedPair] | None = None,
     *,
     which: str = "k",
     sites: Sequence[str] = SITES,
@@ -477,6 +482,7 @@ def sensitivity_table(
     ds = as_runs(ds)
     runs = run_table(ds, simple_data=simple_data, complex_data=complex_data)
     present = set(runs["label"])
+    pairs = plan_pairs(runs) if pairs is None else pairs
     active = [p for p in resolve_pairs(runs, pairs) if p.a in present and p.b in present]
     labels = label_order(present)
     heads = ["layer", head_dim_name(which)]

@@ -3,7 +3,8 @@
 The checkpoint file format is the interface between the two halves of the project: ``spectra``
 does not import the trainer's checkpoint code (an import-linter contract forbids it), it reads the
 same files on its own. A checkpoint ``tokens_<12-digit token count>.safetensors`` holds the model's
-``state_dict`` in float32 and, in its safetensors header metadata (string to string):
+``state_dict`` in the weights' dtype (``train.weights_dtype``: float32, float64 or bfloat16; loading copies it into
+the float32 model, exactly for bfloat16) and, in its safetensors header metadata (string to string):
 
 | key | value |
 | --- | --- |

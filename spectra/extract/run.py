@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from spectra.cube import (
     CENTERINGS,
     CUBE_FILENAME,
+    DEFAULT_VARIANT,
     SITES,
     DamagedCubeError,
     combine_steps,
@@ -146,6 +147,16 @@ def _gamma(norm: torch.nn.Module, head_dim: int) -> np.ndarray:
     return weight.detach().to(torch.float64).cpu().numpy()
 
 
+def optimizer_variant(run_config: dict[str, Any]) -> dict[str, str]:
+    """``muon_qkvo`` and ``weights_dtype`` of a run config; a config saved before the fields existed had the
+    defaults (``separate``, ``float32``), which is how that run trained."""
+    optim, train = run_config.get("optim", {}), run_config.get("train", {})
+    return {
+        "muon_qkvo": str(optim.get("muon_qkvo", DEFAULT_VARIANT["muon_qkvo"])),
+        "weights_dtype": str(train.get("weights_dtype", DEFAULT_VARIANT["weights_dtype"])),
+    }
+
+
 def _require(ckpt: Checkpoint, *keys: str) -> Any:
     value: Any = ckpt.run_config
     for i, key in enumerate(keys):
@@ -189,6 +200,7 @@ def run_attrs(ckpt: Checkpoint, input_ids: torch.Tensor, drop_first: int, n_toke
         "run_name": ckpt.run_name,
         "qk_norm": ckpt.model_config.qk_norm,
         "optimizer": str(_require(ckpt, "optim", "name")),
+        **optimizer_variant(ckpt.run_config),
         "seed": seed,
         "data": _dataset_name(ckpt),
         "model_config": ckpt.metadata["model_config"],

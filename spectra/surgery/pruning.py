@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from spectra.errors import SpectraError
 from spectra.surgery.file import GAMMA_OK
-from trainer.model import LLM
+from trainer.model import LLM, rope_pairs
 
 DEFAULT_BATCH_SIZE = 8
 """Sequences per forward pass (the test windows and the eval batch)."""
@@ -76,34 +76,37 @@ def removed_count(fraction: float, head_dim: int, pair_rope: bool = True) -> int
     return unit * math.floor(fraction * head_dim / unit + 0.5)
 
 
-def removal_order(scores: np.ndarray, pair_rope: bool = True) -> np.ndarray:
+def removal_order(scores: np.ndarray, pair_rope: bool = True, layout: str = "half") -> np.ndarray:
     """Coordinates of one head in the order they are removed: lowest score first, ties by index.
 
-    With ``pair_rope`` coordinate j and its rotary partner j + D/2 are scored together (the sum of
-    their scores) and removed together, so every prefix of even length is a union of rotary pairs.
+    With ``pair_rope`` a coordinate and its rotary partner (j and j + D/2 in the ``half`` layout, 2i and
+    2i + 1 in the ``interleaved`` one: ``model.rope_layout``) are scored together (the sum of their scores)
+    and removed together, so every prefix of even length is a union of rotary pairs.
 
     >>> removal_order(np.array([3.0, 1.0, 2.0, 0.5])).tolist()          # pairs (0, 2): 5, (1, 3): 1.5
     [1, 3, 0, 2]
+    >>> removal_order(np.array([3.0, 1.0, 2.0, 0.5]), layout="interleaved").tolist()  # (0, 1): 4, (2, 3): 2.5
+    [2, 3, 0, 1]
     >>> removal_order(np.array([3.0, 1.0, 2.0, 0.5]), pair_rope=False).tolist()
     [3, 1, 2, 0]
     """
     scores = np.asarray(scores, dtype=np.float64)
     if not pair_rope:
         return np.argsort(scores, kind="stable")
-    half = scores.shape[0] // 2
-    pairs = np.argsort(scores[:half] + scores[half:], kind="stable")  # (D/2,)
-    return np.stack([pairs, pairs + half], axis=1).ravel()
+    pairs = np.asarray(rope_pairs(scores.shape[0], layout))  # (D/2, 2)
+    order = np.argsort(scores[pairs[:, 0]] + scores[pairs[:, 1]], kind="stable")  # (D/2,)
+    return pairs[order].ravel()
 
 
 def random_removal_order(
-    seed: int, layer: int, n_kv_heads: int, head_dim: int, pair_rope: bool = True
+    seed: int, layer: int, n_kv_heads: int, head_dim: int, pair_rope: bool = True, layout: str = "half"
 ) -> np.ndarray:
     """Random removal orders (n_kv_heads, head_dim) for one layer; the same (seed, layer) gives the same orders.
 
     Seeding by (seed, layer) keeps a layer's draw independent of which other layers are pruned.
     """
     rng = np.random.default_rng([seed, layer])
-    return np.stack([removal_order(rng.random(head_dim), pair_rope) for _ in range(n_kv_heads)])
+    return np.stack([removal_order(rng.random(head_dim), pair_rope, layout) for _ in range(n_kv_heads)])
 
 
 def keep_masks(orders: Mapping[int, np.ndarray], n_remove: int) -> dict[int, torch.Tensor]:
@@ -130,9 +133,9 @@ def gamma_status(model: LLM, layers: Sequence[int]) -> str:
     qk_norm = model.cfg.qk_norm
     if qk_norm == "none":
         return "not applicable: the model has no QK-norm (qk_norm = 'none'), so there is no gamma to rank key coordinates by"
-    if qk_norm == "frozen":
+    if qk_norm in ("frozen", "frozen_k"):
         return (
-            "not applicable: the QK-norm gain is frozen at 1 (qk_norm = 'frozen'): all |gamma| are equal, "
+            f"not applicable: the key norm's gain is frozen at 1 (qk_norm = {qk_norm!r}): all |gamma| are equal, "
             "so gamma ranks no key coordinate above another"
         )
     flat = [i for i in layers if np.ptp(np.abs(key_gamma(model, i))) == 0.0]
@@ -151,7 +154,7 @@ def gamma_removal_orders(model: LLM, layers: Sequence[int], pair_rope: bool = Tr
         gamma = key_gamma(model, i)
         if gamma is None:
             raise SpectraError(gamma_status(model, layers))
-        order = removal_order(np.abs(gamma), pair_rope)
+        order = removal_order(np.abs(gamma), pair_rope, model.cfg.rope_layout)
         orders[i] = np.tile(order, (model.cfg.n_kv_heads, 1))
     return orders
 

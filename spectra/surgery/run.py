@@ -192,7 +192,9 @@ def _interventions(
         orders = gamma_removal_orders(setup.model, setup.layers, pair_rope)
     else:
         orders = {
-            i: random_removal_order(seed, i, cfg.n_kv_heads, cfg.resolved_head_dim, pair_rope)
+            i: random_removal_order(
+                seed, i, cfg.n_kv_heads, cfg.resolved_head_dim, pair_rope, cfg.rope_layout
+            )
             for i in setup.layers
         }
     for f_i, n in enumerate(setup.removed):
@@ -239,8 +241,9 @@ def run_surgery(
     layers
         Layers to prune (``None`` or ``"all"``: every layer; ``"0,1"``, ``"0-3"`` or a list of ints).
     pair_rope
-        Remove whole rotary pairs (j, j + D/2) so that the rotation cannot move a kept coordinate into a
-        removed slot; ``False`` removes single coordinates (the original gamma-surgery).
+        Remove whole rotary pairs ((j, j + D/2), or (2i, 2i + 1) for ``model.rope_layout = "interleaved"``)
+        so that the rotation cannot move a kept coordinate into a removed slot; ``False`` removes single
+        coordinates (the original gamma-surgery).
     test_tokens
         Predicted tokens of the test split to evaluate (capped by the split's length).
     seq_len

@@ -75,16 +75,26 @@ def study_sha256(study: Study) -> str:
 def study_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two resolved studies, configurations matched by label.
 
-    >>> a = {"seeds": [0], "configurations": [{"label": "A", "qk_norm": "none"}]}
-    >>> b = {"seeds": [0, 1], "configurations": [{"label": "A", "qk_norm": "learned"}, {"label": "B"}]}
+    A configuration saved without ``tokens`` (before configurations had their own) has the study's.
+
+    >>> a = {"seeds": [0], "tokens": 8, "configurations": [{"label": "A", "qk_norm": "none"}]}
+    >>> b = {"seeds": [0, 1], "tokens": 8, "configurations": [
+    ...     {"label": "A", "qk_norm": "learned", "tokens": 8}, {"label": "B", "tokens": 8}]}
     >>> study_differences(a, b)  # doctest: +NORMALIZE_WHITESPACE
     ["configurations.A.qk_norm: 'none' (saved) != 'learned' (now)",
-     "configurations.B: '<absent>' (saved) != {'label': 'B'} (now)", 'seeds: [0] (saved) != [0, 1] (now)']
+     "configurations.B: '<absent>' (saved) != {'tokens': 8, 'label': 'B'} (now)", 'seeds: [0] (saved) != [0, 1] (now)']
     """
 
     def keyed(study: dict[str, Any]) -> dict[str, Any]:
         configurations = study.get("configurations", [])
-        by_label = {c.get("label", f"[{i}]"): c for i, c in enumerate(configurations) if isinstance(c, dict)}
+        by_label = {
+            c.get("label", f"[{i}]"): {
+                "tokens": study.get("tokens"),
+                **c,
+            }  # saved before per-configuration tokens
+            for i, c in enumerate(configurations)
+            if isinstance(c, dict)
+        }
         return {**study, "configurations": by_label}
 
     return config_differences(keyed(saved), keyed(current))

@@ -563,7 +563,8 @@ def plan_text(
     lines = [
         f"study {study.name}: {study.description}".rstrip(": "),
         f"  {len(configurations)} configuration(s) x {len(study.seeds)} seed(s) = {len(runs) - n_sweep} main run(s) "
-        f"of {study.tokens:,} tokens, {n_sweep} sweep run(s); base {study.base}",
+        f"of {' or '.join(f'{t:,}' for t in sorted({c.tokens for c in configurations}))} tokens, "
+        f"{n_sweep} sweep run(s); base {study.base}",
         f"  datasets (data_root {study.data_root}):",
     ]
     for data_class in [d for d in ("standard", "simple", "complex") if d in {c.data for c in configurations}]:

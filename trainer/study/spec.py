@@ -126,6 +126,8 @@ class Configuration:
     """One line for tables and reports, e.g. ``Muon, no QK-norm``."""
     set: tuple[str, ...] = ()
     """``key=value`` overrides of this configuration's runs, after the study's ``set``."""
+    tokens: int = 0
+    """Training tokens of each of its main runs; 0 means the study's ``tokens``."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Its learning-rate sweep: the study's ``[sweep]`` table with this table's keys replacing its keys."""
 
@@ -279,7 +281,8 @@ def resolve_study(
     base_cfg = _load(base, study.set, "set")
     tokens = study.tokens or base_cfg.train.tokens
     configurations = tuple(
-        replace(c, sweep=replace(c.sweep, tokens=c.sweep.tokens or tokens)) for c in study.configurations
+        replace(c, tokens=c.tokens or tokens, sweep=replace(c.sweep, tokens=c.sweep.tokens or tokens))
+        for c in study.configurations
     )
     resolved = replace(
         shared,
@@ -331,6 +334,8 @@ def _check_study(study: Study) -> None:
         if c.label in seen:
             raise ConfigError(f"{where}.label: {c.label!r} is used by two configurations")
         seen.add(c.label)
+        if c.tokens < 0:
+            raise ConfigError(f"{where}.tokens must be non-negative (0: the study's), got {c.tokens}")
         _check_overrides(c.set, f"{where}.set", allow_lr=True)
         _check_sweep(c.sweep, f"{where}.sweep")
 
@@ -527,7 +532,7 @@ def main_runs(
         name = f"{configuration.label}-s{seed}"
         overrides = (
             *configuration_overrides(study, configuration),
-            f"train.tokens={study.tokens}",
+            f"train.tokens={configuration.tokens}",
             f"train.seed={seed}",
             *(_lr_overrides(lrs) if lrs else ()),
             f"name={json.dumps(name)}",
@@ -538,7 +543,7 @@ def main_runs(
                 phase="main",
                 label=configuration.label,
                 seed=seed,
-                tokens=study.tokens,
+                tokens=configuration.tokens,
                 data_class=configuration.data,
                 data_dir=study.data_dir(configuration),
                 overrides=overrides,

@@ -13,6 +13,8 @@ RUN_COLUMNS = [
     "label",
     "qk_norm",
     "optimizer",
+    "muon_qkvo",
+    "weights_dtype",
     "seed",
     "data",
     "data_class",
@@ -40,7 +42,9 @@ def plan_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
         Paragraph(
             "The plan (seed 002) crosses QK-norm (learned / none), optimizer (Muon+AdamW / AdamW) and data "
             f"(standard / simple / complex) in six configurations, A1 … C2. {where} A configuration outside "
-            "the matrix (e.g. a frozen gamma) is listed as extra."
+            "the matrix (e.g. a frozen gamma) is listed as extra; runs that replicate the source code's training "
+            "(fused-QKVO Muon A1f/A2f, its step-size control A1c/A2c, pure bfloat16 weights A1f-bf16/B1-bf16) have "
+            "cells of their own, compared with the plan's where both are present."
         ),
         Table(
             ctx.coverage,
