@@ -1,13 +1,14 @@
-"""The tables of docs/replication.md's finding, from an extracted `seed-muon` study directory.
+"""The tables of docs/replication.md's finding, from the extracted `seed-muon` and `seed-bf16` study directories.
 
-    python scripts/seed_muon_findings.py STUDY_DIR
+    python scripts/seed_muon_findings.py STUDY_DIR [STUDY_DIR ...]
 
-For each contrast (a minus b, configurations of the study file trainer/study/files/seed-muon.toml) and each
-checkpoint the two share, the difference of the seed means of one headline number per run, with the
-project's statistics (`spectra.analysis.stats.compare_groups`: a 95% percentile-bootstrap interval of the
-difference over seeds, Welch's t-test): the mean key PR (site `normed`, singular-value convention, uncentred,
-over every layer and key/value head) and the mean PR of W_k's singular values per key/value head. It prints
-Markdown; it writes nothing.
+For each contrast (a minus b, configurations of trainer/study/files/seed-muon.toml and seed-bf16.toml) whose
+two configurations are among the studies given, and each checkpoint the two share, the difference of the
+seed means of one headline number per run, with the project's statistics
+(`spectra.analysis.stats.compare_groups`: a 95% percentile-bootstrap interval of the difference over seeds,
+Welch's t-test): the mean key PR (site `normed`, singular-value convention, uncentred, over every layer and
+key/value head) and the mean PR of W_k's singular values per key/value head. It prints Markdown; it writes
+nothing.
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ def contrast_rows(values: xr.DataArray, a: str, b: str) -> list[str]:
     return rows
 
 
-def main(study: Path) -> None:
-    ds = spectra.open_cubes(study / "runs")
+def main(studies: list[Path]) -> None:
+    ds = spectra.open_cubes([study / "runs" for study in studies])
+    labels = {str(r).rsplit("-s", 1)[0] for r in ds["run"].values}
     for name, values in headline_numbers(ds).items():
         for a, b, title in CONTRASTS:
+            if not {a, b} <= labels:
+                continue
             print(f"\n#### {name}: {title} ({a} - {b})\n")
             print("| tokens | mean a | mean b | a - b | 95% bootstrap CI | Welch p | n seeds |")
             print("| ---: | ---: | ---: | ---: | --- | ---: | --- |")
@@ -76,6 +80,6 @@ def main(study: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/seed_muon_findings.py STUDY_DIR")
-    main(Path(sys.argv[1]))
+    if len(sys.argv) < 2:
+        sys.exit("usage: python scripts/seed_muon_findings.py STUDY_DIR [STUDY_DIR ...]")
+    main([Path(arg) for arg in sys.argv[1:]])

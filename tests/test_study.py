@@ -82,7 +82,7 @@ def study_file(tmp_path, tiny_data_dir, tiny_vocab) -> Path:
 
 
 def test_shipped_studies_load_and_the_plan_matrix_is_the_plans():
-    assert {"plan-25m", "plan-300m", "demo", "seed-muon"} <= set(study_names())
+    assert {"plan-25m", "plan-300m", "demo", "seed-muon", "seed-bf16"} <= set(study_names())
     plan = load_study("plan-25m")
     assert plan.base == "paper-88m" and plan.tokens == 25_000_000 and plan.seeds == (0,)
     cells = {c.label: (c.qk_norm, c.optimizer, c.data) for c in plan.configurations}
@@ -870,13 +870,27 @@ def test_docstring_examples_run(module):
     assert result.attempted and not result.failed
 
 
-def test_a_configuration_may_have_its_own_main_run_tokens(tmp_path):
-    study = load_study("seed-muon", data_root=tmp_path)
+def test_a_configuration_may_have_its_own_main_run_tokens(tmp_path, tiny_data_dir, tiny_vocab):
+    path = write_tiny_study(tmp_path / "s.toml", tiny_data_dir, tiny_vocab)
+    text = path.read_text().replace(
+        'label = "B"\n', 'label = "B"\ntokens = 640\nset = ["train.val_tokens=128"]\n'
+    )
+    path.write_text(text)
+    study = load_study(path)
     by_label = {c.label: c for c in study.configurations}
-    assert study.tokens == 307_200 and by_label["MS-L"].tokens == 307_200
-    assert by_label["B16-MF"].tokens == 153_600  # its own, for its main runs only
-    runs = main_runs(study, by_label["B16-MF"])
-    assert [r.tokens for r in runs] == [153_600] * 4
+    assert study.tokens == 1280 and by_label["A"].tokens == 1280
+    assert by_label["B"].tokens == 640  # its own, for its main runs only
+    runs = main_runs(study, by_label["B"])
+    assert [r.tokens for r in runs] == [640] * 2
     overrides = dict(o.split("=", 1) for o in runs[0].overrides)
-    assert overrides["train.tokens"] == "153600" and overrides["train.weights_dtype"] == "bfloat16"
-    assert overrides["optim.muon_qkvo"] == "fused"
+    assert overrides["train.tokens"] == "640" and overrides["train.val_tokens"] == "128"
+
+
+def test_the_seed_studies_split_float32_grid_from_the_dtype_block():
+    grid, block = load_study("seed-muon"), load_study("seed-bf16")
+    assert grid.tokens == 307_200 and len(grid.seeds) == 4 and len(grid.configurations) == 8
+    assert block.tokens == 153_600 and len(block.seeds) == 3
+    dtypes = {
+        c.label: dict(o.split("=", 1) for o in c.set).get("train.weights_dtype") for c in block.configurations
+    }
+    assert dtypes == {"B16-MF": "bfloat16", "B16-AW": "bfloat16", "F32-MF": None, "F32-AW": None}
