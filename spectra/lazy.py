@@ -8,7 +8,10 @@ read when a computation needs them. Hundreds of cubes then open in bounded memor
 Each block read opens the file, reads and closes it again, under one lock, rather than keeping it open in
 xarray's file cache: a file kept open there while the same file is opened and closed eagerly
 (``xarray.load_dataset``, as :func:`spectra.cube.open_cube` does) crashes the netCDF4/HDF5 libraries (a
-segmentation fault on the next open), and HDF5 is not thread-safe for dask's threads. Values are decoded as
+segmentation fault on the next open), and HDF5 is not thread-safe for dask's threads. The lock is xarray's own
+HDF5 lock, the one its netCDF4 backend holds while it reads or writes: a lazily opened Dataset written with
+``to_netcdf`` has its blocks read by dask's threads while xarray writes the output through HDF5, and with a lock
+of our own the two overlapped and crashed the process (a segmentation fault in ``tests/test_cube_io.py``). Values are decoded as
 xarray decodes them for the cube's variables: the fill value becomes NaN (the cube's spectra are floating point).
 A read that fails (damaged bytes) is one line naming the file.
 """
@@ -16,16 +19,16 @@ A read that fails (damaged bytes) is one line naming the file.
 from __future__ import annotations
 
 import importlib.util
-import threading
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+from xarray.backends.locks import HDF5_LOCK
 
 from spectra.errors import SpectraError
 
-_NETCDF_LOCK = threading.Lock()
-"""One reader of any NetCDF file at a time: the HDF5 library underneath is not thread-safe."""
+_NETCDF_LOCK = HDF5_LOCK
+"""One HDF5 call at a time in this process, ours and xarray's alike: the library underneath is not thread-safe."""
 
 
 def dask_installed() -> bool:
