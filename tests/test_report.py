@@ -118,6 +118,16 @@ def test_rerun_replaces_only_the_reports_own_files(built, runs, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
 
 
+def test_report_date_follows_source_date_epoch(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764806400")
+    rep.build_report(runs[:1], tmp_path / "fixed", n_resamples=20)
+    assert "Generated 2025-12-04 00:00 UTC by collapse" in (tmp_path / "fixed" / "report.md").read_text()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(SpectraError, match="SOURCE_DATE_EPOCH='yesterday'"):
+        rep.build_report(runs[:1], tmp_path / "bad", n_resamples=20)
+    assert not (tmp_path / "bad").exists()  # refused before anything was created
+
+
 def test_resolve_inputs(runs, tmp_path):
     by_dir, skipped = rep.resolve_inputs([runs[0]])
     assert by_dir == [rep.RunInput(runs[0] / "spectra.nc", runs[0] / "surgery.nc")] and skipped == []

@@ -889,7 +889,7 @@ def test_a_configuration_may_have_its_own_main_run_tokens(tmp_path, tiny_data_di
 def test_the_seed_studies_split_float32_grid_from_the_dtype_block():
     grid, block = load_study("seed-muon"), load_study("seed-bf16")
     assert grid.tokens == 307_200 and len(grid.seeds) == 4 and len(grid.configurations) == 8
-    assert block.tokens == 153_600 and len(block.seeds) == 4
+    assert block.tokens == 307_200 and len(block.seeds) == 4
     dtypes = {
         c.label: dict(o.split("=", 1) for o in c.set).get("train.weights_dtype") for c in block.configurations
     }

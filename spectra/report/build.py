@@ -24,6 +24,7 @@ from spectra.report.output import (
     new_staging,
 )
 from spectra.report.sections import SECTIONS
+from spectra.report.sections.overview import generated_at
 from spectra.study import is_study_dir, read_study
 
 PathLike = str | os.PathLike[str]
@@ -78,6 +79,7 @@ def build_report(
     # an unknown choice is refused before anything is read
     measurement = cube.Measurement(site=site, convention=convention, centering=centering)
     cube.check_choice("gamma site", gamma_site, gamma_analysis.GAMMA_SITES)
+    generated_at()  # a malformed SOURCE_DATE_EPOCH too
     runs_in, skipped = resolve_inputs(inputs)
     out = Path(out_dir)
     out = out.resolve() if out.is_symlink() else out  # replace the directory the link points to, not the link

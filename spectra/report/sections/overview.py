@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 
+from spectra.errors import SpectraError
 from spectra.report.context import ReportContext
 from spectra.report.document import Block, Bullets, Heading, Paragraph
 from spectra.report.output import ReportWriter
@@ -11,7 +13,7 @@ from trainer.provenance import package_version
 
 
 def overview_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    now = generated_at().strftime("%Y-%m-%d %H:%M UTC")
     return [
         Paragraph(
             f"Generated {now} by collapse {package_version('collapse')} over {len(ctx.run_names)} run(s). Headline measurement: "
@@ -24,6 +26,17 @@ def overview_section(ctx: ReportContext, w: ReportWriter) -> list[Block]:
             "in the literature, always lower. Each number below says which it is."
         ),
     ]
+
+
+def generated_at() -> _dt.datetime:
+    """Now, or SOURCE_DATE_EPOCH (the reproducible-builds convention) where it is set, so that two builds of one
+    report can be compared byte for byte."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return _dt.datetime.now(_dt.UTC)
+    if not epoch.strip().isdigit():
+        raise SpectraError(f"SOURCE_DATE_EPOCH={epoch!r}: expected whole seconds since 1970-01-01 UTC")
+    return _dt.datetime.fromtimestamp(int(epoch), _dt.UTC)
 
 
 def _foreign_surgeries(ctx: ReportContext) -> dict[str, str]:
