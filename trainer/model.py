@@ -81,12 +81,23 @@ def rope_pairs(head_dim: int, layout: str) -> list[tuple[int, int]]:
     raise ValueError(f"unknown RoPE layout {layout!r}; expected 'half' or 'interleaved'")
 
 
+class QKNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in at least float32: the RMS statistic is the point of the norm. The gain is cast
+    to the input's dtype (exact: a bfloat16 gain of pure bfloat16 weights widens without rounding), so input and
+    gain match and PyTorch's fused kernel runs; the output is in float32 (float64 for a float64 model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = at_least_float32(x)
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def make_qk_norm(cfg: ModelConfig, which: str) -> nn.Module:
     """RMSNorm over head_dim with one gamma shared by the heads of a layer, for ``which`` = ``"q"`` or ``"k"``;
     ``frozen`` fixes both gammas at 1, ``frozen_k`` only the keys'."""
     if cfg.qk_norm == "none":
         return nn.Identity()
-    norm = nn.RMSNorm(cfg.resolved_head_dim, eps=cfg.resolved_norm_eps)
+    norm = QKNorm(cfg.resolved_head_dim, eps=cfg.resolved_norm_eps)
     if cfg.qk_norm == "frozen" or (cfg.qk_norm == "frozen_k" and which == "k"):
         norm.weight.requires_grad_(False)
     return norm
@@ -111,9 +122,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        # QK-norm in float32 (under bf16 autocast too; float64 stays float64): the RMS statistic is the point
-        # of the norm, and the float32 gain then matches its input, which keeps the fused RMSNorm kernel
-        q, k = self.q_norm(at_least_float32(q)).type_as(q), self.k_norm(at_least_float32(k)).type_as(k)
+        # QK-norm in float32 (QKNorm; under bf16 autocast and bfloat16 weights too), back to q's dtype
+        q, k = self.q_norm(q).type_as(q), self.k_norm(k).type_as(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = self.rotary(q, k)
         y = F.scaled_dot_product_attention(
