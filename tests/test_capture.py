@@ -84,6 +84,20 @@ def test_unit_and_normed_follow_rmsnorm():
     assert not torch.allclose(lq.k["normed"], lq.k["unit"], rtol=1e-3)
 
 
+def test_a_bfloat16_model_is_captured_at_its_qk_norms_float32_precision():
+    model, ids = perturbed_model("learned").to(torch.bfloat16), batch()
+    lq = capture_qk(model, ids)[0]
+    norm = model.blocks[0].attn.k_norm
+    assert (
+        lq.k["proj"].dtype == torch.bfloat16 and lq.k["unit"].dtype == lq.k["normed"].dtype == torch.float32
+    )
+    # QKNorm widens the bfloat16 projection exactly and normalises in float32: the bound of the float32 test above
+    x = lq.k["proj"].double()
+    expected = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(lq.k["unit"].double(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lq.k["normed"], lq.k["unit"] * norm.weight.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_frozen_unit_equals_normed_exactly_and_none_normed_equals_proj():
     frozen = capture_qk(perturbed_model("frozen"), batch())
     for lq in frozen.values():

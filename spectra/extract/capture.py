@@ -9,9 +9,9 @@ Read-out sites, in the order of the attention (see ``docs/sites.md`` for why eac
 | ``normed`` | after QK-norm, gain gamma applied (equal to ``proj`` without QK-norm) | ``q_norm`` / ``k_norm`` output |
 | ``rope`` | after the rotary embedding, as they enter the attention scores | ``rotary`` output |
 
-``unit`` is computed from the norm's input exactly as ``nn.RMSNorm`` computes it
-(``torch.nn.functional.rms_norm`` with the module's own epsilon, no weight), so for a frozen
-QK-norm model (gamma fixed at 1) it equals ``normed`` bit for bit.
+``unit`` is computed from the norm's input exactly as the model's QK-norm computes it
+(``torch.nn.functional.rms_norm`` in at least float32, with the module's own epsilon, no weight), so for
+a frozen QK-norm model (gamma fixed at 1) it equals ``normed`` bit for bit.
 
 Every site's vectors are returned heads first, ``(heads, N, D)`` with ``N = n_seqs * (seq_len -
 drop_first)`` tokens in the order ``n = b * (seq_len - drop_first) + t``; keys keep their key/value
@@ -36,7 +36,7 @@ from torch import nn
 
 from spectra.cube import SITES
 from spectra.errors import SpectraError
-from trainer.model import LLM
+from trainer.model import LLM, at_least_float32
 
 T = TypeVar("T")
 
@@ -204,8 +204,8 @@ def _layer_hooks(
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             x = args[0]  # (B, T, heads, D), the norm's input
             if isinstance(module, nn.RMSNorm):
-                # the norm's own arithmetic without the gain: unit RMS over head_dim
-                unit = F.rms_norm(x, module.normalized_shape, weight=None, eps=module.eps)
+                # the norm's own arithmetic without the gain: unit RMS over head_dim, in QKNorm's dtype
+                unit = F.rms_norm(at_least_float32(x), module.normalized_shape, weight=None, eps=module.eps)
                 store["unit"] = heads_first_bthd(unit, heads, drop_first)
             store["normed"] = heads_first_bthd(out, heads, drop_first)
 
