@@ -33,6 +33,11 @@ CONTRASTS = (
     ("MF-L", "AW-L", "Muon (fused) - AdamW, QK-norm"),
     ("F32-MF", "F32-AW", "seed recipe: Muon - AdamW, float32 weights"),
     ("B16-MF", "B16-AW", "seed recipe: Muon - AdamW, bfloat16 weights"),
+    ("B16-AW", "F32-AW", "seed recipe: bfloat16 - float32 weights, AdamW"),
+    ("B16-MF", "F32-MF", "seed recipe: bfloat16 - float32 weights, fused Muon"),
+    ("B16-AW-LR", "F32-AW", "seed recipe: bfloat16 - float32 weights, AdamW, both at 0.006"),
+    ("B16-AW", "B16-AW-LR", "seed recipe: bfloat16 AdamW at its swept rate - at 0.006"),
+    ("B16-MF", "B16-AW-LR", "seed recipe: Muon - AdamW at 0.006, bfloat16 weights"),
 )
 
 

@@ -893,4 +893,12 @@ def test_the_seed_studies_split_float32_grid_from_the_dtype_block():
     dtypes = {
         c.label: dict(o.split("=", 1) for o in c.set).get("train.weights_dtype") for c in block.configurations
     }
-    assert dtypes == {"B16-MF": "bfloat16", "B16-AW": "bfloat16", "F32-MF": None, "F32-AW": None}
+    assert dtypes == {
+        "B16-MF": "bfloat16",
+        "B16-AW": "bfloat16",
+        "B16-AW-LR": "bfloat16",
+        "F32-MF": None,
+        "F32-AW": None,
+    }
+    unswept = [c.label for c in block.configurations if not c.sweep.enabled]
+    assert unswept == ["B16-AW-LR"]  # the learning-rate control trains at the source's rate
