@@ -132,6 +132,18 @@ def test_compare_configurations_over_planned_pairs():
     assert table.loc["C1 vs C2", "reading"] == "not possible: C1 and C2 not among the runs"
 
 
+def test_a_plan_cell_made_by_two_study_configurations_is_named_not_guessed():
+    cubes = [
+        synthetic_cube(f"{lab}-s{s}", seed=s, rank=3.0 + s) for lab in ("swept", "control") for s in range(2)
+    ]
+    cubes += [synthetic_cube(f"a2-s{s}", seed=s, qk_norm="none", rank=6.0) for s in range(2)]
+    ds = stack(cubes)
+    ds = ds.assign_coords(label=("run", [str(r).rsplit("-s", 1)[0] for r in ds["run"].values]))
+    table = stats.compare_configurations(stats.run_summaries(ds, n_resamples=50), n_resamples=50)
+    reading = table.set_index("pair").loc["A1 vs a2", "reading"]
+    assert reading == "not possible: A1 is made by several configurations (control, swept)"
+
+
 def test_configuration_summaries_one_and_many_seeds():
     cubes = [synthetic_cube(f"a1-s{s}", seed=s, rank=3.0 + s) for s in range(3)]
     cubes += [synthetic_cube("a2-s0", qk_norm="none", rank=6.0)]

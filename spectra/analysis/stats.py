@@ -440,7 +440,7 @@ def compare_configurations(
                     **base,
                     "n_a": int(seed_means(summaries, pair.a).size),
                     "n_b": int(seed_means(summaries, pair.b).size),
-                    "reading": f"not possible: {' and '.join(missing)} not among the runs",
+                    "reading": _not_possible(summaries, missing),
                     "tests": "none",
                     "note": "",
                 }
@@ -457,6 +457,21 @@ def compare_configurations(
         rows.append({**base, **c.__dict__})
     columns = ["pair", "question", *Comparison.__dataclass_fields__]
     return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def _not_possible(summaries: pd.DataFrame, missing: Sequence[str]) -> str:
+    """Why a pair cannot be compared: its configurations are absent, or a plan cell is made by several of a
+    study's configurations (e.g. one at the swept rate and a control at another), which is not guessed."""
+    several = {}
+    if "plan_cell" in summaries:
+        for cell in missing:
+            labels = sorted(set(summaries.loc[summaries["plan_cell"] == cell, "label"].astype(str)))
+            if len(labels) > 1:
+                several[cell] = labels
+    absent = [lab for lab in missing if lab not in several]
+    reasons = [f"{' and '.join(absent)} not among the runs"] if absent else []
+    reasons += [f"{cell} is made by several configurations ({', '.join(ls)})" for cell, ls in several.items()]
+    return "not possible: " + "; ".join(reasons)
 
 
 def sensitivity_table(
