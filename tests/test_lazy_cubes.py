@@ -20,6 +20,7 @@ from helpers import make_cube, surgery_result, synthetic_cube, write_cube
 import spectra
 import spectra.cube
 import spectra.lazy
+import spectra.report.context
 from spectra.analysis.summary import summary_table
 from spectra.errors import SpectraError
 
@@ -104,6 +105,17 @@ def test_metrics_command_prints_the_same_with_and_without_dask(cubes, monkeypatc
     assert lazy.output == eager.output and len(lazy.output.splitlines()) > 4
 
 
+def test_a_report_loads_cubes_within_its_byte_budget_and_keeps_larger_ones_lazy(cubes, monkeypatch):
+    from spectra.report.context import load_context
+    from spectra.report.inputs import resolve_inputs
+
+    runs_in, _ = resolve_inputs([c.parent for c in cubes])
+    kw = dict(measurement=spectra.cube.Measurement(), gamma_site="unit", simple_data=(), complex_data=(), n_resamples=20, seed=0)  # fmt: skip
+    assert isinstance(load_context(runs_in, [], **kw).ds.k_sv.data, np.ndarray)  # a few KiB: in memory
+    monkeypatch.setattr(spectra.report.context, "EAGER_BYTES", 1024)
+    assert isinstance(load_context(runs_in, [], **kw).ds.k_sv.data, da.Array)
+
+
 @pytest.mark.slow
 def test_report_is_the_same_with_and_without_dask(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764806400")  # both builds state one time, even across a minute
@@ -114,7 +126,9 @@ def test_report_is_the_same_with_and_without_dask(tmp_path, monkeypatch):
     surgery_result("a1-s0").to_netcdf(a1 / "surgery.nc")
     from spectra import report
 
-    report.build_report([a1, a2], tmp_path / "lazy", n_resamples=50)
+    with monkeypatch.context() as m:
+        m.setattr(spectra.report.context, "EAGER_BYTES", 0)  # lazy, however small the cubes
+        report.build_report([a1, a2], tmp_path / "lazy", n_resamples=50)
     without_dask(monkeypatch)
     report.build_report([a1, a2], tmp_path / "eager", n_resamples=50)
     tables = sorted(p.relative_to(tmp_path / "eager") for p in (tmp_path / "eager" / "tables").iterdir())

@@ -248,12 +248,14 @@ def checkpoint_table(
         conv: head_pr(ds, site=site, convention=conv, centering=centering, which=which).mean(heads)
         for conv in CONVENTIONS
     }
-    measured = measured_steps(ds)
-    tokens = tokens_of(ds)
+    # each (run, step) array computed once: under dask a .values in the loop recomputed its whole graph
+    pr = {conv: m.values for conv, m in means.items()}
+    measured, tokens = measured_steps(ds).values, tokens_of(ds).values
+    losses = {name: _loss_values(ds, name) for name in ("train_loss", "val_loss")}
     rows = []
     for i, run in enumerate(ds["run"].values):
         for j, step in enumerate(ds["step"].values):
-            if not measured.values[i, j]:
+            if not measured[i, j]:
                 continue
             rows.append(
                 {
@@ -261,20 +263,21 @@ def checkpoint_table(
                     "label": runs.loc[str(run), "label"],
                     "seed": int(runs.loc[str(run), "seed"]),
                     "step": int(step),
-                    "tokens": token_count(tokens.values[i, j]),
-                    "pr_sv": float(means["sv"].values[i, j]),
-                    "pr_eig": float(means["eig"].values[i, j]),
-                    "train_loss": _loss_at(ds, "train_loss", i, j),
-                    "val_loss": _loss_at(ds, "val_loss", i, j),
+                    "tokens": token_count(tokens[i, j]),
+                    "pr_sv": float(pr["sv"][i, j]),
+                    "pr_eig": float(pr["eig"][i, j]),
+                    "train_loss": float(losses["train_loss"][i, j]),
+                    "val_loss": float(losses["val_loss"][i, j]),
                 }
             )
     return pd.DataFrame(rows)
 
 
-def _loss_at(ds: xr.Dataset, name: str, i: int, j: int) -> float:
+def _loss_values(ds: xr.Dataset, name: str) -> np.ndarray:
+    """``ds[name]`` as a (run, step) array; NaN where the cube has no such loss."""
     if name not in ds:
-        return math.nan
-    return float(ds[name].broadcast_like(ds["run"]).transpose("run", "step").values[i, j])
+        return np.full((ds.sizes["run"], ds.sizes["step"]), math.nan)
+    return ds[name].broadcast_like(ds["run"]).transpose("run", "step").values
 
 
 # --------------------------------------------------------------------------------------------------
