@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,16 @@ def test_table_d_has_a_row_per_run_and_the_difference(study) -> None:
     assert 0 < diff["choice_p"] < 1  # two seeds each side: Welch's test
     with pytest.raises(SpectraError, match="no acc_norm scores"):
         evals_stats.table_d(evals_stats.score_table(results, ds), tasks=("choice",), metric="acc_norm")
+
+
+def test_table_d_has_no_test_where_neither_group_varies(study) -> None:
+    ds, results = study
+    scores = evals_stats.score_table(results, ds)
+    scores.loc[scores["label"] == "A2", "value"], scores.loc[scores["label"] == "B1", "value"] = 0.3, 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diff = evals_stats.table_d(scores, tasks=("choice",)).iloc[-1]
+    assert diff["choice"] == pytest.approx(0.05) and math.isnan(diff["choice_p"])
 
 
 def test_rank_against_score_and_its_correlation(study) -> None:

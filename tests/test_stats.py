@@ -6,6 +6,7 @@ The cubes come from ``helpers.synthetic_cube``, which builds one exactly per doc
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -97,6 +98,15 @@ def test_compare_groups_identical_groups_give_p_near_one():
     assert c.welch_p == pytest.approx(1.0)
     assert c.mwu_p == pytest.approx(1.0)
     assert "no difference detected" in c.reading
+
+
+def test_compare_groups_with_one_constant_group_is_welch_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's "precision loss" for the constant group, before
+        c = stats.compare_groups([0.02, 0.02], [0.015, 0.045], n_resamples=200)
+    # var_a = 0: t = (mean_a - mean_b) / sqrt(var_b / n_b) with n_b - 1 degrees of freedom (Welch-Satterthwaite)
+    t = (0.02 - 0.03) / math.sqrt(np.var([0.015, 0.045], ddof=1) / 2)
+    assert c.welch_t == pytest.approx(t) and c.welch_p == pytest.approx(2 * scipy.stats.t.sf(abs(t), df=1))
 
 
 def test_compare_groups_two_seeds_welch_only():

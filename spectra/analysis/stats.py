@@ -310,6 +310,16 @@ class Comparison:
     note: str
 
 
+def welch_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Welch's t statistic and two-sided p (``scipy.stats.ttest_ind(equal_var=False)``) of two groups, at least one
+    of which varies. A constant group's variance is exactly 0, but scipy warns of "precision loss" for it (its
+    check compares the values with their mean): that warning alone is silenced, here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation", RuntimeWarning)
+        res = scipy.stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.pvalue)
+
+
 def compare_groups(
     a: Sequence[float],
     b: Sequence[float],
@@ -363,8 +373,7 @@ def compare_groups(
         if np.all(va == va[0]) and np.all(vb == vb[0]):
             notes.append("no variation across seeds in either group: Welch's t-test is undefined")
         else:
-            res = scipy.stats.ttest_ind(va, vb, equal_var=False)
-            welch_t, welch_p = float(res.statistic), float(res.pvalue)
+            welch_t, welch_p = welch_test(va, vb)
             tests.append("Welch's t-test on per-seed means")
         if va.size >= 3 and vb.size >= 3:
             res = scipy.stats.mannwhitneyu(va, vb, alternative="two-sided")
