@@ -37,6 +37,7 @@ __all__ = [
     "data_class",
     "describe_label",
     "label_order",
+    "cell_labels",
     "plan_cell_label",
     "plan_coverage",
     "resolve_pairs",
@@ -298,11 +299,17 @@ def _coord_at(ds: xr.Dataset, name: str, i: int) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def cell_labels(runs: pd.DataFrame, cell: str) -> list[str]:
+    """The labels of the runs that make a plan cell (``A2``), sorted (``runs`` has ``label`` and ``plan_cell``
+    columns, as :func:`run_table` gives)."""
+    return sorted(set(runs.loc[runs["plan_cell"] == cell, "label"].astype(str)))
+
+
 def plan_cell_label(runs: pd.DataFrame, cell: str) -> str:
     """The runs' label of a plan cell (``A2``): a study's own name for it, or the cell where no label or
-    several map onto it (``runs`` has ``label`` and ``plan_cell`` columns, as :func:`run_table` gives)."""
-    labels = set(runs.loc[runs["plan_cell"] == cell, "label"].astype(str))
-    return next(iter(labels)) if len(labels) == 1 else cell
+    several map onto it."""
+    labels = cell_labels(runs, cell)
+    return labels[0] if len(labels) == 1 else cell
 
 
 def resolve_pairs(runs: pd.DataFrame, pairs: Sequence[PlannedPair] = PLAN_PAIRS) -> list[PlannedPair]:

@@ -33,7 +33,7 @@ import xarray as xr
 
 from spectra.analysis.checkpoints import as_runs, final_checkpoint, measured_steps, token_count, tokens_of
 from spectra.analysis.metrics import participation_ratio
-from spectra.analysis.plan import PlannedPair, label_order, plan_pairs, resolve_pairs, run_table
+from spectra.analysis.plan import PlannedPair, cell_labels, label_order, plan_pairs, resolve_pairs, run_table
 from spectra.cube import CENTERINGS, CONVENTIONS, DEFAULT_SITE, SITES, Measurement, head_dim_name
 from spectra.errors import SpectraError
 
@@ -311,9 +311,12 @@ class Comparison:
 
 
 def welch_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p (``scipy.stats.ttest_ind(equal_var=False)``) of two groups, at least one
-    of which varies. A constant group's variance is exactly 0, but scipy warns of "precision loss" for it (its
-    check compares the values with their mean): that warning alone is silenced, here only."""
+    """Welch's t statistic and two-sided p (``scipy.stats.ttest_ind(equal_var=False)``) of two groups of at least
+    two values each; NaN for both where neither group varies (the test is undefined). A constant group's
+    variance is exactly 0, but scipy warns of "precision loss" for it (its check compares the values with their
+    mean): that warning alone is silenced, here only."""
+    if np.all(a == a[0]) and np.all(b == b[0]):
+        return math.nan, math.nan
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation", RuntimeWarning)
         res = scipy.stats.ttest_ind(a, b, equal_var=False)
@@ -370,10 +373,10 @@ def compare_groups(
         reading = f"{name_a} − {name_b} = {diff:+.3g} (single seed; not a test)"
     else:
         lo, hi = _bootstrap_diff_ci(va, vb, n_resamples=n_resamples, seed=seed)
-        if np.all(va == va[0]) and np.all(vb == vb[0]):
+        welch_t, welch_p = welch_test(va, vb)
+        if np.isnan(welch_p):
             notes.append("no variation across seeds in either group: Welch's t-test is undefined")
         else:
-            welch_t, welch_p = welch_test(va, vb)
             tests.append("Welch's t-test on per-seed means")
         if va.size >= 3 and vb.size >= 3:
             res = scipy.stats.mannwhitneyu(va, vb, alternative="two-sided")
@@ -476,10 +479,7 @@ def _not_possible(summaries: pd.DataFrame, missing: Sequence[str]) -> str:
     study's configurations (e.g. one at the swept rate and a control at another), which is not guessed."""
     several = {}
     if "plan_cell" in summaries:
-        for cell in missing:
-            labels = sorted(set(summaries.loc[summaries["plan_cell"] == cell, "label"].astype(str)))
-            if len(labels) > 1:
-                several[cell] = labels
+        several = {cell: ls for cell in missing if len(ls := cell_labels(summaries, cell)) > 1}
     absent = [lab for lab in missing if lab not in several]
     reasons = [f"{' and '.join(absent)} not among the runs"] if absent else []
     reasons += [f"{cell} is made by several configurations ({', '.join(ls)})" for cell, ls in several.items()]

@@ -173,9 +173,9 @@ def table_d(
         vb = table.loc[table["label"] == b, task].dropna().to_numpy()
         diff[task] = float(va.mean() - vb.mean()) if len(va) and len(vb) else math.nan
         diff[f"{task}_ci_low"] = diff[f"{task}_ci_high"] = math.nan
-        p = math.nan  # and where neither group varies: undefined, as in stats.compare_groups
-        if len(va) >= 2 and len(vb) >= 2 and not (np.all(va == va[0]) and np.all(vb == vb[0])):
-            p = stats.welch_test(va, vb)[1]
+        p = math.nan
+        if len(va) >= 2 and len(vb) >= 2:
+            p = stats.welch_test(va, vb)[1]  # NaN where neither group varies
         diff[f"{task}_p"] = p
     out = pd.concat([table, pd.DataFrame([diff])], ignore_index=True)
     out.attrs = {"metric": metric, "pair": pair}
